@@ -1,0 +1,41 @@
+"""sb3_textrl: RLHF for Transformer language models with Stable-Baselines3's PPO.
+
+Importing the package registers the built-in text tasks (``NewsSummary-v0``) with Gymnasium.
+"""
+
+import gymnasium as gym
+
+from sb3_textrl.buffers import TextRolloutBuffer
+from sb3_textrl.common.kl_controller import KLController
+from sb3_textrl.envs import (
+    TextGenerationEnv,
+    TextObservationSpace,
+    TextPrompt,
+    list_text_tasks,
+    make_text_task_env,
+    register_text_task,
+)
+from sb3_textrl.envs.registry import mark_text_task
+from sb3_textrl.policies import TransformerLMPolicy
+from sb3_textrl.rewards import RougeReward, TextReward
+
+__version__ = "0.1.0"
+
+for _task_id in ("NewsSummary-v0", "sb3_textrl/NewsSummary-v0"):
+    if _task_id not in gym.registry:
+        gym.register(id=_task_id, entry_point="sb3_textrl.envs.news:make_news_summary_env")
+    mark_text_task(_task_id)
+
+__all__ = [
+    "KLController",
+    "RougeReward",
+    "TextGenerationEnv",
+    "TextObservationSpace",
+    "TextPrompt",
+    "TextReward",
+    "TextRolloutBuffer",
+    "TransformerLMPolicy",
+    "list_text_tasks",
+    "make_text_task_env",
+    "register_text_task",
+]

@@ -1,0 +1,258 @@
+"""TextRolloutBuffer: a PPO rollout buffer that stores token ids compactly and yields whole episodes."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
+from stable_baselines3.common.vec_env import VecNormalize
+
+from sb3_textrl.policies import SEGMENT_LENGTHS, SEGMENT_STARTS, TransformerLMPolicy
+
+
+@dataclass
+class Segment:
+    """The steps of one env between two episode starts (or the ends of the buffer)."""
+
+    env: int
+    start: int  # first step in the buffer
+    length: int  # number of steps
+    context: int  # row in ``contexts``: the observation at the first step
+
+
+class TextRolloutBuffer(RolloutBuffer):
+    """
+    Rollout buffer for text envs, a drop-in ``rollout_buffer_class`` for SB3's ``PPO``.
+
+    - Memory grows with tokens, not tokens × context: each episode segment keeps one observation (its context
+      at the segment's first step); the later observations are that context plus the segment's own actions.
+    - ``get()`` yields minibatches of whole segments, so the policy runs one teacher-forced forward per episode
+      instead of one per token (exact for a causal LM).
+    - Before computing advantages it adds the per-token KL penalty −β·(log π − log π_ref) to the rewards, scoring
+      the reference model once per segment, adapts β when the policy's controller has a target, and records
+      ``rollout/task_reward``, ``rollout/kl_to_ref``, ``rollout/kl_coef`` and ``rollout/completion_len`` in the
+      algorithm's logger.
+
+    Minibatches hold whole segments, so their sizes vary around ``batch_size`` steps.
+
+    :param buffer_size: steps per env (PPO's ``n_steps``)
+    :param observation_space: a text env's Dict observation space
+    :param action_space: Discrete vocabulary
+    :param device: torch device
+    :param gae_lambda: GAE λ
+    :param gamma: discount
+    :param n_envs: number of envs
+    """
+
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        device: th.device | str = "auto",
+        gae_lambda: float = 1,
+        gamma: float = 0.99,
+        n_envs: int = 1,
+    ):
+        if not isinstance(observation_space, spaces.Dict) or "input_ids" not in observation_space.spaces:
+            raise TypeError(f"TextRolloutBuffer needs a text env's Dict observation space, got {observation_space}")
+        self.width = int(observation_space["input_ids"].shape[0])
+        self.policy: TransformerLMPolicy | None = None
+        self.metrics: dict[str, float] = {}
+        super().__init__(
+            buffer_size, observation_space, action_space, device, gae_lambda=gae_lambda, gamma=gamma, n_envs=n_envs
+        )
+
+    def reset(self) -> None:
+        # Per-step arrays as in RolloutBuffer, but no per-step observations.
+        shape = (self.buffer_size, self.n_envs)
+        self.actions = np.zeros(shape, dtype=np.int64)
+        self.rewards = np.zeros(shape, dtype=np.float32)
+        self.task_rewards = np.zeros(shape, dtype=np.float32)
+        self.returns = np.zeros(shape, dtype=np.float32)
+        self.episode_starts = np.zeros(shape, dtype=np.float32)
+        self.values = np.zeros(shape, dtype=np.float32)
+        self.log_probs = np.zeros(shape, dtype=np.float32)
+        self.ref_log_probs = np.zeros(shape, dtype=np.float32)
+        self.advantages = np.zeros(shape, dtype=np.float32)
+        # Contexts: token ids fit int32 for any vocabulary; masks are contiguous, kept as bool.
+        self.contexts = np.zeros((0, self.width), dtype=np.int32)
+        self.context_masks = np.zeros((0, self.width), dtype=bool)
+        self._context_rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self.segments: list[Segment] = []
+        self._open: list[Segment | None] = [None] * self.n_envs
+        self.generator_ready = False
+        self.pos = 0
+        self.full = False
+
+    def add(  # type: ignore[override]
+        self,
+        obs: dict[str, np.ndarray],
+        action: np.ndarray,
+        reward: np.ndarray,
+        episode_start: np.ndarray,
+        value: th.Tensor,
+        log_prob: th.Tensor,
+    ) -> None:
+        """Store one step of every env (same arguments as SB3's RolloutBuffer.add)."""
+        policy = getattr(log_prob, "textrl_policy", None)
+        if policy is not None:
+            self.policy = policy
+        for env in range(self.n_envs):
+            segment = self._open[env]
+            if segment is None or episode_start[env]:
+                self._context_rows.append((obs["input_ids"][env].astype(np.int32), obs["attention_mask"][env].astype(bool)))
+                segment = Segment(env, self.pos, 0, len(self._context_rows) - 1)
+                self.segments.append(segment)
+                self._open[env] = segment
+            segment.length += 1
+        self.actions[self.pos] = np.asarray(action).reshape(self.n_envs)
+        self.rewards[self.pos] = np.asarray(reward)
+        self.task_rewards[self.pos] = np.asarray(reward)
+        self.episode_starts[self.pos] = np.asarray(episode_start)
+        self.values[self.pos] = value.clone().cpu().numpy().flatten()
+        self.log_probs[self.pos] = log_prob.clone().cpu().numpy().flatten()
+        self.pos += 1
+        if self.pos == self.buffer_size:
+            self.full = True
+            self.contexts = np.stack([ids for ids, _ in self._context_rows])
+            self.context_masks = np.stack([mask for _, mask in self._context_rows])
+
+    # -- KL penalty, advantages, metrics -------------------------------------------------------------------
+    def compute_returns_and_advantage(self, last_values: th.Tensor, dones: np.ndarray) -> None:
+        """Apply the KL penalty to the rewards, then SB3's GAE; record the rollout's text metrics."""
+        kl = np.zeros_like(self.rewards)
+        policy = self.policy
+        if policy is not None and policy.kl_controller.enabled:
+            self.ref_log_probs = self._score_reference(policy)
+            kl = self.log_probs - self.ref_log_probs
+            self.rewards = self.task_rewards - policy.kl_controller.value * kl
+        super().compute_returns_and_advantage(last_values, dones)
+        self.metrics = self._episode_metrics(kl, dones)
+        if policy is not None:
+            self.metrics["kl_coef"] = policy.kl_controller.value
+            if "kl_to_ref" in self.metrics:
+                policy.kl_controller.update(self.metrics["kl_to_ref"], self.buffer_size * self.n_envs)
+        self._record(self.metrics)
+
+    def _score_reference(self, policy: TransformerLMPolicy, steps_per_batch: int = 512) -> np.ndarray:
+        """log π_ref of every stored action: one no-grad forward per segment, about ``steps_per_batch`` at a time."""
+        ref = np.zeros_like(self.log_probs)
+        for chunk in self._pack(list(range(len(self.segments))), steps_per_batch):
+            actions = th.as_tensor(self._flat(self.actions, chunk), device=self.device)
+            scores = policy.reference_log_probs(self._segment_batch(chunk), actions).cpu().numpy()
+            self._scatter(ref, chunk, scores)
+        return ref
+
+    def _episode_metrics(self, kl: np.ndarray, dones: np.ndarray) -> dict[str, float]:
+        """Means over the episodes that ended in this rollout."""
+        task, kl_sums, lengths = [], [], []
+        for segment in self.segments:
+            steps = slice(segment.start, segment.start + segment.length)
+            ends_here = segment.start + segment.length < self.buffer_size or bool(dones[segment.env])
+            starts_here = bool(self.episode_starts[segment.start, segment.env])
+            if ends_here:
+                task.append(float(self.task_rewards[steps, segment.env].sum()))
+                if starts_here:  # the whole episode is in this rollout
+                    kl_sums.append(float(kl[steps, segment.env].sum()))
+                    lengths.append(segment.length)
+        metrics: dict[str, float] = {}
+        if task:
+            metrics["task_reward"] = float(np.mean(task))
+        if kl_sums:
+            metrics["kl_to_ref"] = float(np.mean(kl_sums))
+            metrics["completion_len"] = float(np.mean(lengths))
+        return metrics
+
+    @staticmethod
+    def _record(metrics: dict[str, float], max_depth: int = 6) -> None:
+        # SB3 gives a rollout buffer no handle on the logger, but the algorithm's collect_rollouts() is our caller.
+        frame = inspect.currentframe()
+        try:
+            for _ in range(max_depth):
+                frame = frame.f_back if frame is not None else None
+                algorithm = frame.f_locals.get("self") if frame is not None else None
+                if isinstance(algorithm, BaseAlgorithm):
+                    for key, value in metrics.items():
+                        algorithm.logger.record(f"rollout/{key}", value)
+                    return
+        finally:
+            del frame
+
+    # -- minibatches of whole segments --------------------------------------------------------------------
+    def get(self, batch_size: int | None = None) -> Generator[DictRolloutBufferSamples, None, None]:  # type: ignore[override]
+        """Minibatches of whole segments in random order, each of at least ``batch_size`` steps but the last."""
+        assert self.full, "The rollout buffer is not full yet"
+        self.generator_ready = True
+        order = list(np.random.permutation(len(self.segments)))
+        for chunk in self._pack(order, batch_size or self.buffer_size * self.n_envs):
+            yield self._get_samples(chunk)
+
+    def _pack(self, order: list[int], batch_size: int) -> Generator[list[Segment], None, None]:
+        chunk: list[Segment] = []
+        steps = 0
+        for index in order:
+            chunk.append(self.segments[index])
+            steps += self.segments[index].length
+            if steps >= batch_size:
+                yield chunk
+                chunk, steps = [], 0
+        if chunk:
+            yield chunk
+
+    def _flat(self, array: np.ndarray, chunk: list[Segment]) -> np.ndarray:
+        """Per-step values of the chunk's segments, segment after segment."""
+        return np.concatenate([array[s.start : s.start + s.length, s.env] for s in chunk])
+
+    @staticmethod
+    def _scatter(array: np.ndarray, chunk: list[Segment], values: np.ndarray) -> None:
+        offset = 0
+        for s in chunk:
+            array[s.start : s.start + s.length, s.env] = values[offset : offset + s.length]
+            offset += s.length
+
+    def _segment_batch(self, chunk: list[Segment]) -> dict[str, th.Tensor]:
+        """Token layout of a chunk: each row is its segment's context with the segment's actions appended."""
+        ids = self.contexts[[s.context for s in chunk]].astype(np.int64)
+        mask = self.context_masks[[s.context for s in chunk]]
+        starts = np.zeros(len(chunk), dtype=np.int64)
+        for row, s in enumerate(chunk):
+            last_valid = int(np.flatnonzero(mask[row])[-1])
+            tokens = self.actions[s.start : s.start + s.length, s.env]
+            ids[row, last_valid + 1 : last_valid + 1 + s.length] = tokens[: self.width - last_valid - 1]
+            mask[row, last_valid + 1 : last_valid + 1 + s.length] = True
+            starts[row] = last_valid  # the hidden state of the context's last token predicts the first action
+        return {
+            "input_ids": th.as_tensor(ids, device=self.device),
+            "attention_mask": th.as_tensor(mask.astype(np.int64), device=self.device),
+            SEGMENT_STARTS: th.as_tensor(starts, device=self.device),
+            SEGMENT_LENGTHS: th.as_tensor([s.length for s in chunk], device=self.device),
+        }
+
+    def _get_samples(  # type: ignore[override]
+        self, chunk: list[Segment], env: VecNormalize | None = None
+    ) -> DictRolloutBufferSamples:
+        def flat(array: np.ndarray) -> th.Tensor:
+            return self.to_torch(self._flat(array, chunk).astype(np.float32))
+
+        return DictRolloutBufferSamples(
+            observations=self._segment_batch(chunk),
+            actions=flat(self.actions),
+            old_values=flat(self.values),
+            old_log_prob=flat(self.log_probs),
+            advantages=flat(self.advantages),
+            returns=flat(self.returns),
+        )
+
+    def size_in_bytes(self) -> dict[str, Any]:
+        """Memory held by the buffer's arrays, to check that it grows with tokens, not tokens × context."""
+        arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
+        return {k: v.nbytes for k, v in arrays.items()} | {"total": sum(v.nbytes for v in arrays.values())}

@@ -1,0 +1,173 @@
+"""A KV cache kept across SB3 rollout steps, one row per env, for a batched one-token forward per step.
+
+SB3 calls ``policy.forward(obs)`` once per vectorised env step with the *whole* observation (prompt plus the
+tokens so far) of every env. Re-encoding it each step costs O(context) per token; instead we keep the keys and
+values of every env's context and feed only the newest token. Envs end their episodes at different steps, so
+the rows of the cache are right-aligned: each row's valid tokens end at the last column, and a row that starts
+a new episode is re-filled from its observation and left-padded to the common length.
+
+The cache never trusts the caller: it records the token ids each row holds and compares them with the
+observation, so ``predict()`` calls, evaluation on other envs or a parameter update (``reset()``) cannot make
+it serve stale keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch as th
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+# (input_ids (B, S), attention_mask (B, S_past + S), position_ids (B, S), past) -> (hidden (B, S, H), new past)
+TrunkFn = Callable[[th.Tensor, th.Tensor, th.Tensor, DynamicCache | None], tuple[th.Tensor, DynamicCache]]
+
+
+def right_align(input_ids: th.Tensor, attention_mask: th.Tensor, drop_last: int = 0) -> tuple[th.Tensor, th.Tensor]:
+    """
+    Move each row's contiguous valid tokens to the right end of a tensor just wide enough for the longest row.
+
+    :param input_ids: (B, L) token ids whose valid tokens (``attention_mask == 1``) are contiguous in each row
+    :param attention_mask: (B, L) 0/1 mask
+    :param drop_last: number of valid tokens to leave out at the end of each row
+    :return: ids (B, W) and mask (B, W), with W the longest row's kept length (at least 1)
+    """
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1) - drop_last  # (B,)
+    first = th.where(mask.any(dim=1), mask.float().argmax(dim=1), th.zeros_like(lengths))  # first valid column
+    width = max(int(lengths.max().item()), 1)
+    offsets = th.arange(width, device=input_ids.device) - width  # (W,) negative offsets from the row's end
+    source = first.unsqueeze(1) + lengths.unsqueeze(1) + offsets.unsqueeze(0)  # (B, W)
+    new_mask = offsets.unsqueeze(0) >= -lengths.unsqueeze(1)
+    ids = th.gather(input_ids, 1, source.clamp(0, input_ids.shape[1] - 1)) * new_mask
+    return ids, new_mask.long()
+
+
+def positions_from_mask(mask: th.Tensor) -> th.Tensor:
+    """
+    Position ids that count only valid tokens, as ``generate()`` does for left-padded batches.
+
+    :param mask: (B, S) 0/1 attention mask
+    :return: (B, S) position ids, 0 on padding
+    """
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+class RolloutKVCache:
+    """
+    Per-env KV cache of a causal LM across rollout steps.
+
+    :param trunk: function running the LM trunk (without its head) on new tokens with a past cache
+    """
+
+    def __init__(self, trunk: TrunkFn):
+        self.trunk = trunk
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (after a parameter update, a device move or a change in the number of envs)."""
+        self.past: DynamicCache | None = None
+        self.mask: th.Tensor | None = None  # (B, C) valid columns of the cache, right-aligned
+        self.tokens: th.Tensor | None = None  # (B, L) the observation each row's cache holds
+        self.token_mask: th.Tensor | None = None  # (B, L) its attention mask
+        self.last_hidden: th.Tensor | None = None  # (B, H) hidden state of each row's last token
+
+    @th.no_grad()
+    def step(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
+        """
+        Final hidden state of the last valid token of every row, re-using the keys of earlier steps.
+
+        :param input_ids: (B, L) observation token ids, valid tokens contiguous in each row
+        :param attention_mask: (B, L) 0/1 mask
+        :return: (B, H) hidden state at each row's last valid token
+        """
+        ids = input_ids * attention_mask
+        batch = ids.shape[0]
+        if self.tokens is not None and (self.tokens.shape != ids.shape or self.tokens.device != ids.device):
+            self.reset()
+        if self.tokens is None:
+            rebuild = th.ones(batch, dtype=th.bool, device=ids.device)
+        else:
+            if th.equal(ids, self.tokens):  # the same observation again (e.g. predict_values after forward)
+                assert self.last_hidden is not None
+                return self.last_hidden
+            rebuild = ~self._extends_by_one(ids, attention_mask)
+
+        if bool(rebuild.any()):
+            self._prefill(ids[rebuild], attention_mask[rebuild], rebuild)
+        # Every row now holds all of its observation but the last token: feed that token to all rows at once.
+        last_token = th.gather(ids, 1, self._last_index(attention_mask).unsqueeze(1))  # (B, 1)
+        assert self.mask is not None
+        step_mask = th.cat([self.mask, th.ones_like(last_token)], dim=1)
+        position = self.mask.sum(dim=1, keepdim=True)
+        hidden, self.past = self.trunk(last_token, step_mask, position, self.past)
+        self.mask = step_mask
+        self.tokens, self.token_mask = ids.clone(), attention_mask.clone()
+        self.last_hidden = hidden[:, -1]
+        return self.last_hidden
+
+    @staticmethod
+    def _last_index(attention_mask: th.Tensor) -> th.Tensor:
+        width = attention_mask.shape[1]
+        return width - 1 - attention_mask.flip(dims=[1]).float().argmax(dim=1)  # (B,) last valid column
+
+    def _extends_by_one(self, ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
+        """Rows whose observation is the cached one plus exactly one new token."""
+        assert self.tokens is not None and self.token_mask is not None
+        last = self._last_index(attention_mask).unsqueeze(1)
+        previous_ids = ids.scatter(1, last, 0)
+        previous_mask = attention_mask.scatter(1, last, 0)
+        # Compare masks as well as ids: token id 0 is a real token in most vocabularies.
+        return (previous_ids == self.tokens).all(dim=1) & (previous_mask == self.token_mask).all(dim=1)
+
+    def _prefill(self, ids: th.Tensor, attention_mask: th.Tensor, rows: th.Tensor) -> None:
+        """Encode all but the last token of the given rows and splice their keys into the batch cache."""
+        batch = rows.shape[0]
+        context_ids, context_mask = right_align(ids, attention_mask, drop_last=1)  # (R, W)
+        _, fresh = self.trunk(context_ids, context_mask, positions_from_mask(context_mask), None)
+        self._check_layers(fresh)
+        keep = context_mask.bool()[:, None, :, None]  # (R, 1, W, 1): a fully masked row may hold NaN keys
+        for layer in fresh.layers:
+            layer.keys = th.where(keep, layer.keys, 0.0)
+            layer.values = th.where(keep, layer.values, 0.0)
+        if self.past is None or bool(rows.all()):  # an empty cache is always rebuilt for all rows
+            self.past, self.mask = fresh, context_mask
+            return
+        assert self.mask is not None
+        old_width, new_width = self.mask.shape[1], context_mask.shape[1]
+        width = max(old_width, new_width)
+        mask = self.mask.new_zeros(batch, width)
+        mask[:, width - old_width :] = self.mask
+        mask[rows] = 0
+        mask[rows, width - new_width :] = context_mask
+        for old_layer, new_layer in zip(self.past.layers, fresh.layers):
+            for name in ("keys", "values"):
+                old = getattr(old_layer, name)  # (B, heads, C, D)
+                merged = old.new_zeros(old.shape[0], old.shape[1], width, old.shape[3])
+                merged[:, :, width - old_width :] = old
+                merged[rows] = 0
+                merged[rows, :, width - new_width :] = getattr(new_layer, name)
+                setattr(old_layer, name, merged)
+        self.mask = mask
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading columns that no row uses any more, so the cache stays as short as the longest context."""
+        assert self.mask is not None and self.past is not None
+        used = self.mask.any(dim=0)
+        first = int(used.float().argmax().item())
+        if first == 0:
+            return
+        self.mask = self.mask[:, first:]
+        for layer in self.past.layers:
+            layer.keys = layer.keys[:, :, first:]
+            layer.values = layer.values[:, :, first:]
+
+    @staticmethod
+    def _check_layers(past: DynamicCache) -> None:
+        for layer in past.layers:
+            if type(layer) is not DynamicLayer:
+                raise NotImplementedError(
+                    f"The rollout KV cache supports full-attention layers only, got {type(layer).__name__}; "
+                    "pass policy_kwargs=dict(use_kv_cache=False) for this model."
+                )

@@ -1,0 +1,14 @@
+"""Text generation environments and the task registry."""
+
+from sb3_textrl.envs.registry import list_text_tasks, load_prompts, make_text_task_env, register_text_task
+from sb3_textrl.envs.text_env import TextGenerationEnv, TextObservationSpace, TextPrompt
+
+__all__ = [
+    "TextGenerationEnv",
+    "TextObservationSpace",
+    "TextPrompt",
+    "list_text_tasks",
+    "load_prompts",
+    "make_text_task_env",
+    "register_text_task",
+]

@@ -1,0 +1,268 @@
+"""Text generation as a Gymnasium environment: one step appends one token, the task reward comes at the end."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from transformers import PreTrainedTokenizerBase
+
+from sb3_textrl.rewards.base import RewardFn, TextReward, reward_name, score_batch
+
+logger = logging.getLogger("sb3_textrl")
+_already_logged: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    """Log a warning once per process (every env of a VecEnv would otherwise repeat it)."""
+    if message not in _already_logged:
+        _already_logged.add(message)
+        logger.warning(message)
+
+
+@dataclass
+class TextPrompt:
+    """
+    One prompt of a text task.
+
+    :param text: the prompt as the LM sees it (templates already applied)
+    :param reference: optional reference completion (e.g. a human summary) handed to the reward
+    :param meta: anything else the task wants to keep with the prompt (ids, source, the raw article)
+    """
+
+    text: str
+    reference: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """
+    A short hash of a tokenizer's id → token mapping, to tell whether an env and an LM speak the same vocabulary.
+
+    :param tokenizer: a Hugging Face tokenizer
+    :return: 16 hex digits
+    """
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return hashlib.sha256("\x00".join(str(t) for t in tokens).encode()).hexdigest()[:16]
+
+
+class TextObservationSpace(spaces.Dict):
+    """
+    Observation space of a text env: ``input_ids`` and ``attention_mask``, both of width
+    ``max_prompt_tokens + max_new_tokens``. The prompt is left-padded into the first ``max_prompt_tokens``
+    columns and the generated tokens follow it, so the valid tokens of a row are always contiguous.
+
+    Token ids are an integer ``Box`` (SB3 one-hot encodes ``MultiDiscrete``, gigabytes at real vocabulary sizes).
+    The space also carries the tokenizer's name and fingerprint so the policy can check it uses the same one.
+
+    :param vocab_size: number of token ids (the tokenizer's length)
+    :param max_prompt_tokens: width of the prompt region
+    :param max_new_tokens: width of the completion region (the episode's length limit)
+    :param tokenizer_name: name or path the tokenizer was loaded from
+    :param tokenizer_hash: :func:`tokenizer_fingerprint` of that tokenizer
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_prompt_tokens: int,
+        max_new_tokens: int,
+        tokenizer_name: str = "",
+        tokenizer_hash: str = "",
+    ):
+        width = max_prompt_tokens + max_new_tokens
+        super().__init__(
+            {
+                "input_ids": spaces.Box(0, vocab_size - 1, shape=(width,), dtype=np.int64),
+                "attention_mask": spaces.Box(0, 1, shape=(width,), dtype=np.int64),
+            }
+        )
+        self.vocab_size = vocab_size
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.tokenizer_name = tokenizer_name
+        self.tokenizer_hash = tokenizer_hash
+
+
+class TextGenerationEnv(gym.Env):
+    """
+    A text task: the observation is a prompt plus the tokens generated so far, an action is the next token.
+
+    The episode ends when a stop token is generated (``terminated``) or after ``max_new_tokens`` tokens
+    (``truncated``). The task reward is paid at the last step; every other step pays 0 (the policy side adds
+    the per-token KL penalty). The completion text is decoded only at the end of the episode.
+
+    :param prompts: the task's prompts (:class:`TextPrompt` or plain strings)
+    :param reward: ``(prompts, completions, references) -> floats`` or a :class:`TextReward`
+    :param tokenizer: a loaded Hugging Face tokenizer (the policy's LM must use the same vocabulary)
+    :param max_new_tokens: length limit of a completion
+    :param max_prompt_tokens: prompts longer than this keep their last ``max_prompt_tokens`` tokens (logged)
+    :param stop_token_ids: tokens that end a completion; default: the tokenizer's EOS (and ``<|im_end|>`` for
+        chat-template tokenizers)
+    :param task_id: the registered id, used in messages
+    :param tokenizer_name: name or path the tokenizer came from (kept in the observation space)
+    :param add_special_tokens: let the tokenizer add its special tokens (e.g. BOS) to each prompt
+    :param render_mode: ``"ansi"`` or ``"human"``
+    """
+
+    metadata = {"render_modes": ["ansi", "human"]}
+
+    def __init__(
+        self,
+        prompts: Sequence[TextPrompt | str],
+        reward: RewardFn | TextReward,
+        tokenizer: PreTrainedTokenizerBase,
+        max_new_tokens: int = 32,
+        max_prompt_tokens: int = 256,
+        stop_token_ids: Sequence[int] | None = None,
+        task_id: str = "TextGeneration",
+        tokenizer_name: str = "",
+        add_special_tokens: bool = True,
+        render_mode: str | None = None,
+    ):
+        super().__init__()
+        if max_new_tokens < 1:
+            raise ValueError(f"{task_id}: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if max_prompt_tokens < 1:
+            raise ValueError(f"{task_id}: max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            # A TypeError makes SB3's make_vec_env (which asks for "rgb_array" by default) retry without it.
+            raise TypeError(f"{task_id}: render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.prompts = [p if isinstance(p, TextPrompt) else TextPrompt(str(p)) for p in prompts]
+        if not self.prompts:
+            raise ValueError(f"{task_id}: the task has no prompts; give at least one")
+        self.reward_fn = reward
+        self.tokenizer = tokenizer
+        self.task_id = task_id
+        self.max_new_tokens = max_new_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.render_mode = render_mode
+        self.stop_token_ids = self._default_stop_ids(tokenizer) if stop_token_ids is None else set(stop_token_ids)
+        if not self.stop_token_ids:
+            raise ValueError(f"{task_id}: the tokenizer has no EOS token; pass stop_token_ids=[...]")
+
+        self.prompt_ids = self._tokenize_prompts(add_special_tokens)
+        self.observation_space = TextObservationSpace(
+            len(tokenizer), max_prompt_tokens, max_new_tokens, tokenizer_name, tokenizer_fingerprint(tokenizer)
+        )
+        self.action_space = spaces.Discrete(len(tokenizer))
+        self._order = np.arange(len(self.prompts))
+        self._cursor = len(self.prompts)  # forces a fresh permutation at the first reset
+        self._prompt_index = 0
+        self._ids = np.zeros(max_prompt_tokens + max_new_tokens, dtype=np.int64)
+        self._mask = np.zeros_like(self._ids)
+        self._n_generated = 0
+
+    @staticmethod
+    def _default_stop_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+        stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        # Chat-tuned models end their turn with an end-of-turn token that is not always the tokenizer's EOS.
+        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if getattr(tokenizer, "chat_template", None) else None
+        if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+            stop.add(end_of_turn)
+        return stop
+
+    def _tokenize_prompts(self, add_special_tokens: bool) -> list[np.ndarray]:
+        encoded = self.tokenizer([p.text for p in self.prompts], add_special_tokens=add_special_tokens)["input_ids"]
+        too_long = sum(len(ids) > self.max_prompt_tokens for ids in encoded)
+        if too_long:
+            log_once(
+                f"{self.task_id}: {too_long} of {len(encoded)} prompts are longer than max_prompt_tokens="
+                f"{self.max_prompt_tokens} and were truncated to their last {self.max_prompt_tokens} tokens; "
+                "raise max_prompt_tokens to keep them whole."
+            )
+        empty = [i for i, ids in enumerate(encoded) if len(ids) == 0]
+        if empty:
+            raise ValueError(f"{self.task_id}: prompts {empty[:5]} are empty after tokenization; remove them")
+        return [np.asarray(ids[-self.max_prompt_tokens :], dtype=np.int64) for ids in encoded]
+
+    # -- Gymnasium API ------------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
+        """
+        Start a new completion. Prompts are visited in a seeded random order, each once per pass.
+
+        :param seed: reseeds the prompt order
+        :param options: ``{"prompt_index": i}`` picks prompt ``i`` instead
+        """
+        super().reset(seed=seed)
+        if seed is not None:
+            self._cursor = len(self.prompts)
+        if options and "prompt_index" in options:
+            index = int(options["prompt_index"])
+            if not 0 <= index < len(self.prompts):
+                raise IndexError(f"{self.task_id}: prompt_index {index} out of range [0, {len(self.prompts)})")
+            self._prompt_index = index
+        else:
+            if self._cursor >= len(self.prompts):
+                self._order = self.np_random.permutation(len(self.prompts))
+                self._cursor = 0
+            self._prompt_index = int(self._order[self._cursor])
+            self._cursor += 1
+        prompt = self.prompt_ids[self._prompt_index]
+        self._ids[:] = 0
+        self._mask[:] = 0
+        self._ids[self.max_prompt_tokens - len(prompt) : self.max_prompt_tokens] = prompt
+        self._mask[self.max_prompt_tokens - len(prompt) : self.max_prompt_tokens] = 1
+        self._n_generated = 0
+        return self._observation(), {"prompt": self.prompts[self._prompt_index].text, "prompt_index": self._prompt_index}
+
+    def step(self, action: int | np.integer | np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        token = int(np.asarray(action).item())
+        if not 0 <= token < self.action_space.n:
+            raise ValueError(f"{self.task_id}: action {token} is not a token id in [0, {self.action_space.n})")
+        if self._n_generated >= self.max_new_tokens:
+            raise RuntimeError(f"{self.task_id}: step() called after the episode ended; call reset()")
+        slot = self.max_prompt_tokens + self._n_generated
+        self._ids[slot] = token
+        self._mask[slot] = 1
+        self._n_generated += 1
+        terminated = token in self.stop_token_ids
+        truncated = not terminated and self._n_generated >= self.max_new_tokens
+        reward, info = 0.0, {}
+        if terminated or truncated:
+            reward, info = self._finish(ended_by_stop_token=terminated)
+        return self._observation(), reward, terminated, truncated, info
+
+    def render(self) -> str | None:
+        text = f"{self.prompts[self._prompt_index].text}[{self.completion_text()}]"
+        if self.render_mode == "human":
+            print(text)
+            return None
+        return text
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _observation(self) -> dict[str, np.ndarray]:
+        return {"input_ids": self._ids.copy(), "attention_mask": self._mask.copy()}
+
+    def completion_ids(self) -> np.ndarray:
+        """Token ids generated in this episode, without a final stop token."""
+        generated = self._ids[self.max_prompt_tokens : self.max_prompt_tokens + self._n_generated]
+        if len(generated) and int(generated[-1]) in self.stop_token_ids:
+            generated = generated[:-1]
+        return generated
+
+    def completion_text(self) -> str:
+        """The completion so far, decoded."""
+        return self.tokenizer.decode(self.completion_ids(), skip_special_tokens=True)
+
+    def _finish(self, ended_by_stop_token: bool) -> tuple[float, dict[str, Any]]:
+        prompt = self.prompts[self._prompt_index]
+        completion = self.completion_text()
+        reward = float(score_batch(self.reward_fn, [prompt.text], [completion], [prompt.reference], self.task_id)[0])
+        info = {
+            "prompt": prompt.text,
+            "prompt_index": self._prompt_index,
+            "completion": completion,
+            "reference": prompt.reference,
+            "task_reward": reward,
+            "reward_parts": {reward_name(self.reward_fn): reward},
+            "completion_tokens": self._n_generated,
+            "ended_by_stop_token": ended_by_stop_token,
+        }
+        return reward, info

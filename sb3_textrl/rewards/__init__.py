@@ -1,0 +1,4 @@
+from sb3_textrl.rewards.base import RewardFn, TextReward, score_batch
+from sb3_textrl.rewards.rouge import RougeReward
+
+__all__ = ["RewardFn", "RougeReward", "TextReward", "score_batch"]

@@ -1,0 +1,51 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from stable_baselines3 import PPO
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecEnv
+
+from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy, register_text_task
+
+PROMPTS = [
+    "The quick brown fox",
+    "Once upon a time in a small village,",
+    "Breaking news: the city council",
+    "My favourite recipe starts with",
+    "In the year 2050 people will",
+]
+
+
+def shout(prompts: Sequence[str], completions: Sequence[str], references: Sequence[str | None]) -> list[float]:
+    """Share of upper-case letters in each completion (0 for a completion without letters)."""
+    scores = []
+    for text in completions:
+        letters = [c for c in text if c.isalpha()]
+        scores.append(sum(c.isupper() for c in letters) / len(letters) if letters else 0.0)
+    return scores
+
+
+def register_toy_task(task_id: str, tokenizer: str, max_new_tokens: int = 6, **kwargs) -> str:
+    register_text_task(task_id, prompts=PROMPTS, reward=shout, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                       max_prompt_tokens=16, **kwargs)
+    return task_id
+
+
+def ragged_stop_ids(fraction: int = 8) -> list[int]:
+    """Every ``fraction``-th token id stops a completion, so envs end their episodes at different steps."""
+    return list(range(0, 50257, fraction))
+
+
+def toy_vec_env(task_id: str, n_envs: int = 3, seed: int = 0, **env_kwargs) -> VecEnv:
+    return make_vec_env(task_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
+
+
+def toy_ppo(env: VecEnv | str, lm: str, grouped: bool = True, seed: int = 0, **kwargs) -> PPO:
+    policy_kwargs = dict(lm=lm) | kwargs.pop("policy_kwargs", {})
+    defaults = dict(n_steps=10, batch_size=16, n_epochs=1, seed=seed, device="cpu")
+    if grouped:
+        defaults["rollout_buffer_class"] = TextRolloutBuffer
+    return PPO(TransformerLMPolicy, env, policy_kwargs=policy_kwargs, **(defaults | kwargs))
