@@ -365,10 +365,11 @@ def _check_local(name_or_path: str | os.PathLike | None, path: str, what: str) -
 
 
 def _load_error_message(name_or_path: str | os.PathLike | None, what: str, reason: str) -> str:
+    files = "tokenizer.json or vocabulary files" if what == "tokenizer" else "config.json and weights"
     return (
-        f"Could not load the {what} {str(name_or_path)!r}: {reason}. Pass a local directory that holds a "
-        f"Hugging Face {what} (config/tokenizer files), or a hub name if the Hugging Face hub is reachable "
-        f"from this machine; `None` uses the embedded default LM ({EMBEDDED_LM_NAME}), which works offline."
+        f"Could not load the {what} {str(name_or_path)!r}: {reason.rstrip('.')}. Pass a local directory that holds "
+        f"a Hugging Face {what} ({files}, as written by save_pretrained), or a hub name if the Hugging Face hub is "
+        f"reachable from this machine; `None` uses the embedded default LM ({EMBEDDED_LM_NAME}), which works offline."
     )
 
 
@@ -454,6 +455,7 @@ def _build_gpt2_tokenizer(out_dir: Path, encoder: Path, merges: Path) -> None:
     _check_gpt2_tokenizer(tokenizer)
     tokenizer.pad_token = GPT2_EOS_TOKEN
     tokenizer.padding_side = "left"
+    tokenizer.model_max_length = 1024  # GPT-2's context, as in the hub's gpt2 tokenizer
     # Adds tokenizer.json and tokenizer_config.json: later loads skip rebuilding the BPE model from the merges.
     tokenizer.save_pretrained(str(out_dir))
 
@@ -549,8 +551,8 @@ def tiny_gpt2(
     """
     A small randomly initialized GPT-2 for tests and benchmarks, in eval mode.
 
-    The special-token ids default to ``vocab_size - 1``, which is ``<|endoftext|>`` for GPT-2's tokenizer;
-    with :func:`train_small_tokenizer` pass ``tokenizer.eos_token_id`` (0).
+    The eos id defaults to ``vocab_size - 1``, which is ``<|endoftext|>`` for GPT-2's tokenizer; with
+    :func:`train_small_tokenizer` pass ``eos_token_id=tokenizer.eos_token_id`` (0). bos and pad follow eos.
 
     :param vocab_size: the vocabulary size (``len(tokenizer)``)
     :param n_layer: number of Transformer blocks
@@ -558,15 +560,14 @@ def tiny_gpt2(
     :param n_head: number of attention heads (divides ``n_embd``)
     :param n_positions: the longest sequence (prompt + generated tokens)
     :param seed: seed of the random initialization; the caller's torch RNG state is left as it was
-    :param bos_token_id: beginning-of-sequence id (default ``vocab_size - 1``)
+    :param bos_token_id: beginning-of-sequence id (default: ``eos_token_id``)
     :param eos_token_id: end-of-sequence id (default ``vocab_size - 1``)
     :param pad_token_id: padding id (default: ``eos_token_id``)
     :param dropout: dropout of residuals, embeddings and attention (0 keeps train and eval mode identical)
     :return: the model
     """
-    last = vocab_size - 1
-    eos_token_id = last if eos_token_id is None else eos_token_id
-    bos_token_id = last if bos_token_id is None else bos_token_id
+    eos_token_id = vocab_size - 1 if eos_token_id is None else eos_token_id
+    bos_token_id = eos_token_id if bos_token_id is None else bos_token_id
     pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
     config = GPT2Config(
         vocab_size=vocab_size,

@@ -127,7 +127,9 @@ class TransformerLMPolicy(ActorCriticPolicy):
         model = load_causal_lm(self.lm_name)
         self._check_vocabulary(model)
         if self.use_lora:
-            model = get_peft_model(model, LoraConfig(**self._lora_kwargs(model)))
+            with warnings.catch_warnings():  # peft calls a transformers method that transformers 5 deprecates
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = get_peft_model(model, LoraConfig(**self._lora_kwargs(model)))
         self.lm: PreTrainedModel | PeftModel = model
         self.kl_controller = KLController(self.kl_coef, self.target_kl, self.kl_horizon)
         # Without LoRA the reference must be a separate frozen copy of the initial weights.

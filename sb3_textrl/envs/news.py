@@ -79,7 +79,8 @@ def _load_rows(
 ) -> tuple[dict[str, str], ...]:
     # Cached: the envs of a VecEnv share one copy of the data.
     if dataset is None:
-        return tuple(generate_news_examples(n_articles, seed=data_seed))
+        # limit= applies to the built-in data too (example i depends only on (seed, i), so this is a prefix)
+        return tuple(generate_news_examples(n_articles if limit is None else min(limit, n_articles), seed=data_seed))
     rows = load_summary_dataset(dataset, split=split, article_field=fields[0], summary_field=fields[1], limit=limit)
     return tuple(rows)
 
@@ -117,6 +118,8 @@ def make_news_summary_env(
     :param summary_field: field holding the summary in ``dataset`` (default: detected)
     :param env_kwargs: further :class:`TextGenerationEnv` arguments
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"{TASK_ID}: limit must be a positive number of rows or None, got {limit}")
     tok, tok_name = resolve_tokenizer(tokenizer)
     source = None if dataset is None else os.fspath(dataset)
     rows = list(_load_rows(source, split, limit, n_articles, data_seed, (article_field, summary_field)))

