@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     assets.set_defaults(run=_install_assets)
 
     demo = commands.add_parser("demo", help="PPO on NewsSummary-v0 with the embedded LM: summaries before and after")
-    defaults = {f.name: f.default for f in dataclasses.fields(__import__("sb3_textrl.demo", fromlist=["DemoConfig"]).DemoConfig)}
+    from sb3_textrl.demo import DemoConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
     demo.add_argument("--lm", help="LM name or local path (default: the embedded SmolLM2-135M-Instruct)")
     demo.add_argument("--dataset", help="JSONL/CSV of article/summary pairs (default: built-in generated news)")
     for name in ("n_envs", "n_steps", "updates", "n_epochs", "n_samples", "seed", "max_prompt_tokens"):

@@ -58,7 +58,14 @@ def generate_samples(
         for slot, index in enumerate(batch):
             info = finished[slot]
             samples.append(
-                Sample(index, info["prompt"], info["completion"], info["reference"], info["task_reward"], info["completion_tokens"])
+                Sample(
+                    prompt_index=index,
+                    prompt=info["prompt"],
+                    completion=info["completion"],
+                    reference=info["reference"],
+                    reward=info["task_reward"],
+                    completion_tokens=info["completion_tokens"],
+                )
             )
         bar.update(len(batch))
     bar.close()
