@@ -229,7 +229,9 @@ class TransformerLMPolicy(ActorCriticPolicy):
             use_cache=use_cache,
             **{_cache_kwarg(type(trunk)): past},
         )
-        return out.last_hidden_state, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if not use_cache:
+            return out.last_hidden_state, None
+        return out.last_hidden_state, out["cache"] if "cache" in out else out["past_key_values"]
 
     def _cached_trunk(
         self, input_ids: th.Tensor, attention_mask: th.Tensor, position_ids: th.Tensor, past: DynamicCache | None
