@@ -156,3 +156,39 @@ def test_full_observation_has_zero_value(ragged_task, tiny_lm):
     full["attention_mask"][:, -7:] = 1
     values = model.policy.predict_values(obs_as_tensor(full, "cpu"))
     assert values.item() == 0.0
+
+
+@pytest.fixture(scope="module")
+def small_vocab_lm(tmp_path_factory) -> str:
+    from conftest import save_tiny_lm
+
+    from sb3_textrl.envs.news_data import generate_news_examples
+    from sb3_textrl.models import train_small_tokenizer
+
+    tokenizer = train_small_tokenizer([r["article"] for r in generate_news_examples(50)], vocab_size=300)
+    return save_tiny_lm(tmp_path_factory.mktemp("small-vocab"), tokenizer, eos_token_id=0)
+
+
+def test_env_tokenizer_larger_than_lm_vocabulary_is_refused(tiny_lm, small_vocab_lm):
+    task = register_toy_task("BigVocabToy-v0", tiny_lm)  # GPT-2 tokenizer: 50257 tokens
+    with pytest.raises(ValueError, match=r"50257 tokens but the LM .* only \d+ output logits.*tokenizer=LM"):
+        toy_ppo(toy_vec_env(task, n_envs=1), small_vocab_lm)
+
+
+def test_env_tokenizer_of_another_lm_is_refused(tiny_lm, small_vocab_lm):
+    task = register_toy_task("SmallVocabToy-v0", small_vocab_lm)
+    with pytest.raises(ValueError, match="is not the LM's"):
+        toy_ppo(toy_vec_env(task, n_envs=1), tiny_lm)
+
+
+def test_lm_with_padded_embedding_matrix_is_fine(tmp_path, gpt2_tokenizer):
+    from conftest import save_tiny_lm
+
+    padded = save_tiny_lm(tmp_path / "padded", gpt2_tokenizer, vocab_size=50304)  # rounded up, as GPT-2 trainers do
+    task = register_toy_task("PaddedToy-v0", padded)
+    model = toy_ppo(toy_vec_env(task, n_envs=2), padded, n_steps=6, batch_size=12)
+    model.learn(12)
+    assert model.rollout_buffer.actions.max() < len(gpt2_tokenizer)
+    assert model.policy.get_distribution(
+        obs_as_tensor(toy_vec_env(task, n_envs=2).reset(), "cpu")
+    ).distribution.probs.shape[-1] == len(gpt2_tokenizer)
