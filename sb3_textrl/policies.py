@@ -20,7 +20,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from sb3_textrl.common.kl_controller import KLController
-from sb3_textrl.common.kv_cache import RolloutKVCache, positions_from_mask
+from sb3_textrl.common.kv_cache import RolloutKVCache, last_valid_index, positions_from_mask
 from sb3_textrl.envs.text_env import TextObservationSpace, tokenizer_fingerprint
 from sb3_textrl.models import load_causal_lm, load_tokenizer
 
@@ -284,9 +284,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         shape_matches = cache.tokens is None or cache.tokens.shape == ids.shape
         if self.use_kv_cache and (allow_cache_reset or shape_matches):
             return cache.step(ids, mask)
-        hidden, _ = self._trunk(self._hf_model(), ids, mask, positions_from_mask(mask))
-        last = ids.shape[1] - 1 - mask.flip(dims=[1]).float().argmax(dim=1)
-        return hidden[th.arange(ids.shape[0], device=ids.device), last]
+        return self._last_hidden_per_step(obs)
 
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """
@@ -381,8 +379,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
     def _last_hidden_per_step(self, obs: dict[str, th.Tensor]) -> th.Tensor:
         ids, mask = self._tokens(obs)
         hidden, _ = self._trunk(self._hf_model(), ids, mask, positions_from_mask(mask))
-        last = ids.shape[1] - 1 - mask.flip(dims=[1]).float().argmax(dim=1)
-        return hidden[th.arange(ids.shape[0], device=ids.device), last]
+        return hidden[th.arange(ids.shape[0], device=ids.device), last_valid_index(mask)]
 
     def _warn_per_step(self) -> None:
         if self._warned_per_step:

@@ -110,14 +110,16 @@ def test_ppo_raises_the_reward_of_a_toy_task(tmp_path):
     tokenizer.save_pretrained(lm)
     task = register_toy_task("ShoutLearn-v0", str(lm), max_new_tokens=4)
     env = toy_vec_env(task, n_envs=16, seed=0)
-    model = toy_ppo(env, str(lm), n_steps=8, batch_size=64, n_epochs=4, learning_rate=3e-3, gamma=1.0, ent_coef=0.0,
-                    policy_kwargs=dict(kl_coef=0.01))
+    # Full fine-tuning: a 2-layer model's attention-only LoRA adapters learn this too, but far more slowly.
+    model = toy_ppo(env, str(lm), n_steps=8, batch_size=64, n_epochs=4, learning_rate=1e-3, gamma=1.0, ent_coef=0.0,
+                    policy_kwargs=dict(use_lora=False, kl_coef=0.0))
     eval_env = toy_vec_env(task, n_envs=5, seed=100)
 
-    def mean_reward() -> float:
-        return float(np.mean([s.reward for s in generate_samples(model, eval_env, list(range(5)) * 8, deterministic=False)]))
+    def mean_sampled_reward() -> float:
+        samples = generate_samples(model, eval_env, list(range(5)) * 8, deterministic=False)
+        return float(np.mean([s.reward for s in samples]))
 
-    before = mean_reward()
-    model.learn(16 * 8 * 25)
-    after = mean_reward()
-    assert after > before + 0.25, (before, after)
+    before = mean_sampled_reward()
+    model.learn(16 * 8 * 40)
+    after = mean_sampled_reward()
+    assert before < 0.3 and after > before + 0.4, (before, after)

@@ -43,6 +43,16 @@ def right_align(input_ids: th.Tensor, attention_mask: th.Tensor, drop_last: int 
     return ids, new_mask.long()
 
 
+def last_valid_index(attention_mask: th.Tensor) -> th.Tensor:
+    """
+    Column of each row's last valid token.
+
+    :param attention_mask: (B, L) 0/1 mask
+    :return: (B,) column indices
+    """
+    return attention_mask.shape[1] - 1 - attention_mask.flip(dims=[1]).float().argmax(dim=1)
+
+
 def positions_from_mask(mask: th.Tensor) -> th.Tensor:
     """
     Position ids that count only valid tokens, as ``generate()`` does for left-padded batches.
@@ -96,7 +106,7 @@ class RolloutKVCache:
         if bool(rebuild.any()):
             self._prefill(ids[rebuild], attention_mask[rebuild], rebuild)
         # Every row now holds all of its observation but the last token: feed that token to all rows at once.
-        last_token = th.gather(ids, 1, self._last_index(attention_mask).unsqueeze(1))  # (B, 1)
+        last_token = th.gather(ids, 1, last_valid_index(attention_mask).unsqueeze(1))  # (B, 1)
         assert self.mask is not None
         step_mask = th.cat([self.mask, th.ones_like(last_token)], dim=1)
         position = self.mask.sum(dim=1, keepdim=True)
@@ -106,15 +116,10 @@ class RolloutKVCache:
         self.last_hidden = hidden[:, -1]
         return self.last_hidden
 
-    @staticmethod
-    def _last_index(attention_mask: th.Tensor) -> th.Tensor:
-        width = attention_mask.shape[1]
-        return width - 1 - attention_mask.flip(dims=[1]).float().argmax(dim=1)  # (B,) last valid column
-
     def _extends_by_one(self, ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
         """Rows whose observation is the cached one plus exactly one new token."""
         assert self.tokens is not None and self.token_mask is not None
-        last = self._last_index(attention_mask).unsqueeze(1)
+        last = last_valid_index(attention_mask).unsqueeze(1)
         previous_ids = ids.scatter(1, last, 0)
         previous_mask = attention_mask.scatter(1, last, 0)
         # Compare masks as well as ids: token id 0 is a real token in most vocabularies.
