@@ -20,7 +20,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from sb3_textrl.common.kl_controller import KLController
-from sb3_textrl.common.kv_cache import RolloutKVCache, last_valid_index, positions_from_mask
+from sb3_textrl.common.kv_cache import RolloutKVCache, last_valid_index, longest_extensions, positions_from_mask
 from sb3_textrl.envs.text_env import TextObservationSpace, tokenizer_fingerprint
 from sb3_textrl.models import load_causal_lm, load_tokenizer
 
@@ -68,6 +68,9 @@ class TransformerLMPolicy(ActorCriticPolicy):
     :param top_k: keep only the k most likely tokens (same truncation in rollouts and in training)
     :param top_p: keep the smallest set of tokens whose probability reaches p (nucleus sampling)
     :param use_kv_cache: keep a KV cache across rollout steps (exact; turn off only to compare)
+    :param share_prefixes: with SB3's default (per-step) buffer, run one forward per distinct sequence of a minibatch
+        instead of one per step: the steps of an episode are prefixes of its longest observation (exact; turn off
+        only to compare)
     :param check_tokenizer: check that the env's tokenizer is the LM's (compares vocabularies)
     :param kwargs: further :class:`~stable_baselines3.common.policies.ActorCriticPolicy` arguments
         (``optimizer_class``, ``optimizer_kwargs``, ...); ``net_arch`` and ``ortho_init`` have no effect: there is
@@ -89,6 +92,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         top_k: int | None = None,
         top_p: float | None = None,
         use_kv_cache: bool = True,
+        share_prefixes: bool = True,
         check_tokenizer: bool = True,
         **kwargs: Any,
     ):
@@ -115,6 +119,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         self.top_k = top_k
         self.top_p = top_p
         self.use_kv_cache = use_kv_cache
+        self.share_prefixes = share_prefixes
         self.check_tokenizer = check_tokenizer
         self._warned_per_step = False
         # ActorCriticPolicy builds a flatten extractor and calls self._build(); the MLP arguments are unused.
@@ -191,6 +196,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
                 top_k=self.top_k,
                 top_p=self.top_p,
                 use_kv_cache=self.use_kv_cache,
+                share_prefixes=self.share_prefixes,
                 check_tokenizer=self.check_tokenizer,
             )
         )
@@ -376,10 +382,18 @@ class TransformerLMPolicy(ActorCriticPolicy):
         columns = th.repeat_interleave(starts - first, lengths) + offsets
         return hidden[rows, columns]
 
-    def _last_hidden_per_step(self, obs: dict[str, th.Tensor]) -> th.Tensor:
+    def _last_hidden_per_step(self, obs: PyTorchObs) -> th.Tensor:
+        """(B, H) hidden state at each observation's last token, one forward per distinct sequence."""
         ids, mask = self._tokens(obs)
-        hidden, _ = self._trunk(self._hf_model(), ids, mask, positions_from_mask(mask))
-        return hidden[th.arange(ids.shape[0], device=ids.device), last_valid_index(mask)]
+        rows = th.arange(len(ids), device=ids.device)
+        if self.share_prefixes and len(ids) > 1:
+            # Observations that are prefixes of another (steps of one episode) are read off the longer one's forward.
+            cover = longest_extensions(ids, mask)
+            sequences, rows = th.unique(cover, return_inverse=True)
+            hidden, _ = self._trunk(self._hf_model(), ids[sequences], mask[sequences], positions_from_mask(mask[sequences]))
+        else:
+            hidden, _ = self._trunk(self._hf_model(), ids, mask, positions_from_mask(mask))
+        return hidden[rows, last_valid_index(mask)]
 
     def _warn_per_step(self) -> None:
         if self._warned_per_step:

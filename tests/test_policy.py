@@ -66,12 +66,15 @@ def test_grouped_evaluate_actions_matches_rollout_and_per_step(ragged_task, tiny
         np.testing.assert_allclose(log_prob.numpy(), batch.old_log_prob.numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(values.flatten().numpy(), batch.old_values.numpy(), rtol=1e-4, atol=1e-5)
         # ... and == the per-step path of SB3's default buffer, on observations rebuilt step by step.
+        # Both with prefix sharing (one forward per distinct sequence) and without (one forward per step).
         step_obs = per_step_observations(batch.observations)
-        with th.no_grad():
-            step_values, step_log_prob, step_entropy = model.policy.evaluate_actions(step_obs, actions)
-        np.testing.assert_allclose(log_prob.numpy(), step_log_prob.numpy(), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(entropy.numpy(), step_entropy.numpy(), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(values.numpy(), step_values.numpy(), rtol=1e-4, atol=1e-5)
+        for share_prefixes in (True, False):
+            model.policy.share_prefixes = share_prefixes
+            with th.no_grad():
+                step_values, step_log_prob, step_entropy = model.policy.evaluate_actions(step_obs, actions)
+            np.testing.assert_allclose(log_prob.numpy(), step_log_prob.numpy(), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(entropy.numpy(), step_entropy.numpy(), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(values.numpy(), step_values.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def per_step_observations(segments: dict[str, th.Tensor]) -> dict[str, th.Tensor]:
@@ -192,3 +195,12 @@ def test_lm_with_padded_embedding_matrix_is_fine(tmp_path, gpt2_tokenizer):
     assert model.policy.get_distribution(
         obs_as_tensor(toy_vec_env(task, n_envs=2).reset(), "cpu")
     ).distribution.probs.shape[-1] == len(gpt2_tokenizer)
+
+
+def test_longest_extensions_finds_the_episode_a_step_belongs_to():
+    from sb3_textrl.common.kv_cache import longest_extensions
+
+    ids = th.tensor([[0, 5, 6, 0, 0], [0, 5, 6, 7, 0], [0, 5, 6, 7, 8], [0, 5, 9, 0, 0], [3, 5, 6, 0, 0]])
+    mask = th.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
+    # rows 0-2 are one episode; row 3 diverges at its last token; row 4 has another (longer) prompt
+    assert longest_extensions(ids, mask, chunk=2).tolist() == [2, 2, 2, 3, 4]

@@ -53,6 +53,32 @@ def last_valid_index(attention_mask: th.Tensor) -> th.Tensor:
     return attention_mask.shape[1] - 1 - attention_mask.flip(dims=[1]).float().argmax(dim=1)
 
 
+def longest_extensions(input_ids: th.Tensor, attention_mask: th.Tensor, chunk: int = 256) -> th.Tensor:
+    """
+    For every row, the longest row whose valid tokens start with this row's valid tokens (in the same columns).
+
+    A causal LM computes the same hidden state for a token whatever follows it, so the steps of one episode can all
+    be read off the forward pass of its longest observation.
+
+    :param input_ids: (N, L) token ids
+    :param attention_mask: (N, L) 0/1 mask
+    :param chunk: rows compared at a time (the comparison holds chunk x N x L booleans)
+    :return: (N,) index of the covering row (a row covers itself)
+    """
+    valid = attention_mask.bool()
+    n_rows = len(input_ids)
+    lengths = valid.sum(dim=1)
+    # Prefer the longest cover, then the lowest index, so equal rows all pick the same representative.
+    preference = lengths * n_rows + (n_rows - th.arange(n_rows, device=input_ids.device))
+    cover = th.empty(n_rows, dtype=th.long, device=input_ids.device)
+    for first in range(0, n_rows, chunk):
+        ids, mask = input_ids[first : first + chunk, None], valid[first : first + chunk, None]  # (C, 1, L)
+        agrees = ((ids == input_ids[None]) | ~mask).all(dim=-1)  # (C, N): other row equal on this row's tokens
+        contains = (~mask | valid[None]).all(dim=-1)  # (C, N): other row holds all of this row's columns
+        cover[first : first + chunk] = th.where(agrees & contains, preference[None], -1).argmax(dim=1)
+    return cover
+
+
 def positions_from_mask(mask: th.Tensor) -> th.Tensor:
     """
     Position ids that count only valid tokens, as ``generate()`` does for left-padded batches.
