@@ -17,7 +17,8 @@ Variants (16 envs, 64-token prompts, 64 new tokens, so one PPO rollout is 16 x 6
    with all weights trainable.
 3. ``floor``: time(generate) + n_epochs x time(fwd+bwd, LoRA) for those 1024 tokens.
 4. ``PPO fast``: ``TextRolloutBuffer`` (episode-grouped minibatches) and the rollout KV cache (the defaults).
-5. ``PPO naive``: SB3's default buffer (single-step minibatches) and ``use_kv_cache=False``.
+5. ``PPO naive``: SB3's default buffer (single-step minibatches), ``use_kv_cache=False`` and ``share_prefixes=False``
+   (one full forward per token in rollouts and in training, as a policy unaware of episodes would do).
 """
 
 from __future__ import annotations
@@ -302,7 +303,9 @@ def make_ppo(args: argparse.Namespace, lm_dir: Path, device: torch.device, naive
     policy_kwargs: dict[str, Any] = dict(lm=str(lm_dir), kl_coef=args.kl_coef)
     extra: dict[str, Any] = {}
     if naive:
+        # A plain per-step policy: full forward every rollout step, one forward per step in training.
         policy_kwargs["use_kv_cache"] = False
+        policy_kwargs["share_prefixes"] = False
     else:
         extra["rollout_buffer_class"] = TimedTextRolloutBuffer
     return PPO(
