@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = commands.add_parser("tasks", help="list the registered text tasks")
     tasks.set_defaults(run=_tasks)
+
+    from sb3_textrl import sampling
+
+    sampling.add_cli_command(commands)
     return parser
 
 

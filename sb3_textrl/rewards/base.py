@@ -61,6 +61,12 @@ class TextReward(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
+    def __deepcopy__(self, memo: dict) -> TextReward:
+        # gym.make deep-copies a registered task's kwargs for every env: a reward (a model, a connection, a human
+        # rater's queue) is a service the envs of a process share, not per-env state. Pickling (SubprocVecEnv) still
+        # gives each process its own.
+        return self
+
 
 def reward_name(reward: RewardFn | TextReward) -> str:
     """

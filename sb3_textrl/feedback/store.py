@@ -1,0 +1,477 @@
+"""The feedback store: prompts, candidate completions, and the judgements human raters give them, in SQLite.
+
+Durability: every write is its own ``BEGIN IMMEDIATE ... COMMIT`` transaction and a ``record_*`` call returns only
+after its COMMIT, so a judgement the caller has seen acknowledged survives the writer process being killed. The
+database runs in WAL mode with ``synchronous=FULL``: NORMAL would already survive a killed process (the WAL is in the
+OS page cache), FULL also survives a power cut for the price of one fsync per judgement, which is nothing at human
+rating speed. Concurrent writers (several rater processes, the web app's threads) serialise on SQLite's write lock,
+waiting up to ``timeout_s`` (``busy_timeout``) rather than failing with "database is locked".
+
+Schema versions live in ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades an older database in place, and a
+database written by a newer version of sb3_textrl, or one that is not a feedback store, is refused with a clear
+message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+CHOICES = ("A", "B", "tie", "skip")
+MIN_SCORE, MAX_SCORE = 1, 5
+
+_V1 = """
+CREATE TABLE prompts (
+    id INTEGER PRIMARY KEY,
+    text TEXT NOT NULL,
+    task TEXT,
+    reference TEXT,
+    article TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    created_at TEXT NOT NULL
+);
+CREATE TABLE candidates (
+    id INTEGER PRIMARY KEY,
+    prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+    text TEXT NOT NULL,
+    model TEXT NOT NULL,
+    settings TEXT NOT NULL DEFAULT '{}',
+    created_at TEXT NOT NULL
+);
+CREATE TABLE raters (
+    name TEXT PRIMARY KEY,
+    first_seen TEXT NOT NULL
+);
+CREATE TABLE items (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('pair', 'single')),
+    prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+    candidate_a INTEGER NOT NULL REFERENCES candidates(id),
+    candidate_b INTEGER REFERENCES candidates(id),
+    created_at TEXT NOT NULL
+);
+CREATE TABLE judgements (
+    id INTEGER PRIMARY KEY,
+    item_id INTEGER NOT NULL REFERENCES items(id),
+    rater TEXT NOT NULL REFERENCES raters(name),
+    choice TEXT CHECK (choice IN ('A', 'B', 'tie', 'skip')),
+    score INTEGER CHECK (score BETWEEN 1 AND 5),
+    created_at TEXT NOT NULL,
+    undone_at TEXT,
+    CHECK ((choice IS NULL) != (score IS NULL))
+);
+CREATE INDEX judgements_by_rater ON judgements(rater, undone_at);
+CREATE INDEX judgements_by_item ON judgements(item_id, undone_at);
+"""
+
+# Version 2: candidates are looked up by prompt (pairs from ratings), items by candidate (ratings of a candidate).
+_V2 = """
+CREATE INDEX candidates_by_prompt ON candidates(prompt_id);
+CREATE INDEX items_by_candidate ON items(candidate_a);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2]
+"""``MIGRATIONS[i]`` turns a version-``i`` database into version ``i + 1`` (version 0 is an empty file)."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+_TABLES = {"prompts", "candidates", "raters", "items", "judgements"}
+
+
+class FeedbackStoreError(ValueError):
+    """A database that is not (or not yet) a feedback store this code can use, or a bad judgement."""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """
+    One preference for reward-model training.
+
+    :param prompt: the prompt both completions answer
+    :param chosen: the preferred completion
+    :param rejected: the other completion
+    :param source: ``"preference"`` (an A/B judgement) or ``"rating"`` (two rated completions of one prompt)
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str = "preference"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class FeedbackStore:
+    """
+    Prompts, candidates and human judgements (1-5 ratings, A/B/tie/skip preferences) in one SQLite file.
+
+    :param path: database file; created with the current schema when missing
+    :param timeout_s: how long a write waits for another writer's transaction before failing
+    """
+
+    SCHEMA_VERSION = SCHEMA_VERSION
+
+    def __init__(self, path: str | os.PathLike, timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise FeedbackStoreError(f"{self.path} is a directory; pass the path of a database file, e.g. feedback.db")
+        # isolation_level=None: transactions are opened explicitly (BEGIN IMMEDIATE) so writers queue up front.
+        self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.DatabaseError as err:
+            self._db.close()
+            raise FeedbackStoreError(
+                f"{self.path} is not a usable SQLite database ({err}); pass a feedback database created by "
+                "sb3_textrl (or a new path, which is created)"
+            ) from err
+        except FeedbackStoreError:
+            self._db.close()
+            raise
+
+    # -- connection and schema ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the connection."""
+        self._db.close()
+
+    def __enter__(self) -> FeedbackStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: taken with the write lock up front, committed before the caller goes on."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if version > SCHEMA_VERSION:
+                raise FeedbackStoreError(
+                    f"{self.path} has feedback schema version {version}, newer than this sb3_textrl's "
+                    f"{SCHEMA_VERSION}; upgrade sb3_textrl (pip install -U sb3_textrl) to open it"
+                )
+            if version == 0 and tables:
+                raise FeedbackStoreError(
+                    f"{self.path} is a SQLite database of another application (tables: {', '.join(sorted(tables))}); "
+                    "pass a new path for the feedback store"
+                )
+            if version > 0 and not tables >= _TABLES:
+                raise FeedbackStoreError(
+                    f"{self.path} claims feedback schema version {version} but lacks the tables "
+                    f"{', '.join(sorted(_TABLES - tables))}; it is damaged or not a feedback store"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                for statement in filter(str.strip, MIGRATIONS[step].split(";")):
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open database."""
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    # -- what is judged ------------------------------------------------------------------------------------------
+    def add_prompt(
+        self,
+        text: str,
+        *,
+        task: str | None = None,
+        reference: str | None = None,
+        article: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> int:
+        """
+        Store a prompt.
+
+        :param text: the prompt as the LM saw it
+        :param task: the task it comes from
+        :param reference: a reference completion, if any
+        :param article: the raw article (news tasks), shown to raters instead of the templated prompt
+        :param metadata: anything else (JSON-serialisable)
+        :return: the prompt's id
+        """
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO prompts (text, task, reference, article, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (str(text), task, reference, article, json.dumps(metadata or {}), _now()),
+            )
+        return int(cursor.lastrowid)
+
+    def add_candidate(self, prompt_id: int, text: str, *, model: str, settings: dict[str, Any] | None = None) -> int:
+        """
+        Store a completion of a prompt.
+
+        :param prompt_id: the prompt it completes
+        :param text: the completion
+        :param model: the model that wrote it
+        :param settings: how it was generated (decoding, seed, ...; JSON-serialisable)
+        :return: the candidate's id
+        """
+        with self._write() as db:
+            self._require(db, "prompts", prompt_id)
+            cursor = db.execute(
+                "INSERT INTO candidates (prompt_id, text, model, settings, created_at) VALUES (?, ?, ?, ?, ?)",
+                (prompt_id, str(text), model, json.dumps(settings or {}), _now()),
+            )
+        return int(cursor.lastrowid)
+
+    def add_pair(self, prompt_id: int, candidate_a: int, candidate_b: int) -> int:
+        """
+        Queue a comparison of two candidates of one prompt.
+
+        :return: the pair's item id
+        """
+        if candidate_a == candidate_b:
+            raise FeedbackStoreError(f"a pair needs two different candidates, got {candidate_a} twice")
+        with self._write() as db:
+            for candidate in (candidate_a, candidate_b):
+                self._require_candidate_of(db, candidate, prompt_id)
+            cursor = db.execute(
+                "INSERT INTO items (kind, prompt_id, candidate_a, candidate_b, created_at) VALUES ('pair', ?, ?, ?, ?)",
+                (prompt_id, candidate_a, candidate_b, _now()),
+            )
+        return int(cursor.lastrowid)
+
+    def request_rating(self, candidate_id: int) -> int:
+        """
+        Queue one candidate for a 1-5 rating.
+
+        :return: the item id
+        """
+        with self._write() as db:
+            row = self._require(db, "candidates", candidate_id)
+            cursor = db.execute(
+                "INSERT INTO items (kind, prompt_id, candidate_a, created_at) VALUES ('single', ?, ?, ?)",
+                (row["prompt_id"], candidate_id, _now()),
+            )
+        return int(cursor.lastrowid)
+
+    @staticmethod
+    def _require(db: sqlite3.Connection, table: str, row_id: int) -> sqlite3.Row:
+        row = db.execute(f"SELECT * FROM {table} WHERE id = ?", (row_id,)).fetchone()
+        if row is None:
+            raise FeedbackStoreError(f"no {table[:-1]} with id {row_id} in this feedback store")
+        return row
+
+    def _require_candidate_of(self, db: sqlite3.Connection, candidate_id: int, prompt_id: int) -> None:
+        row = self._require(db, "candidates", candidate_id)
+        if row["prompt_id"] != prompt_id:
+            raise FeedbackStoreError(
+                f"candidate {candidate_id} answers prompt {row['prompt_id']}, not prompt {prompt_id}; "
+                "a pair compares two candidates of the same prompt"
+            )
+
+    # -- judging -------------------------------------------------------------------------------------------------
+    def next_item(self, rater: str) -> dict[str, Any] | None:
+        """
+        The oldest item this rater has not judged (an undone judgement makes its item pending again).
+
+        :param rater: the rater's name
+        :return: ``{"id", "kind" ("pair" | "single"), "prompt", "article", "reference", "candidates": [{"id",
+            "text"}, ...]}``, or None when the rater is done
+        """
+        row = self._db.execute(
+            "SELECT * FROM items WHERE id NOT IN "
+            "(SELECT item_id FROM judgements WHERE rater = ? AND undone_at IS NULL) ORDER BY id LIMIT 1",
+            (rater,),
+        ).fetchone()
+        return None if row is None else self._item(row)
+
+    def item(self, item_id: int) -> dict[str, Any]:
+        """The item with this id, in :meth:`next_item`'s form."""
+        row = self._db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+        if row is None:
+            raise FeedbackStoreError(f"no item with id {item_id} in this feedback store")
+        return self._item(row)
+
+    def _item(self, row: sqlite3.Row) -> dict[str, Any]:
+        prompt = self._db.execute("SELECT * FROM prompts WHERE id = ?", (row["prompt_id"],)).fetchone()
+        ids = [row["candidate_a"]] + ([row["candidate_b"]] if row["kind"] == "pair" else [])
+        texts = {c["id"]: c for c in self._db.execute(
+            f"SELECT id, text, model FROM candidates WHERE id IN ({','.join('?' * len(ids))})", ids
+        )}
+        return {
+            "id": row["id"],
+            "kind": row["kind"],
+            "prompt": prompt["text"],
+            "article": prompt["article"],
+            "reference": prompt["reference"],
+            "task": prompt["task"],
+            "candidates": [{"id": i, "text": texts[i]["text"], "model": texts[i]["model"]} for i in ids],
+        }
+
+    def _judge(self, item_id: int, rater: str, kind: str, choice: str | None, score: int | None) -> int:
+        if not isinstance(rater, str) or not rater.strip():
+            raise FeedbackStoreError("a judgement needs a rater name (a non-empty string)")
+        with self._write() as db:
+            item = self._require(db, "items", item_id)
+            if item["kind"] != kind:
+                how = "rate its candidate with record_rating" if item["kind"] == "single" else "use record_preference"
+                raise FeedbackStoreError(f"item {item_id} is a {item['kind']} item; {how}")
+            now = _now()
+            db.execute("INSERT OR IGNORE INTO raters (name, first_seen) VALUES (?, ?)", (rater, now))
+            # A new judgement of the same item by the same rater replaces the old one (kept, marked undone).
+            db.execute(
+                "UPDATE judgements SET undone_at = ? WHERE item_id = ? AND rater = ? AND undone_at IS NULL",
+                (now, item_id, rater),
+            )
+            cursor = db.execute(
+                "INSERT INTO judgements (item_id, rater, choice, score, created_at) VALUES (?, ?, ?, ?, ?)",
+                (item_id, rater, choice, score, now),
+            )
+        return int(cursor.lastrowid)
+
+    def record_preference(self, pair_id: int, rater: str, choice: str) -> int:
+        """
+        Record which candidate of a pair the rater prefers. Returns only once the judgement is committed.
+
+        :param pair_id: the pair's item id
+        :param rater: the rater's name
+        :param choice: ``"A"``, ``"B"``, ``"tie"`` or ``"skip"``
+        :return: the judgement's id
+        """
+        if choice not in CHOICES:
+            raise FeedbackStoreError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        return self._judge(pair_id, rater, "pair", choice, None)
+
+    def record_rating(self, candidate_id: int, rater: str, score: int) -> int:
+        """
+        Record a 1-5 rating of a candidate queued with :meth:`request_rating`. Returns only once committed.
+
+        :param candidate_id: the candidate
+        :param rater: the rater's name
+        :param score: 1 (bad) to 5 (good)
+        :return: the judgement's id
+        """
+        if isinstance(score, bool) or not isinstance(score, int) or not MIN_SCORE <= score <= MAX_SCORE:
+            raise FeedbackStoreError(f"a rating is an integer from {MIN_SCORE} to {MAX_SCORE}, got {score!r}")
+        row = self._db.execute(
+            "SELECT id FROM items WHERE kind = 'single' AND candidate_a = ? ORDER BY id LIMIT 1", (candidate_id,)
+        ).fetchone()
+        if row is None:
+            raise FeedbackStoreError(
+                f"candidate {candidate_id} has no rating request; queue it with request_rating({candidate_id}) first"
+            )
+        return self._judge(int(row["id"]), rater, "single", None, score)
+
+    def undo_last(self, rater: str) -> bool:
+        """
+        Undo this rater's most recent judgement still in force (kept in the table, marked undone).
+
+        :return: whether there was one to undo
+        """
+        with self._write() as db:
+            row = db.execute(
+                "SELECT id FROM judgements WHERE rater = ? AND undone_at IS NULL ORDER BY id DESC LIMIT 1", (rater,)
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE judgements SET undone_at = ? WHERE id = ?", (_now(), row["id"]))
+        return True
+
+    def progress(self, rater: str) -> tuple[int, int]:
+        """``(items this rater has judged, all items)``."""
+        done = self._db.execute(
+            "SELECT COUNT(DISTINCT item_id) FROM judgements WHERE rater = ? AND undone_at IS NULL", (rater,)
+        ).fetchone()[0]
+        total = self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        return int(done), int(total)
+
+    # -- reading judgements back ---------------------------------------------------------------------------------
+    def ratings(self, candidate_ids: Sequence[int]) -> dict[int, float]:
+        """Mean 1-5 rating (over raters) of each rated candidate among ``candidate_ids``; unrated ones are absent."""
+        ids = [int(i) for i in candidate_ids]
+        if not ids:
+            return {}
+        rows = self._db.execute(
+            "SELECT items.candidate_a AS candidate, AVG(judgements.score) AS mean FROM judgements "
+            "JOIN items ON items.id = judgements.item_id WHERE judgements.undone_at IS NULL "
+            f"AND judgements.score IS NOT NULL AND items.candidate_a IN ({','.join('?' * len(ids))}) GROUP BY candidate",
+            ids,
+        )
+        return {int(row["candidate"]): float(row["mean"]) for row in rows}
+
+    def judgements(self) -> list[dict[str, Any]]:
+        """Every judgement in force, oldest first (item, rater, choice or score, timestamp)."""
+        rows = self._db.execute(
+            "SELECT id, item_id, rater, choice, score, created_at FROM judgements WHERE undone_at IS NULL ORDER BY id"
+        )
+        return [dict(row) for row in rows]
+
+    def preference_pairs(self, include_ratings: bool = True) -> list[PreferencePair]:
+        """
+        The judgements as (prompt, chosen, rejected) pairs for reward-model training.
+
+        A/B choices give one pair each (ties and skips carry no preference and are left out). With
+        ``include_ratings``, the rated candidates of each prompt are compared two by two on their mean rating
+        (the better one is chosen; equal means are left out).
+
+        :param include_ratings: also turn 1-5 ratings into pairs
+        :return: the pairs (possibly empty)
+        """
+        pairs = [
+            PreferencePair(row["prompt"], row["chosen"], row["rejected"], "preference")
+            for row in self._db.execute(
+                "SELECT p.text AS prompt, "
+                "CASE j.choice WHEN 'A' THEN a.text ELSE b.text END AS chosen, "
+                "CASE j.choice WHEN 'A' THEN b.text ELSE a.text END AS rejected "
+                "FROM judgements j JOIN items i ON i.id = j.item_id JOIN prompts p ON p.id = i.prompt_id "
+                "JOIN candidates a ON a.id = i.candidate_a JOIN candidates b ON b.id = i.candidate_b "
+                "WHERE j.undone_at IS NULL AND j.choice IN ('A', 'B') ORDER BY j.id"
+            )
+        ]
+        if include_ratings:
+            pairs.extend(self._pairs_from_ratings())
+        return pairs
+
+    def _pairs_from_ratings(self) -> list[PreferencePair]:
+        rows = self._db.execute(
+            "SELECT p.id AS prompt_id, p.text AS prompt, c.id AS candidate, c.text AS text, AVG(j.score) AS mean "
+            "FROM judgements j JOIN items i ON i.id = j.item_id JOIN candidates c ON c.id = i.candidate_a "
+            "JOIN prompts p ON p.id = c.prompt_id WHERE j.undone_at IS NULL AND j.score IS NOT NULL "
+            "GROUP BY c.id ORDER BY p.id, c.id"
+        ).fetchall()
+        by_prompt: dict[int, list[sqlite3.Row]] = {}
+        for row in rows:
+            by_prompt.setdefault(row["prompt_id"], []).append(row)
+        pairs = []
+        for rated in by_prompt.values():
+            for first, second in combinations(rated, 2):
+                if first["mean"] == second["mean"]:
+                    continue
+                chosen, rejected = (first, second) if first["mean"] > second["mean"] else (second, first)
+                pairs.append(PreferencePair(first["prompt"], chosen["text"], rejected["text"], "rating"))
+        return pairs
+
+
+def empty_preferences_message(path: str | os.PathLike) -> str:
+    """What to tell a user whose store holds no usable preference (for trainers that need some)."""
+    return (
+        f"{path} holds no usable preference: ties and skips carry none, and ratings pair up only between "
+        "differently rated completions of the same prompt. Collect judgements first: sb3-textrl sample --db "
+        f"{path} ..., then sb3-textrl rate --db {path}"
+    )

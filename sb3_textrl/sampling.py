@@ -1,0 +1,249 @@
+"""Candidates to judge: two completions per prompt of a text task, stored in a feedback database for raters.
+
+The two candidates of a prompt come from two models (e.g. the SFT checkpoint and a PPO checkpoint) or from one model
+with two decoding settings (greedy and sampled). Each candidate is stored with the model and the settings that made
+it, and each prompt's two candidates become one pair for the rating page (``sb3-textrl rate``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from stable_baselines3 import PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecEnv
+
+from sb3_textrl.evaluation import Sample, generate_samples
+from sb3_textrl.policies import TransformerLMPolicy
+
+DEFAULT_TASK = "NewsSummary-v0"
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """
+    How a candidate is decoded.
+
+    :param greedy: take the most likely token at each step (``deterministic=True`` in SB3's ``predict``)
+    :param temperature: sampling temperature (ignored when greedy)
+    :param top_k: sample among the k most likely tokens only
+    :param top_p: sample from the nucleus of probability p only
+    """
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> DecodingSettings:
+        """
+        Read ``"greedy"``, ``"sample"`` or ``"sample:temperature=0.7,top_p=0.9"`` (the CLI's ``--decoding-a/-b``).
+
+        :param spec: the text form
+        :return: the settings
+        """
+        kind, _, options = spec.partition(":")
+        if kind not in ("greedy", "sample"):
+            raise ValueError(
+                f"decoding {spec!r}: expected 'greedy', 'sample' or 'sample:temperature=T,top_k=K,top_p=P'"
+            )
+        values: dict[str, Any] = {}
+        for item in filter(None, options.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or key not in ("temperature", "top_k", "top_p"):
+                raise ValueError(f"decoding {spec!r}: unknown option {item!r}; use temperature=, top_k= or top_p=")
+            values[key] = int(value) if key == "top_k" else float(value)
+        return cls(greedy=kind == "greedy", **values)
+
+    def describe(self) -> str:
+        """Short text form, the inverse of :meth:`parse`."""
+        if self.greedy:
+            return "greedy"
+        options = [f"{k}={v}" for k, v in asdict(self).items() if k != "greedy" and v is not None]
+        return "sample:" + ",".join(options)
+
+
+@dataclass(frozen=True)
+class CandidateSource:
+    """
+    One side of the comparison: a model and how it decodes.
+
+    :param model: an LM name or directory (e.g. an SFT output), a saved SB3 model (``.zip``), or None for the
+        embedded default LM
+    :param decoding: decoding settings
+    """
+
+    model: str | None = None
+    decoding: DecodingSettings = DecodingSettings()
+
+    @property
+    def label(self) -> str:
+        """What the store records as the candidate's model."""
+        return self.model or "embedded"
+
+
+def load_generator(model: str | os.PathLike | None, env: VecEnv, device: str = "auto", seed: int = 0) -> BaseAlgorithm:
+    """
+    An SB3 model that can generate on ``env``: a saved ``.zip`` is loaded, an LM name/path is wrapped in a fresh
+    PPO with :class:`TransformerLMPolicy` (untrained adapters leave the LM's outputs unchanged).
+
+    :param model: ``.zip`` of a saved SB3 model, an LM name or directory, or None for the embedded LM
+    :param env: the task's VecEnv
+    :param device: torch device
+    :param seed: seed of the wrapper model
+    :return: the model
+    """
+    if model is not None and str(model).endswith(".zip"):
+        if not Path(model).is_file():
+            raise FileNotFoundError(f"saved model {model} not found; pass a .zip written by model.save() or an LM path")
+        return PPO.load(model, env=env, device=device)
+    lm = None if model is None else os.fspath(model)
+    return PPO(
+        TransformerLMPolicy, env, policy_kwargs=dict(lm=lm), n_steps=1, batch_size=env.num_envs, device=device, seed=seed
+    )
+
+
+@contextmanager
+def decoding(policy: TransformerLMPolicy, settings: DecodingSettings) -> Iterator[None]:
+    """Temporarily decode with ``settings`` (the policy's own settings come back afterwards)."""
+    saved = (policy.temperature, policy.top_k, policy.top_p)
+    if not settings.greedy:
+        policy.temperature, policy.top_k, policy.top_p = settings.temperature, settings.top_k, settings.top_p
+    try:
+        yield
+    finally:
+        policy.temperature, policy.top_k, policy.top_p = saved
+
+
+def generate_candidates(
+    model: BaseAlgorithm, env: VecEnv, prompt_indices: Sequence[int], settings: DecodingSettings, progress_bar: bool = True
+) -> list[Sample]:
+    """
+    Complete each prompt once with ``settings``.
+
+    :param model: a model with a :class:`TransformerLMPolicy`
+    :param env: the task's VecEnv
+    :param prompt_indices: which prompts to complete
+    :param settings: decoding settings
+    :param progress_bar: show a progress bar
+    :return: one sample per prompt
+    """
+    policy = model.policy
+    if not isinstance(policy, TransformerLMPolicy):
+        raise TypeError(f"generating candidates needs a TransformerLMPolicy, got {type(policy).__name__}")
+    with decoding(policy, settings):
+        return generate_samples(model, env, prompt_indices, deterministic=settings.greedy, progress_bar=progress_bar)
+
+
+def pick_prompts(n_available: int, n_prompts: int, seed: int) -> list[int]:
+    """``n_prompts`` distinct prompt indices, in a seeded random order."""
+    if n_prompts < 1:
+        raise ValueError(f"n_prompts must be at least 1, got {n_prompts}")
+    if n_prompts > n_available:
+        raise ValueError(f"asked for {n_prompts} prompts but the task has only {n_available}; lower n_prompts")
+    return [int(i) for i in np.random.default_rng(seed).permutation(n_available)[:n_prompts]]
+
+
+def sample_for_rating(
+    db: str | os.PathLike,
+    task: str = DEFAULT_TASK,
+    n_prompts: int = 16,
+    source_a: CandidateSource | None = None,
+    source_b: CandidateSource | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    n_envs: int = 4,
+    seed: int = 0,
+    device: str = "auto",
+    progress_bar: bool = True,
+) -> list[int]:
+    """
+    Generate two candidates for each of ``n_prompts`` prompts of ``task`` and store them as pairs to judge.
+
+    By default both candidates come from the embedded LM, A greedy and B sampled.
+
+    :param db: the feedback database (created if missing)
+    :param task: a registered text task
+    :param n_prompts: how many prompts to draw (seeded)
+    :param source_a: model and decoding of candidate A
+    :param source_b: model and decoding of candidate B (default: A's model, sampled)
+    :param env_kwargs: keyword arguments of the task (``dataset=``, ``tokenizer=``, ``max_new_tokens=`` ...)
+    :param n_envs: prompts completed at once
+    :param seed: seed of the prompt draw and of sampling
+    :param device: torch device
+    :param progress_bar: show progress bars
+    :return: the ids of the stored pairs
+    """
+    from sb3_textrl.feedback import FeedbackStore
+
+    source_a = source_a or CandidateSource()
+    source_b = source_b or CandidateSource(source_a.model, DecodingSettings(greedy=False))
+    env = make_vec_env(task, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs or {})
+    prompts = env.get_attr("prompts", [0])[0]
+    indices = pick_prompts(len(prompts), n_prompts, seed)
+    candidates = []
+    generator = None
+    for source in (source_a, source_b):
+        if generator is None or source.model != source_a.model:
+            generator = load_generator(source.model, env, device=device, seed=seed)
+        candidates.append(generate_candidates(generator, env, indices, source.decoding, progress_bar=progress_bar))
+    env.close()
+    pair_ids = []
+    with FeedbackStore(db) as store:
+        for index, sample_a, sample_b in zip(indices, *candidates):
+            prompt = prompts[index]
+            prompt_id = store.add_prompt(
+                prompt.text, task=task, reference=prompt.reference, article=prompt.meta.get("article"),
+                metadata={"prompt_index": index},
+            )
+            ids = [
+                store.add_candidate(
+                    prompt_id, sample.completion, model=source.label,
+                    settings={"decoding": source.decoding.describe(), "seed": seed, "task_reward": sample.reward},
+                )
+                for source, sample in ((source_a, sample_a), (source_b, sample_b))
+            ]
+            pair_ids.append(store.add_pair(prompt_id, *ids))
+    return pair_ids
+
+
+
+def _run_cli(args: Any) -> int:
+    env_kwargs: dict[str, Any] = {}
+    if args.dataset:
+        env_kwargs["dataset"] = args.dataset
+    if args.max_new_tokens:
+        env_kwargs["max_new_tokens"] = args.max_new_tokens
+    source_a = CandidateSource(args.model_a, DecodingSettings.parse(args.decoding_a))
+    source_b = CandidateSource(args.model_b or args.model_a, DecodingSettings.parse(args.decoding_b))
+    pair_ids = sample_for_rating(
+        args.db, task=args.task, n_prompts=args.n_prompts, source_a=source_a, source_b=source_b, env_kwargs=env_kwargs,
+        n_envs=args.n_envs, seed=args.seed, device=args.device,
+    )
+    print(f"stored {len(pair_ids)} pairs to judge in {args.db}; rate them with: sb3-textrl rate --db {args.db}")
+    return 0
+
+
+def add_cli_command(commands: Any) -> None:
+    """Add ``sb3-textrl sample`` to the CLI's subcommands."""
+    parser = commands.add_parser("sample", help="generate two candidate completions per prompt and store them for rating")
+    parser.add_argument("--db", required=True, help="feedback database (SQLite; created if missing)")
+    parser.add_argument("--task", default=DEFAULT_TASK, help=f"registered text task (default {DEFAULT_TASK})")
+    parser.add_argument("--dataset", help="JSONL/CSV of article/summary pairs for news tasks (default: the task's data)")
+    parser.add_argument("--n-prompts", type=int, default=16, help="prompts to draw (default 16)")
+    parser.add_argument("--model-a", help="LM name/dir or saved model .zip for candidate A (default: the embedded LM)")
+    parser.add_argument("--model-b", help="the same for candidate B (default: model A)")
+    parser.add_argument("--decoding-a", default="greedy", help="greedy | sample[:temperature=T,top_k=K,top_p=P]")
+    parser.add_argument("--decoding-b", default="sample", help="as --decoding-a (default: sample)")
+    parser.add_argument("--max-new-tokens", type=int, help="length limit of a completion (default: the task's)")
+    parser.add_argument("--n-envs", type=int, default=4, help="prompts completed at once (default 4)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.set_defaults(run=_run_cli)
