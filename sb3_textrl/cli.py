@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sb3_textrl import sampling
 
     sampling.add_cli_command(commands)
+    from sb3_textrl.sft import add_cli_command as add_sft_command
+
+    add_sft_command(commands)
     return parser
 
 
