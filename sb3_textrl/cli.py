@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sb3_textrl.sft import add_cli_command as add_sft_command
 
     add_sft_command(commands)
+    from sb3_textrl.feedback.webapp import add_cli_command as add_rate_command
+
+    add_rate_command(commands)
     return parser
 
 

@@ -1,0 +1,345 @@
+"""The rating page: a small local web app where people compare two candidate summaries (A / B / tie / skip) or rate a
+single one 1-5, every judgement going to the SQLite feedback store.
+
+Start it with ``sb3-textrl rate --db feedback.db`` (or ``serve``), open the URL it prints, type your name, then use the
+keyboard: ``a``/``1`` A is better, ``b``/``2`` B is better, ``t`` tie, ``s`` skip, ``1``-``5`` for a single candidate,
+``u`` undo. Several people can rate at once, each under their own name.
+
+Secure by default, because it shows text written by a model and writes to a database:
+
+* it binds 127.0.0.1 unless told otherwise;
+* every request must carry a random token (printed in the URL); without it the answer is 403;
+* model text is only ever put into the page by Jinja with autoescaping (never as HTML), and the Content-Security-Policy
+  forbids inline scripts as a second line of defence;
+* malformed submissions get a 4xx with a JSON ``{"error": ...}`` that says what to send instead.
+
+Flask and waitress are imported inside the functions that need them, so ``sb3-textrl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import secrets
+import socket
+import sys
+import unicodedata
+from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlencode
+
+from sb3_textrl.feedback.store import FeedbackStore, FeedbackStoreError
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+TOKEN_HEADER = "X-Token"
+TOKEN_PARAM = "token"
+MIN_TOKEN_LENGTH = 16
+MAX_RATER_LENGTH = 64
+DEFAULT_PORT = 8000
+# Choices as the page and the API accept them (case-insensitive) -> the store's spelling.
+PAIR_CHOICES = {"a": "A", "b": "B", "tie": "tie", "skip": "skip"}
+SCORES = (1, 2, 3, 4, 5)
+
+# 'self' only: no inline script or style, so even text that escaped escaping could not run.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def check_rater(name: Any) -> str:
+    """
+    Validate a rater name and return it without surrounding spaces.
+
+    :param name: the name as typed (query parameter, JSON field or ``--rater``)
+    :return: the cleaned name
+    :raises ValueError: when the name is missing, too long or holds control characters
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("a rater name is required: type it in the 'Rater' field, or add ?rater=NAME (--rater NAME)")
+    name = name.strip()
+    if len(name) > MAX_RATER_LENGTH:
+        raise ValueError(f"rater name is {len(name)} characters long: use at most {MAX_RATER_LENGTH}")
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in name):
+        raise ValueError("rater name holds control characters: use letters, digits, spaces or punctuation")
+    return name
+
+
+def item_view(item: dict[str, Any] | None) -> dict[str, Any] | None:
+    """
+    The fields the page and the terminal show for an item of ``FeedbackStore.next_item``.
+
+    :param item: the store's item (``None`` when nothing is pending)
+    :return: ``kind``, ``item_id``, ``prompt``, ``article`` (the article when known, else the prompt) and the candidate
+        ids/texts: ``candidate_a``/``text_a``/``candidate_b``/``text_b`` for a pair, ``candidate_id``/``text`` for a single
+    """
+    if item is None:
+        return None
+    candidates = item["candidates"]
+    view = {
+        "kind": item["kind"],
+        "item_id": item["id"],
+        "prompt": item["prompt"],
+        "article": item.get("article") or item["prompt"],
+    }
+    if item["kind"] == "pair":
+        view.update(candidate_a=candidates[0]["id"], text_a=candidates[0]["text"],
+                    candidate_b=candidates[1]["id"], text_b=candidates[1]["text"])
+    else:
+        view.update(candidate_id=candidates[0]["id"], text=candidates[0]["text"])
+    return view
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to stay on this machine
+        return False
+
+
+def rating_url(host: str, port: int, token: str, rater: str | None = None) -> str:
+    """
+    The URL a rater opens (the token is part of it).
+
+    :param host: the address the server listens on (0.0.0.0 / :: are shown as 127.0.0.1)
+    :param port: the port it listens on
+    :param token: the access token
+    :param rater: a rater name to put in the URL, if any
+    """
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:  # an IPv6 address goes in brackets
+        host = f"[{host}]"
+    query = {TOKEN_PARAM: token} | ({"rater": rater} if rater else {})
+    return f"http://{host}:{port}/?{urlencode(query)}"
+
+
+def create_app(store_path: str | os.PathLike, token: str, *, default_rater: str | None = None) -> Flask:
+    """
+    Build the rating app (a Flask app; serve it with ``serve`` or any WSGI server, threaded is fine).
+
+    :param store_path: path of the feedback database (created if missing)
+    :param token: the secret every request must carry (query ``?token=``, header ``X-Token`` or a ``token`` form field);
+        make it with ``secrets.token_urlsafe()``
+    :param default_rater: rater name used when the URL has no ``?rater=``
+    :return: the Flask app
+    :raises ValueError: for a short token or a bad default rater
+    :raises FeedbackStoreError: when the database is not a (compatible) feedback store
+    """
+    from flask import Flask, abort, g, jsonify, render_template, request
+    from werkzeug.exceptions import HTTPException
+
+    if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(f"the token must be a string of at least {MIN_TOKEN_LENGTH} characters: use secrets.token_urlsafe()")
+    if default_rater is not None:
+        default_rater = check_rater(default_rater)
+    store_path = os.fspath(store_path)
+    FeedbackStore(store_path).close()  # fail now, not on the first request, for a foreign or newer database
+
+    app = Flask(__name__)  # templates/ and static/ sit next to this module
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # a judgement is a few bytes
+    app.json.sort_keys = False
+    expected = token.encode()
+
+    def store() -> FeedbackStore:
+        # One connection per request: sqlite3 connections must not cross threads, and opening one is cheap.
+        if "store" not in g:
+            g.store = FeedbackStore(store_path)
+        return g.store
+
+    @app.teardown_appcontext
+    def close_store(_exc: BaseException | None) -> None:
+        opened = g.pop("store", None)
+        if opened is not None:
+            opened.close()
+
+    @app.before_request
+    def require_token() -> None:
+        # CSRF: the token is not a cookie, so a browser never sends it on its own. A page from another site cannot read
+        # it either (same-origin policy), so it cannot forge a POST that carries it: requiring it on every POST (header
+        # or form field) is the CSRF protection. GETs take it from the URL so that the printed link just works.
+        if request.method in ("GET", "HEAD"):
+            given = request.args.get(TOKEN_PARAM) or request.headers.get(TOKEN_HEADER)
+        else:
+            given = request.headers.get(TOKEN_HEADER) or request.form.get(TOKEN_PARAM)
+        if not given or not secrets.compare_digest(given.encode(), expected):
+            abort(403, description="missing or wrong token: open the URL that `sb3-textrl rate` printed (it ends in "
+                                   f"?token=...); API calls send the token in the {TOKEN_HEADER} header")
+
+    @app.after_request
+    def security_headers(response):
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"  # the URL holds the token
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        return jsonify(error=error.description), error.code
+
+    @app.errorhandler(FeedbackStoreError)
+    def store_error(error: FeedbackStoreError):
+        return jsonify(error=str(error)), 400
+
+    def rater_arg(value: Any) -> str:
+        try:
+            return check_rater(value)
+        except ValueError as error:
+            abort(400, description=str(error))
+
+    def json_body() -> dict[str, Any]:
+        body = request.get_json(force=True, silent=True)
+        if not isinstance(body, dict):
+            abort(400, description='the body must be a JSON object, e.g. {"rater": "ann", "kind": "pair", "pair_id": 1, '
+                                   '"choice": "A"}')
+        return body
+
+    def int_field(body: dict[str, Any], name: str) -> int:
+        value = body.get(name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            abort(400, description=f"'{name}' must be an integer id (the one shown with the item), got {value!r}")
+        return value
+
+    def progress_json(rater: str) -> dict[str, int]:
+        done, total = store().progress(rater)
+        return {"done": done, "total": total}
+
+    def item_context(rater: str) -> dict[str, Any]:
+        done, total = store().progress(rater)
+        return {"item": item_view(store().next_item(rater)), "done": done, "total": total, "rater": rater}
+
+    @app.get("/")
+    def page():
+        rater, error = request.args.get("rater", default_rater or ""), None
+        if rater:
+            try:
+                rater = check_rater(rater)
+            except ValueError as bad:
+                rater, error = "", str(bad)
+        context = item_context(rater) if rater else {"item": None, "done": 0, "total": 0, "rater": ""}
+        return render_template("rate.html", token=token, error=error, **context)
+
+    @app.get("/item")
+    def item_fragment():
+        return render_template("_item.html", **item_context(rater_arg(request.args.get("rater"))))
+
+    @app.get("/api/next")
+    def api_next():
+        rater = rater_arg(request.args.get("rater"))
+        return jsonify(item=item_view(store().next_item(rater)), progress=progress_json(rater))
+
+    @app.post("/api/judge")
+    def api_judge():
+        body = json_body()
+        rater = rater_arg(body.get("rater"))
+        kind = body.get("kind")
+        if kind == "pair":
+            pair_id = int_field(body, "pair_id")
+            choice = body.get("choice")
+            if not isinstance(choice, str) or choice.lower() not in PAIR_CHOICES:
+                abort(400, description=f"'choice' must be one of A, B, tie, skip, got {choice!r}")
+            judgement_id = store().record_preference(pair_id, rater, PAIR_CHOICES[choice.lower()])
+        elif kind == "single":
+            candidate_id = int_field(body, "candidate_id")
+            score = body.get("score")
+            if isinstance(score, bool) or score not in SCORES:
+                abort(400, description=f"'score' must be an integer from 1 to 5, got {score!r}")
+            judgement_id = store().record_rating(candidate_id, rater, int(score))
+        else:
+            abort(400, description=f"'kind' must be 'pair' (with pair_id and choice) or 'single' (with candidate_id and "
+                                   f"score), got {kind!r}")
+        return jsonify(ok=True, judgement_id=judgement_id, progress=progress_json(rater))
+
+    @app.post("/api/undo")
+    def api_undo():
+        rater = rater_arg(json_body().get("rater"))
+        return jsonify(undone=store().undo_last(rater), progress=progress_json(rater))
+
+    return app
+
+
+def serve(
+    store_path: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    rater: str | None = None,
+    token: str | None = None,
+    threads: int = 8,
+    out: TextIO | None = None,
+) -> None:
+    """
+    Serve the rating page with waitress (a threaded pure-Python WSGI server) until Ctrl+C.
+
+    :param store_path: path of the feedback database (created if missing)
+    :param host: address to listen on; anything but loopback exposes the page to the network (a warning is printed)
+    :param port: port to listen on (0 picks a free one)
+    :param rater: default rater name put in the printed URL
+    :param token: access token (default: a fresh ``secrets.token_urlsafe(24)``)
+    :param threads: worker threads, i.e. requests handled at once
+    :param out: where the URL is printed (default stdout)
+    """
+    from waitress import create_server
+
+    out = out or sys.stdout
+    token = token or secrets.token_urlsafe(24)
+    app = create_app(store_path, token, default_rater=rater)
+    try:
+        server = create_server(app, host=host, port=port, threads=threads)
+    except OSError as error:
+        raise OSError(f"cannot listen on {host}:{port} ({error.strerror}): pick another port with --port (0 = any free "
+                      "port) or stop the program using it") from error
+    if not _is_loopback(host):
+        print(f"WARNING: listening on {host}: anyone who can reach this machine and has the token can read the items and "
+              "record judgements. Share the URL only with your raters, or use --host 127.0.0.1.", file=sys.stderr)
+    url = rating_url(host, server.effective_port, token, rater)
+    print(f"Rating page for {os.fspath(store_path)}:\n  {url}", file=out, flush=True)
+    if host in ("0.0.0.0", "::"):
+        print(f"  (from other machines use this machine's address, e.g. {socket.gethostname()}, instead of 127.0.0.1)",
+              file=out, flush=True)
+    print("Press Ctrl+C to stop.", file=out, flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
+def _run_rate(args: argparse.Namespace) -> int:
+    if args.terminal:
+        import getpass
+
+        from sb3_textrl.feedback.terminal import run_terminal_rater
+
+        run_terminal_rater(args.db, args.rater or getpass.getuser())
+        return 0
+    serve(args.db, host=args.host, port=args.port, rater=args.rater, threads=args.threads)
+    return 0
+
+
+def add_cli_command(commands: argparse._SubParsersAction) -> None:
+    """
+    Add ``sb3-textrl rate``: the rating page (or ``--terminal``) over a feedback database.
+
+    :param commands: the subparsers of the ``sb3-textrl`` parser
+    """
+    rate = commands.add_parser(
+        "rate",
+        help="judge generated summaries (A/B or 1-5) in a local web page or the terminal; stored in a feedback DB",
+        description="Serve the rating page on 127.0.0.1 with a random access token (printed in the URL), or rate in the "
+                    "terminal with --terminal. Keys: a/1 A better, b/2 B better, t tie, s skip, 1-5 rate, u undo.",
+    )
+    rate.add_argument("--db", required=True, help="the feedback database (SQLite; created if missing)")
+    rate.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it)")
+    rate.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
+    rate.add_argument("--rater", help="your name, stored with every judgement (terminal default: your login name)")
+    rate.add_argument("--terminal", action="store_true", help="rate in this terminal instead of a web page")
+    rate.add_argument("--threads", type=int, default=8, help="web server threads (default 8)")
+    rate.set_defaults(run=_run_rate)
