@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from sb3_textrl.common.kv_cache import positions_from_mask
-from sb3_textrl.models import load_causal_lm, load_tokenizer
+from sb3_textrl.models import _quiet_progress, load_causal_lm, load_tokenizer
 
 logger = logging.getLogger("sb3_textrl")
 
@@ -600,7 +600,8 @@ def train_sft(
 
     with th.random.fork_rng(devices=[]):  # seeded LoRA init without touching the caller's RNG
         th.manual_seed(seed)
-        model = load_causal_lm(lm)
+        with _quiet_progress(progress):
+            model = load_causal_lm(lm)
         if use_lora:
             with warnings.catch_warnings():  # peft calls a transformers method that transformers 5 deprecates
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -635,7 +636,7 @@ def train_sft(
                 with th.autocast(torch_device.type, dtype=th.bfloat16, enabled=use_bf16):
                     nll, _n = target_nll(model, _to_device(batch, torch_device))
                 (nll / n_group).backward()
-                group_loss += float(nll) / n_group
+                group_loss += float(nll.detach()) / n_group
             if max_grad_norm > 0:
                 th.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
@@ -667,7 +668,8 @@ def train_sft(
         train_losses=losses,
         config=config,
     )
-    _save(model.to("cpu"), tokenizer, output_dir, result)
+    with _quiet_progress(progress):
+        _save(model.to("cpu"), tokenizer, output_dir, result)
     return result
 
 
