@@ -20,6 +20,8 @@ from sb3_textrl.feedback.webapp import check_rater, item_view
 PAIR_ANSWERS = {"a": "A", "1": "A", "b": "B", "2": "B", "t": "tie", "s": "skip"}
 PAIR_HELP = "a/1 = A is better, b/2 = B is better, t = tie, s = skip, u = undo, q = quit"
 SINGLE_HELP = "1 (bad) .. 5 (excellent), u = undo, q = quit"
+PAIR_PROMPT = "Which is better? [a/b/t/s, u = undo, q = quit, ? = help] > "
+SINGLE_PROMPT = "Rating? [1-5, u = undo, q = quit, ? = help] > "
 MAX_WIDTH = 100
 # Bidirectional-text overrides can make text read differently from what it is; show them like control characters.
 _BIDI_CONTROLS = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
@@ -93,7 +95,10 @@ def run_terminal_rater(
     def ask(question: str) -> str | None:
         print(question, end="", file=stdout, flush=True)
         line = stdin.readline()
-        return None if line == "" else line.strip().lower()  # "" only at end of input
+        if line == "":  # end of input
+            print(file=stdout, flush=True)
+            return None
+        return line.strip().lower()
 
     def undo() -> None:
         say("Undone: your last judgement." if feedback.undo_last(rater) else "Nothing to undo.")
@@ -114,7 +119,7 @@ def run_terminal_rater(
             say(format_item(item, done, total, width))
             is_pair = item["kind"] == "pair"
             while True:
-                answer = ask(f"[{PAIR_HELP if is_pair else SINGLE_HELP}] > ")
+                answer = ask(PAIR_PROMPT if is_pair else SINGLE_PROMPT)
                 if answer is None or answer == "q":
                     say(f"Stopped. {recorded} judgement(s) recorded this session.")
                     return recorded
@@ -126,7 +131,9 @@ def run_terminal_rater(
                 elif not is_pair and answer in ("1", "2", "3", "4", "5"):
                     feedback.record_rating(item["candidates"][0]["id"], rater, int(answer))
                 else:
-                    say(f"Unknown answer {answer!r}: type one of {PAIR_HELP if is_pair else SINGLE_HELP}.")
+                    help_text = PAIR_HELP if is_pair else SINGLE_HELP
+                    wants_help = answer in ("", "?", "h", "help")
+                    say(help_text if wants_help else f"Unknown answer {answer!r}: type one of {help_text}.")
                     continue
                 recorded += 1
                 say("Saved.")
