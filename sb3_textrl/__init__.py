@@ -17,7 +17,7 @@ from sb3_textrl.envs import (
 )
 from sb3_textrl.envs.registry import mark_text_task
 from sb3_textrl.policies import TransformerLMPolicy
-from sb3_textrl.rewards import RougeReward, TextReward
+from sb3_textrl.rewards import LearnedRewardModel, RougeReward, TextReward
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ for _task_id in ("NewsSummary-v0", "sb3_textrl/NewsSummary-v0"):
 
 __all__ = [
     "KLController",
+    "LearnedRewardModel",
     "RougeReward",
     "TextGenerationEnv",
     "TextObservationSpace",

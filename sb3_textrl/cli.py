@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sb3_textrl.feedback.webapp import add_cli_command as add_rate_command
 
     add_rate_command(commands)
+    from sb3_textrl.reward_model.train import add_cli_command as add_train_rm_command
+
+    add_train_rm_command(commands)
     return parser
 
 

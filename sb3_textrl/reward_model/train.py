@@ -1,0 +1,413 @@
+"""
+Reward-model training from pairwise preferences (Bradley-Terry) and the ``sb3-textrl train-rm`` command.
+
+The reward model is a Hugging Face ``AutoModelForSequenceClassification`` with one output: it reads a prompt and a
+completion as a text pair and returns a scalar. For each preference the loss is ``-log sigmoid(r_chosen - r_rejected)``,
+which makes ``sigmoid(r_a - r_b)`` the modelled probability that a rater prefers ``a`` to ``b``.
+
+The saved directory holds the model and tokenizer (``save_pretrained``) and ``reward_model.json``: the reward's mean
+and standard deviation on the training completions (used to normalise it) and the training metrics.
+:class:`~sb3_textrl.rewards.LearnedRewardModel` loads it as a reward for any text task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from sb3_textrl.models import MINILM_NAME, minilm_dir
+from sb3_textrl.reward_model.data import Preference, PreferenceSource, load_preferences, split_preferences
+from sb3_textrl.reward_model.encoding import (
+    PairEncoder,
+    forward_rewards,
+    log_truncations,
+    prepare_rm_tokenizer,
+    score_encodings,
+)
+
+logger = logging.getLogger("sb3_textrl")
+
+DEFAULT_BACKBONE = MINILM_NAME
+REWARD_MODEL_FILE = "reward_model.json"
+FORMAT_NAME = "sb3_textrl.reward_model"
+FORMAT_VERSION = 1
+_DEFAULT_ALIASES = ("default", "minilm", MINILM_NAME, f"sentence-transformers/{MINILM_NAME}")
+
+
+@dataclass
+class RewardModelConfig:
+    """Settings of a reward-model training run (``train-rm`` flags map onto these fields)."""
+
+    backbone: str | None = None  # HF model dir or hub name; None: the offline all-MiniLM-L6-v2
+    epochs: int = 3  # passes over the training pairs
+    lr: float = 5e-5  # AdamW peak learning rate (fine-tuning a pretrained encoder); ~1e-3 for tiny models from scratch
+    batch_size: int = 16  # preference pairs per step (2x sequences per forward: chosen and rejected)
+    eval_fraction: float = 0.1  # share of pairs held out (whole prompts where possible) for accuracy and loss
+    max_length: int = 256  # tokens per (prompt, completion) pair; MiniLM was trained on at most 256
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_fraction: float = 0.1  # share of steps with a linearly rising learning rate; it then decays to 0
+    max_grad_norm: float = 1.0  # gradient clipping
+    seed: int = 0  # split, head initialisation, shuffling and dropout
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", ...
+    progress: bool = True  # tqdm progress bars
+
+    def check(self) -> None:
+        """Fail early, with the fix, on settings that cannot work."""
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs={self.epochs} (use 1 or more)")
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr} (use a positive learning rate, e.g. 5e-5)")
+        if self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size} (use 1 or more)")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            problems.append(f"warmup_fraction={self.warmup_fraction} (use a value in [0, 1))")
+        if problems:
+            raise ValueError("Invalid reward-model settings: " + "; ".join(problems))
+
+
+@dataclass
+class RewardModelResult:
+    """
+    What :func:`train_reward_model` produced.
+
+    :param output_dir: the saved reward-model directory
+    :param metrics: final and per-epoch metrics (also in ``reward_model.json``)
+    :param model: the trained model, in eval mode
+    :param tokenizer: its tokenizer
+    """
+
+    output_dir: Path
+    metrics: dict[str, Any]
+    model: PreTrainedModel = field(repr=False)
+    tokenizer: PreTrainedTokenizerBase = field(repr=False)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when present, else the CPU; anything else as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_backbone(backbone: str | os.PathLike | None) -> str:
+    """
+    The name or directory to load a reward-model backbone from.
+
+    :param backbone: None (or ``"minilm"``, ``"all-MiniLM-L6-v2"``) for the offline all-MiniLM-L6-v2; a local
+        directory; or a Hugging Face hub name (needs the hub)
+    :return: what to pass to ``from_pretrained``
+    """
+    if backbone is None or str(backbone) in _DEFAULT_ALIASES:
+        return str(minilm_dir())
+    name = os.fspath(backbone)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    # Hub ids are "name" or "namespace/name"; anything else was meant as a directory. Checking here avoids
+    # transformers asking an unreachable hub (and retrying) for a path with a typo.
+    if path.exists() or name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        raise FileNotFoundError(
+            f"Reward-model backbone {name!r} is not a directory. Pass a directory holding a Hugging Face model and "
+            f"tokenizer (config.json, weights, tokenizer.json, as written by save_pretrained), or leave --backbone out "
+            f"for the offline default {MINILM_NAME}."
+        )
+    return name
+
+
+@contextmanager
+def quiet_transformers(progress: bool = False) -> Iterator[None]:
+    """Silence transformers' warnings (and its progress bars unless ``progress``) while loading a model."""
+    # A backbone without a scalar head makes transformers log a "newly initialized" report: expected here.
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_backbone(
+    backbone: str | os.PathLike | None, progress: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """
+    A sequence-classification model with one output (a new scalar head unless the checkpoint has one) and its tokenizer.
+
+    :param backbone: see :func:`resolve_backbone`
+    :param progress: show transformers' loading progress bar
+    :return: (model in float32, tokenizer with a pad token)
+    """
+    path = resolve_backbone(backbone)
+    try:
+        with quiet_transformers(progress):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            # ignore_mismatched_sizes: a checkpoint with a classifier of another size gets a fresh scalar head.
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=torch.float32, ignore_mismatched_sizes=True
+            )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(
+            f"Could not load the reward-model backbone {str(backbone)!r} ({first_line}). Pass a local directory with a "
+            f"Hugging Face model and its tokenizer (save_pretrained), a hub name if the hub is reachable, or leave it out "
+            f"for the offline default {MINILM_NAME}."
+        ) from error
+    prepare_rm_tokenizer(tokenizer, f"backbone {str(backbone)!r}")
+    if model.config.pad_token_id is None:
+        # Decoder backbones (GPT-2) pool the last non-pad token and must know the pad id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _max_positions(model: PreTrainedModel) -> int | None:
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _bt_stats(margin: torch.Tensor) -> tuple[float, float]:
+    """Mean Bradley-Terry loss and pairwise accuracy (a tie counts half) of reward margins ``r_chosen - r_rejected``."""
+    loss = float(-F.logsigmoid(margin).mean())
+    accuracy = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+    return loss, accuracy
+
+
+def _linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("sb3-textrl")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"Output {str(output_dir)!r} is a file; pass a new or empty directory for the reward model.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / REWARD_MODEL_FILE).is_file():
+        raise FileExistsError(
+            f"Output directory {str(output_dir)!r} is not empty and holds no reward model ({REWARD_MODEL_FILE}); pass a new "
+            "or empty directory (an earlier reward-model directory is overwritten)."
+        )
+
+
+def train_reward_model(
+    data: PreferenceSource,
+    output_dir: str | os.PathLike,
+    config: RewardModelConfig | None = None,
+    **overrides: Any,
+) -> RewardModelResult:
+    """
+    Train a scalar reward model on pairwise preferences with the Bradley-Terry loss, evaluate it, and save it.
+
+    :param data: a SQLite feedback database, a ``.jsonl`` file with ``prompt``/``chosen``/``rejected`` fields, or a
+        sequence of pairs (objects with those attributes, e.g. ``FeedbackStore.preference_pairs()``, or dicts)
+    :param output_dir: where the reward model is saved (a new or empty directory, or an earlier reward model's)
+    :param config: the settings (default :class:`RewardModelConfig`)
+    :param overrides: fields of :class:`RewardModelConfig` to override, e.g. ``epochs=1, lr=1e-4``
+    :return: the saved directory, the metrics, and the trained model and tokenizer
+    """
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(RewardModelConfig)}
+    if unknown:
+        raise TypeError(f"Unknown reward-model settings {sorted(unknown)}; see RewardModelConfig for the valid ones")
+    cfg = dataclasses.replace(config or RewardModelConfig(), **overrides)
+    cfg.check()
+    output_dir = Path(output_dir).expanduser()
+    _check_output_dir(output_dir)
+    pairs = load_preferences(data)
+    train_pairs, eval_pairs, split_by = split_preferences(pairs, cfg.eval_fraction, cfg.seed)
+    device = resolve_device(cfg.device)
+    start = time.perf_counter()
+
+    # A private RNG stream: the seed fixes the head's initialisation, shuffling and dropout without touching the caller's.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = load_backbone(cfg.backbone, progress=cfg.progress)
+        model.to(device)
+        positions = _max_positions(model)
+        max_length = min(cfg.max_length, positions) if positions else cfg.max_length
+        encoder = PairEncoder(tokenizer, max_length)
+        metrics = _fit(model, encoder, train_pairs, eval_pairs, cfg, device)
+
+    model.eval()
+    norm = _normalisation_stats(model, encoder, train_pairs, cfg.batch_size * 2, device)
+    metrics.update(
+        n_pairs=len(pairs), n_train_pairs=len(train_pairs), n_eval_pairs=len(eval_pairs), split_by=split_by,
+        seconds=round(time.perf_counter() - start, 2),
+    )
+    info = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "backbone": str(cfg.backbone or DEFAULT_BACKBONE),
+        "max_length": max_length,
+        "normalization": norm,
+        "metrics": metrics,
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "device")},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sb3_textrl_version": _package_version(),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    # Written last: a directory with reward_model.json is complete.
+    (output_dir / REWARD_MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return RewardModelResult(output_dir, metrics, model, tokenizer)
+
+
+def _fit(
+    model: PreTrainedModel,
+    encoder: PairEncoder,
+    train_pairs: Sequence[Preference],
+    eval_pairs: Sequence[Preference],
+    cfg: RewardModelConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The training loop; returns the metrics (final and per epoch)."""
+    prompts = [p.prompt for p in train_pairs]
+    chosen, counts_c = encoder.encode(prompts, [p.chosen for p in train_pairs])
+    rejected, counts_r = encoder.encode(prompts, [p.rejected for p in train_pairs])
+    eval_chosen, counts_ec = encoder.encode([p.prompt for p in eval_pairs], [p.chosen for p in eval_pairs])
+    eval_rejected, counts_er = encoder.encode([p.prompt for p in eval_pairs], [p.rejected for p in eval_pairs])
+    truncations = counts_c + counts_r + counts_ec + counts_er
+    log_truncations(truncations, 2 * (len(train_pairs) + len(eval_pairs)), encoder.max_length, "texts (prompt + completion)")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    scheduler = _linear_schedule(optimizer, total, warmup=int(cfg.warmup_fraction * total))
+    history: list[dict[str, Any]] = []
+    bar = tqdm(total=total, desc="train-rm", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = torch.randperm(len(train_pairs)).tolist()
+        margins = []
+        for start in range(0, len(order), cfg.batch_size):
+            index = order[start : start + cfg.batch_size]
+            # Chosen and rejected texts go through one forward: (2B, T) -> (2B,) rewards.
+            batch = encoder.collate([chosen[i] for i in index] + [rejected[i] for i in index], device)
+            rewards = forward_rewards(model, batch)
+            margin = rewards[: len(index)] - rewards[len(index) :]  # (B,)
+            loss = -F.logsigmoid(margin).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            margins.append(margin.detach().cpu())
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        train_loss, train_accuracy = _bt_stats(torch.cat(margins))
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": round(train_loss, 5), "train_accuracy": round(train_accuracy, 5)}
+        if eval_pairs:
+            model.eval()
+            margin = score_encodings(model, encoder, eval_chosen, cfg.batch_size * 2, device) - score_encodings(
+                model, encoder, eval_rejected, cfg.batch_size * 2, device
+            )
+            eval_loss, eval_accuracy = _bt_stats(margin)
+            row.update(eval_loss=round(eval_loss, 5), eval_accuracy=round(eval_accuracy, 5))
+            bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", eval_acc=f"{eval_accuracy:.3f}")
+        history.append(row)
+        logger.info(f"reward model epoch {epoch}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "epoch"))
+    bar.close()
+    final = {k: v for k, v in history[-1].items() if k != "epoch"}
+    counts = {"truncated_prompts": truncations.prompts, "truncated_completions": truncations.completions}
+    return final | {"history": history} | counts
+
+
+def _normalisation_stats(
+    model: PreTrainedModel, encoder: PairEncoder, pairs: Sequence[Preference], batch_size: int, device: torch.device
+) -> dict[str, float | int]:
+    """Mean and standard deviation of the reward over the distinct training (prompt, completion) texts."""
+    texts = list(dict.fromkeys((p.prompt, c) for p in pairs for c in (p.chosen, p.rejected)))
+    encodings, _ = encoder.encode([t[0] for t in texts], [t[1] for t in texts])
+    rewards = score_encodings(model, encoder, encodings, batch_size, device).double()
+    std = float(rewards.std()) if len(rewards) > 1 else 0.0
+    # A constant reward (or one text) has no spread to divide by: normalising then only centres it.
+    return {"mean": float(rewards.mean()), "std": std if std > 1e-6 else 1.0, "n": len(rewards)}
+
+
+# -- the train-rm command --------------------------------------------------------------------------------------
+
+
+def add_cli_command(commands: argparse._SubParsersAction) -> None:
+    """Add ``train-rm`` to the ``sb3-textrl`` subcommands."""
+    defaults = RewardModelConfig()
+    parser = commands.add_parser(
+        "train-rm",
+        help="train a reward model on pairwise preferences (feedback DB or JSONL)",
+        description="Train a scalar reward model with the Bradley-Terry loss on pairwise preferences and save it for "
+        "LearnedRewardModel. Prints held-out pairwise accuracy and loss.",
+    )
+    parser.add_argument("--data", required=True, help="feedback database (SQLite) or .jsonl with prompt/chosen/rejected")
+    parser.add_argument("--output", required=True, help="directory to save the reward model in (new or empty)")
+    parser.add_argument("--backbone", help=f"HF model directory or hub name (default: offline {MINILM_NAME})")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"default {defaults.lr}")
+    parser.add_argument(
+        "--eval-fraction", type=float, default=defaults.eval_fraction, help=f"default {defaults.eval_fraction}"
+    )
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"default {defaults.batch_size}")
+    parser.add_argument("--max-length", type=int, default=defaults.max_length, help=f"default {defaults.max_length}")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"default {defaults.seed}")
+    parser.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_run_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    from sb3_textrl.models import MissingAssetError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = RewardModelConfig(
+        backbone=args.backbone, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, eval_fraction=args.eval_fraction,
+        max_length=args.max_length, seed=args.seed, device=args.device, progress=not args.no_progress,
+    )
+    try:
+        result = train_reward_model(args.data, args.output, config)
+    except (ValueError, OSError, MissingAssetError) as error:  # bad input: the message says what to do
+        print(f"sb3-textrl train-rm: error: {error}", file=sys.stderr)
+        return 2
+    m = result.metrics
+    print(f"trained on {m['n_train_pairs']} pairs in {m['seconds']:.0f} s: train loss {m['train_loss']:.4f}, "
+          f"train accuracy {m['train_accuracy']:.3f}")
+    if m["n_eval_pairs"]:
+        print(f"held-out ({m['n_eval_pairs']} pairs, split by {m['split_by']}): pairwise accuracy {m['eval_accuracy']:.3f}, "
+              f"loss {m['eval_loss']:.4f}")
+    if m["truncated_prompts"]:
+        print(f"{m['truncated_prompts']} texts were longer than {args.max_length} tokens (prompts cut from the start)")
+    print(f"saved to {result.output_dir}")
+    return 0
