@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -124,11 +125,19 @@ class FeedbackStore:
         self.path = Path(path)
         if self.path.is_dir():
             raise FeedbackStoreError(f"{self.path} is a directory; pass the path of a database file, e.g. feedback.db")
+        if not self.path.parent.is_dir():
+            raise FeedbackStoreError(
+                f"the folder of {self.path} does not exist; create {self.path.parent} first or pass another path"
+            )
+        # One connection may be shared by threads (check_same_thread=False); the lock keeps their transactions apart.
+        self._lock = threading.RLock()
         # isolation_level=None: transactions are opened explicitly (BEGIN IMMEDIATE) so writers queue up front.
         self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         try:
             self._db.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+            # Check before switching to WAL: the journal mode is stored in the file, and a foreign database is left as is.
+            self._check_schema()
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
@@ -157,33 +166,47 @@ class FeedbackStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: taken with the write lock up front, committed before the caller goes on."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Rows of one query, fetched under the lock (so never inside another thread's open transaction)."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def _check_schema(self, db: sqlite3.Connection | None = None) -> int:
+        """The database's schema version, after refusing a newer, foreign or damaged database."""
+        db = db or self._db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version > SCHEMA_VERSION:
+            raise FeedbackStoreError(
+                f"{self.path} has feedback schema version {version}, newer than this sb3_textrl's "
+                f"{SCHEMA_VERSION}; upgrade sb3_textrl (pip install -U sb3_textrl) to open it"
+            )
+        if version == 0 and tables:
+            raise FeedbackStoreError(
+                f"{self.path} is a SQLite database of another application (tables: {', '.join(sorted(tables))}); "
+                "pass a new path for the feedback store"
+            )
+        if version > 0 and not tables >= _TABLES:
+            raise FeedbackStoreError(
+                f"{self.path} claims feedback schema version {version} but lacks the tables "
+                f"{', '.join(sorted(_TABLES - tables))}; it is damaged or not a feedback store: restore it from a "
+                "backup or pass a new path"
+            )
+        return int(version)
 
     def _migrate(self) -> None:
         with self._write() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if version > SCHEMA_VERSION:
-                raise FeedbackStoreError(
-                    f"{self.path} has feedback schema version {version}, newer than this sb3_textrl's "
-                    f"{SCHEMA_VERSION}; upgrade sb3_textrl (pip install -U sb3_textrl) to open it"
-                )
-            if version == 0 and tables:
-                raise FeedbackStoreError(
-                    f"{self.path} is a SQLite database of another application (tables: {', '.join(sorted(tables))}); "
-                    "pass a new path for the feedback store"
-                )
-            if version > 0 and not tables >= _TABLES:
-                raise FeedbackStoreError(
-                    f"{self.path} claims feedback schema version {version} but lacks the tables "
-                    f"{', '.join(sorted(_TABLES - tables))}; it is damaged or not a feedback store"
-                )
+            # Checked again inside the write lock: another process may have created or upgraded the file meanwhile.
+            version = self._check_schema(db)
             for step in range(version, SCHEMA_VERSION):
                 for statement in filter(str.strip, MIGRATIONS[step].split(";")):
                     db.execute(statement)
@@ -192,7 +215,7 @@ class FeedbackStore:
     @property
     def schema_version(self) -> int:
         """The schema version of the open database."""
-        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        return int(self._read("PRAGMA user_version")[0][0])
 
     # -- what is judged ------------------------------------------------------------------------------------------
     def add_prompt(
@@ -274,7 +297,10 @@ class FeedbackStore:
     def _require(db: sqlite3.Connection, table: str, row_id: int) -> sqlite3.Row:
         row = db.execute(f"SELECT * FROM {table} WHERE id = ?", (row_id,)).fetchone()
         if row is None:
-            raise FeedbackStoreError(f"no {table[:-1]} with id {row_id} in this feedback store")
+            made_by = {"prompts": "add_prompt", "candidates": "add_candidate", "items": "add_pair or request_rating"}
+            raise FeedbackStoreError(
+                f"no {table[:-1]} with id {row_id} in this feedback store; pass an id returned by {made_by[table]}"
+            )
         return row
 
     def _require_candidate_of(self, db: sqlite3.Connection, candidate_id: int, prompt_id: int) -> None:
@@ -294,19 +320,24 @@ class FeedbackStore:
         :return: ``{"id", "kind" ("pair" | "single"), "prompt", "article", "reference", "candidates": [{"id",
             "text"}, ...]}``, or None when the rater is done
         """
-        row = self._db.execute(
-            "SELECT * FROM items WHERE id NOT IN "
-            "(SELECT item_id FROM judgements WHERE rater = ? AND undone_at IS NULL) ORDER BY id LIMIT 1",
-            (rater,),
-        ).fetchone()
-        return None if row is None else self._item(row)
+        with self._lock:  # the item and its texts from one consistent view
+            row = self._db.execute(
+                "SELECT * FROM items WHERE id NOT IN "
+                "(SELECT item_id FROM judgements WHERE rater = ? AND undone_at IS NULL) ORDER BY id LIMIT 1",
+                (rater,),
+            ).fetchone()
+            return None if row is None else self._item(row)
 
     def item(self, item_id: int) -> dict[str, Any]:
         """The item with this id, in :meth:`next_item`'s form."""
-        row = self._db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
-        if row is None:
-            raise FeedbackStoreError(f"no item with id {item_id} in this feedback store")
-        return self._item(row)
+        with self._lock:
+            row = self._db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                raise FeedbackStoreError(
+                    f"no item with id {item_id} in this feedback store; pass an id returned by add_pair, "
+                    "request_rating or next_item"
+                )
+            return self._item(row)
 
     def _item(self, row: sqlite3.Row) -> dict[str, Any]:
         prompt = self._db.execute("SELECT * FROM prompts WHERE id = ?", (row["prompt_id"],)).fetchone()
@@ -369,9 +400,10 @@ class FeedbackStore:
         """
         if isinstance(score, bool) or not isinstance(score, int) or not MIN_SCORE <= score <= MAX_SCORE:
             raise FeedbackStoreError(f"a rating is an integer from {MIN_SCORE} to {MAX_SCORE}, got {score!r}")
-        row = self._db.execute(
+        rows = self._read(
             "SELECT id FROM items WHERE kind = 'single' AND candidate_a = ? ORDER BY id LIMIT 1", (candidate_id,)
-        ).fetchone()
+        )
+        row = rows[0] if rows else None
         if row is None:
             raise FeedbackStoreError(
                 f"candidate {candidate_id} has no rating request; queue it with request_rating({candidate_id}) first"
@@ -395,10 +427,10 @@ class FeedbackStore:
 
     def progress(self, rater: str) -> tuple[int, int]:
         """``(items this rater has judged, all items)``."""
-        done = self._db.execute(
+        done = self._read(
             "SELECT COUNT(DISTINCT item_id) FROM judgements WHERE rater = ? AND undone_at IS NULL", (rater,)
-        ).fetchone()[0]
-        total = self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        )[0][0]
+        total = self._read("SELECT COUNT(*) FROM items")[0][0]
         return int(done), int(total)
 
     # -- reading judgements back ---------------------------------------------------------------------------------
@@ -407,7 +439,7 @@ class FeedbackStore:
         ids = [int(i) for i in candidate_ids]
         if not ids:
             return {}
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT items.candidate_a AS candidate, AVG(judgements.score) AS mean FROM judgements "
             "JOIN items ON items.id = judgements.item_id WHERE judgements.undone_at IS NULL "
             f"AND judgements.score IS NOT NULL AND items.candidate_a IN ({','.join('?' * len(ids))}) GROUP BY candidate",
@@ -417,7 +449,7 @@ class FeedbackStore:
 
     def judgements(self) -> list[dict[str, Any]]:
         """Every judgement in force, oldest first (item, rater, choice or score, timestamp)."""
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT id, item_id, rater, choice, score, created_at FROM judgements WHERE undone_at IS NULL ORDER BY id"
         )
         return [dict(row) for row in rows]
@@ -435,7 +467,7 @@ class FeedbackStore:
         """
         pairs = [
             PreferencePair(row["prompt"], row["chosen"], row["rejected"], "preference")
-            for row in self._db.execute(
+            for row in self._read(
                 "SELECT p.text AS prompt, "
                 "CASE j.choice WHEN 'A' THEN a.text ELSE b.text END AS chosen, "
                 "CASE j.choice WHEN 'A' THEN b.text ELSE a.text END AS rejected "
@@ -449,12 +481,12 @@ class FeedbackStore:
         return pairs
 
     def _pairs_from_ratings(self) -> list[PreferencePair]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT p.id AS prompt_id, p.text AS prompt, c.id AS candidate, c.text AS text, AVG(j.score) AS mean "
             "FROM judgements j JOIN items i ON i.id = j.item_id JOIN candidates c ON c.id = i.candidate_a "
             "JOIN prompts p ON p.id = c.prompt_id WHERE j.undone_at IS NULL AND j.score IS NOT NULL "
             "GROUP BY c.id ORDER BY p.id, c.id"
-        ).fetchall()
+        )
         by_prompt: dict[int, list[sqlite3.Row]] = {}
         for row in rows:
             by_prompt.setdefault(row["prompt_id"], []).append(row)
