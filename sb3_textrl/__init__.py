@@ -6,6 +6,7 @@ Importing the package registers the built-in text tasks (``NewsSummary-v0``) wit
 import gymnasium as gym
 
 from sb3_textrl.buffers import TextRolloutBuffer
+from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
 from sb3_textrl.common.kl_controller import KLController
 from sb3_textrl.envs import (
     TextGenerationEnv,
@@ -30,11 +31,13 @@ __all__ = [
     "KLController",
     "LearnedRewardModel",
     "RougeReward",
+    "TextEvalCallback",
     "TextGenerationEnv",
     "TextObservationSpace",
     "TextPrompt",
     "TextReward",
     "TextRolloutBuffer",
+    "TextSampleCallback",
     "TransformerLMPolicy",
     "list_text_tasks",
     "make_text_task_env",
