@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
-from sb3_textrl.cli import build_parser
+from sb3_textrl.cli import build_parser, main
 from sb3_textrl.feedback import FeedbackStore, FeedbackStoreError
 from sb3_textrl.feedback.webapp import create_app, rating_url
 
@@ -212,8 +214,6 @@ def test_create_app_refuses_bad_setup(tmp_path, rating_db):
     with pytest.raises(ValueError, match="rater name"):
         create_app(rating_db[0], TOKEN, default_rater="  ")
     foreign = tmp_path / "other.db"
-    import sqlite3
-
     with sqlite3.connect(foreign) as db:
         db.execute("CREATE TABLE users (id INTEGER)")
     with pytest.raises(FeedbackStoreError, match="another application"):
@@ -334,6 +334,13 @@ def test_browser_keyboard_rating_undo_progress_and_escaping(browser, expect, ser
         expect(page.locator("#progress")).to_have_text("3 / 3")
         with FeedbackStore(db) as store:
             assert store.ratings([ids["single"]]) == {ids["single"]: 5.0}
+            # an item added while the page waits (as a live run does) shows up without a reload
+            third = store.add_prompt("Summarize: late", article="Late news.")
+            late = store.add_pair(third, store.add_candidate(third, "late A", model="tiny"),
+                                  store.add_candidate(third, "late B", model="tiny"))
+        expect(page.locator("#progress")).to_have_text("3 / 4")
+        assert page.get_attribute("#item", "data-pair-id") == str(late)
+        assert page.text_content("#candidate-b .text") == "late B"
         assert page.evaluate("window.__xss") is None
     finally:
         page.close()
@@ -354,3 +361,17 @@ def test_browser_asks_for_a_name_first(browser, expect, server, rating_db):
         assert [(j["rater"], j["choice"]) for j in judgements(rating_db[0])] == [("Zoë", "skip")]
     finally:
         page.close()
+
+
+def test_cli_reports_setup_errors_without_a_traceback(tmp_path, rating_db, capsys):
+    foreign = tmp_path / "other.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE users (id INTEGER)")
+    assert main(["rate", "--db", str(foreign), "--port", "0"]) == 2
+    assert "another application" in capsys.readouterr().err
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["rate", "--db", str(rating_db[0]), "--port", str(busy.getsockname()[1])]) == 2
+    assert "pick another port with --port" in capsys.readouterr().err

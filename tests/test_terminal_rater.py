@@ -94,6 +94,24 @@ def test_an_empty_store_and_undo_when_nothing_is_left(tmp_path):
     assert "Nothing to undo." in out
 
 
+class CtrlCAfter(io.StringIO):
+    """Answers from a string, then Ctrl+C (as a terminal delivers it: KeyboardInterrupt while reading)."""
+
+    def readline(self, *args) -> str:
+        line = super().readline(*args)
+        if not line:
+            raise KeyboardInterrupt
+        return line
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_the_judgements(rating_db):
+    db, ids = rating_db
+    out = io.StringIO()
+    assert run_terminal_rater(db, "ann", stdin=CtrlCAfter("a\n"), stdout=out) == 1
+    assert "Interrupted. 1 judgement(s) recorded" in out.getvalue()
+    assert stored(db) == [(ids["pair1"], "ann", "A", None)]
+
+
 def test_bad_rater_name_is_refused(rating_db):
     with pytest.raises(ValueError, match="rater name is required"):
         rate(rating_db[0], "q\n", rater=" ")

@@ -140,6 +140,9 @@ def run_terminal_rater(
                 break
         say(f"Done. {recorded} judgement(s) recorded this session.")
         return recorded
+    except KeyboardInterrupt:  # Ctrl+C is a normal way out: every judgement given so far is already committed
+        say(f"\nInterrupted. {recorded} judgement(s) recorded this session.")
+        return recorded
     finally:
         if owned:
             feedback.close()

@@ -313,14 +313,18 @@ def serve(
 
 
 def _run_rate(args: argparse.Namespace) -> int:
-    if args.terminal:
-        import getpass
+    try:
+        if args.terminal:
+            import getpass
 
-        from sb3_textrl.feedback.terminal import run_terminal_rater
+            from sb3_textrl.feedback.terminal import run_terminal_rater
 
-        run_terminal_rater(args.db, args.rater or getpass.getuser())
-        return 0
-    serve(args.db, host=args.host, port=args.port, rater=args.rater, threads=args.threads)
+            run_terminal_rater(args.db, args.rater or getpass.getuser())
+        else:
+            serve(args.db, host=args.host, port=args.port, rater=args.rater, threads=args.threads)
+    except (OSError, ValueError) as error:  # FeedbackStoreError is a ValueError; the messages say what to do
+        print(f"sb3-textrl rate: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
