@@ -144,7 +144,8 @@ def split_preferences(
     Hold out a share of the pairs for evaluation, by prompt where possible.
 
     Whole prompts go to one side, so the held-out accuracy measures how the reward model judges prompts it has not
-    seen; with a single prompt the pairs themselves are split.
+    seen. When that cannot come near the share (a single prompt, or prompts with many pairs each), the pairs
+    themselves are split.
 
     :param pairs: the preferences
     :param eval_fraction: the share of pairs to hold out (0 holds out none)
@@ -171,11 +172,10 @@ def split_preferences(
         rng.shuffle(prompts)
         held: list[int] = []
         for prompt in prompts:
-            if len(held) >= n_eval:
-                break
-            if len(held) + len(groups[prompt]) < len(pairs):  # never hold out everything
+            # Take a prompt when it brings the held-out share closer to the target (prompts differ in pair counts).
+            if abs(len(held) + len(groups[prompt]) - n_eval) < abs(len(held) - n_eval):
                 held.extend(groups[prompt])
-        if held:
+        if held and len(held) < len(pairs):
             held_set = set(held)
             return [p for i, p in enumerate(pairs) if i not in held_set], [pairs[i] for i in sorted(held)], "prompt"
     order = list(range(len(pairs)))

@@ -148,6 +148,15 @@ class PairEncoder:
         return {k: v.to(device) for k, v in batch.items()}
 
 
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The longest sequence a model's position embeddings cover (None when its config does not say)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def forward_rewards(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """
     The scalar reward of each sequence of a batch.

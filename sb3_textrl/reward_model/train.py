@@ -39,6 +39,7 @@ from sb3_textrl.reward_model.encoding import (
     PairEncoder,
     forward_rewards,
     log_truncations,
+    max_positions,
     prepare_rm_tokenizer,
     score_encodings,
 )
@@ -184,14 +185,6 @@ def load_backbone(
     return model, tokenizer
 
 
-def _max_positions(model: PreTrainedModel) -> int | None:
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(model.config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _bt_stats(margin: torch.Tensor) -> tuple[float, float]:
     """Mean Bradley-Terry loss and pairwise accuracy (a tie counts half) of reward margins ``r_chosen - r_rejected``."""
     loss = float(-F.logsigmoid(margin).mean())
@@ -258,7 +251,7 @@ def train_reward_model(
         torch.manual_seed(cfg.seed)
         model, tokenizer = load_backbone(cfg.backbone, progress=cfg.progress)
         model.to(device)
-        positions = _max_positions(model)
+        positions = max_positions(model)
         max_length = min(cfg.max_length, positions) if positions else cfg.max_length
         encoder = PairEncoder(tokenizer, max_length)
         metrics = _fit(model, encoder, train_pairs, eval_pairs, cfg, device)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from sb3_textrl.reward_model.encoding import PairEncoder, Truncations, score_encodings
+from sb3_textrl.reward_model.encoding import PairEncoder, Truncations, max_positions, score_encodings
 from sb3_textrl.reward_model.train import REWARD_MODEL_FILE, quiet_transformers, resolve_device
 from sb3_textrl.rewards.base import TextReward
 
@@ -89,7 +89,10 @@ class LearnedRewardModel(TextReward):
                 "scalar output (num_labels=1). Train one with `sb3-textrl train-rm`."
             )
         self.model.to(self.device).eval().requires_grad_(False)
-        self.encoder = PairEncoder(tokenizer, max_length or int(self.info.get("max_length", _FALLBACK_MAX_LENGTH)))
+        if max_length is None:
+            fallback = min(_FALLBACK_MAX_LENGTH, max_positions(self.model) or _FALLBACK_MAX_LENGTH)
+            max_length = int(self.info.get("max_length", fallback))
+        self.encoder = PairEncoder(tokenizer, max_length)
         self.truncations = Truncations()  # running counts over every scored pair
         self._warned = False
 
