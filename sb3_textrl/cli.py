@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sb3_textrl.reward_model.train import add_cli_command as add_train_rm_command
 
     add_train_rm_command(commands)
+    from sb3_textrl.plotting import add_cli_command as add_plot_command
+
+    add_plot_command(commands)
     return parser
 
 
