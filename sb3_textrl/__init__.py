@@ -17,6 +17,7 @@ from sb3_textrl.envs import (
     register_text_task,
 )
 from sb3_textrl.envs.registry import mark_text_task
+from sb3_textrl.evaluation import EvalResult, evaluate
 from sb3_textrl.policies import TransformerLMPolicy
 from sb3_textrl.rewards import LearnedRewardModel, RougeReward, TextReward
 
@@ -28,6 +29,7 @@ for _task_id in ("NewsSummary-v0", "sb3_textrl/NewsSummary-v0"):
     mark_text_task(_task_id)
 
 __all__ = [
+    "EvalResult",
     "KLController",
     "LearnedRewardModel",
     "RougeReward",
@@ -39,6 +41,7 @@ __all__ = [
     "TextRolloutBuffer",
     "TextSampleCallback",
     "TransformerLMPolicy",
+    "evaluate",
     "list_text_tasks",
     "make_text_task_env",
     "register_text_task",

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
     demo.add_argument("--lm", help="LM name or local path (default: the embedded SmolLM2-135M-Instruct)")
     demo.add_argument("--dataset", help="JSONL/CSV of article/summary pairs (default: built-in generated news)")
-    for name in ("n_envs", "n_steps", "updates", "n_epochs", "n_samples", "seed", "max_prompt_tokens"):
+    for name in ("n_envs", "n_steps", "updates", "n_epochs", "n_samples", "eval_every", "seed", "max_prompt_tokens"):
         demo.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {defaults[name]}")
     for name in ("learning_rate", "kl_coef"):
         demo.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"default {defaults[name]}")
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sb3_textrl.reward_model.train import add_cli_command as add_train_rm_command
 
     add_train_rm_command(commands)
+    from sb3_textrl.evaluation import add_cli_command as add_eval_command
+
+    add_eval_command(commands)
     from sb3_textrl.plotting import add_cli_command as add_plot_command
 
     add_plot_command(commands)
