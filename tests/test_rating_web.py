@@ -3,16 +3,14 @@ headless Chromium (Playwright)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,14 +20,13 @@ from werkzeug.serving import make_server
 
 from sb3_textrl.cli import build_parser, main
 from sb3_textrl.feedback import FeedbackStore, FeedbackStoreError
-from sb3_textrl.feedback.webapp import create_app, rating_url
+from sb3_textrl.feedback.webapp import create_app, rating_server, rating_url, stop_server
 
 XSS = "<script>window.__xss=1</script><img src=x onerror=window.__xss=1>"
 TOKEN = "test-token-0123456789abcdef"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -119,6 +116,14 @@ def test_security_headers_and_escaped_page(server):
     assert headers["Referrer-Policy"] == "no-referrer"
     assert XSS not in text
     assert "&lt;script&gt;window.__xss=1&lt;/script&gt;" in text
+
+
+def test_a_bad_rater_name_in_the_url_is_explained(server):
+    status, _, text = http("GET", f"{server}/?token={TOKEN}&rater=%1B%5B2J", token=None)
+    assert status == 200
+    assert "control characters" in text
+    assert 'id="item"' not in text  # asks for a name instead of showing an item
+    assert http("GET", f"{server}/item?rater=")[0] == 400
 
 
 @pytest.mark.parametrize(
@@ -228,30 +233,31 @@ def test_rating_url_and_cli_defaults():
     assert (args.host, args.terminal, args.rater) == ("127.0.0.1", False, None)  # loopback unless asked
 
 
-def test_cli_serves_with_a_token_and_warns_on_open_host(rating_db):
-    """``sb3-textrl rate`` in a subprocess: prints the tokened URL, warns for 0.0.0.0, answers 403 without the token."""
-    command = [sys.executable, "-m", "sb3_textrl.cli", "rate", "--db", str(rating_db[0]), "--port", "0",
-               "--host", "0.0.0.0", "--rater", "cli"]
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_waitress_server_prints_a_tokened_url_and_warns_on_open_host(rating_db, capsys):
+    """The server ``sb3-textrl rate`` runs: waitress on port 0 of all interfaces (with the warning), stopped cleanly."""
+    out = io.StringIO()
+    server, url = rating_server(rating_db[0], host="0.0.0.0", port=0, rater="cli", out=out)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
     try:
-        url = None
-        deadline = time.monotonic() + 60
-        while url is None and time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            match = re.search(r"http://127\.0\.0\.1:\d+/\?token=[\w-]+&rater=cli", line)
-            url = match.group(0) if match else None
-        assert url, f"no URL printed; stderr: {process.stderr.read() if process.poll() is not None else ''}"
-        token = re.search(r"token=([\w-]+)", url).group(1)
-        assert len(token) >= 32  # secrets.token_urlsafe(24)
-        assert http("GET", url, token=None)[0] == 200
+        assert url in out.getvalue()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/\?token=[\w-]{32}&rater=cli", url)  # secrets.token_urlsafe(24)
+        assert "WARNING: listening on 0.0.0.0" in capsys.readouterr().err
+        status, headers, text = http("GET", url, token=None)
+        assert status == 200 and "judged by <strong>cli</strong>" in text
+        assert headers["Server"] == "waitress"
         assert http("GET", url.split("?")[0], token=None)[0] == 403
     finally:
-        process.terminate()
-        process.wait(10)
-    assert "WARNING: listening on 0.0.0.0" in process.stderr.read()
+        stop_server(server)
+        thread.join(10)
+    assert not thread.is_alive()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=5)
+    # on loopback there is no warning, and two servers get separate tokens
+    server, other = rating_server(rating_db[0], port=0, out=io.StringIO())
+    server.close()
+    assert "WARNING" not in capsys.readouterr().err
+    assert other.split("token=")[1] != url.split("token=")[1].split("&")[0]
 
 
 # -- the browser ---------------------------------------------------------------------------------------------------------

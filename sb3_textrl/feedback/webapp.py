@@ -123,8 +123,8 @@ def create_app(store_path: str | os.PathLike, token: str, *, default_rater: str 
     Build the rating app (a Flask app; serve it with ``serve`` or any WSGI server, threaded is fine).
 
     :param store_path: path of the feedback database (created if missing)
-    :param token: the secret every request must carry (query ``?token=``, header ``X-Token`` or a ``token`` form field);
-        make it with ``secrets.token_urlsafe()``
+    :param token: the secret every request must carry (GET: ``?token=`` or header ``X-Token``; POST: header ``X-Token``
+        or a ``token`` form field); make it with ``secrets.token_urlsafe()``
     :param default_rater: rater name used when the URL has no ``?rater=``
     :return: the Flask app
     :raises ValueError: for a short token or a bad default rater
@@ -146,7 +146,8 @@ def create_app(store_path: str | os.PathLike, token: str, *, default_rater: str 
     expected = token.encode()
 
     def store() -> FeedbackStore:
-        # One connection per request: sqlite3 connections must not cross threads, and opening one is cheap.
+        # One connection per request: a connection is not shared between server threads (each write is its own
+        # transaction on it), and opening one costs about 10 ms, nothing next to a person reading a summary.
         if "store" not in g:
             g.store = FeedbackStore(store_path)
         return g.store
@@ -264,7 +265,7 @@ def create_app(store_path: str | os.PathLike, token: str, *, default_rater: str 
     return app
 
 
-def serve(
+def rating_server(
     store_path: str | os.PathLike,
     *,
     host: str = "127.0.0.1",
@@ -273,9 +274,9 @@ def serve(
     token: str | None = None,
     threads: int = 8,
     out: TextIO | None = None,
-) -> None:
+) -> tuple[Any, str]:
     """
-    Serve the rating page with waitress (a threaded pure-Python WSGI server) until Ctrl+C.
+    Make the rating page's waitress server (a threaded pure-Python WSGI server) and print the URL to open.
 
     :param store_path: path of the feedback database (created if missing)
     :param host: address to listen on; anything but loopback exposes the page to the network (a warning is printed)
@@ -284,6 +285,8 @@ def serve(
     :param token: access token (default: a fresh ``secrets.token_urlsafe(24)``)
     :param threads: worker threads, i.e. requests handled at once
     :param out: where the URL is printed (default stdout)
+    :return: ``(server, url)``: ``server.run()`` serves until Ctrl+C, ``stop_server(server)`` stops it from another thread
+    :raises OSError: when the port cannot be used (the message says what to do)
     """
     from waitress import create_server
 
@@ -303,7 +306,49 @@ def serve(
     if host in ("0.0.0.0", "::"):
         print(f"  (from other machines use this machine's address, e.g. {socket.gethostname()}, instead of 127.0.0.1)",
               file=out, flush=True)
-    print("Press Ctrl+C to stop.", file=out, flush=True)
+    return server, url
+
+
+def stop_server(server: Any) -> None:
+    """
+    Stop a server from ``rating_server`` that runs in another thread; ``server.run()`` then returns.
+
+    :param server: the waitress server
+    """
+    # Let the worker threads finish first (they wake the loop when done), then close the listening socket and every
+    # open connection (a browser keeps some alive) on the server's own loop, through its wake-up trigger.
+    server.task_dispatcher.shutdown(timeout=5)
+
+    def close_all() -> None:
+        for channel in list(server._map.values()):
+            channel.close()
+
+    server.trigger.pull_trigger(close_all)
+
+
+def serve(
+    store_path: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    rater: str | None = None,
+    token: str | None = None,
+    threads: int = 8,
+    out: TextIO | None = None,
+) -> None:
+    """
+    Serve the rating page until Ctrl+C (the arguments are those of :func:`rating_server`).
+
+    :param store_path: path of the feedback database (created if missing)
+    :param host: address to listen on (default loopback only)
+    :param port: port to listen on (0 picks a free one)
+    :param rater: default rater name put in the printed URL
+    :param token: access token (default: a fresh random one)
+    :param threads: worker threads
+    :param out: where the URL is printed (default stdout)
+    """
+    server, _ = rating_server(store_path, host=host, port=port, rater=rater, token=token, threads=threads, out=out)
+    print("Press Ctrl+C to stop.", file=out or sys.stdout, flush=True)
     try:
         server.run()
     except KeyboardInterrupt:
