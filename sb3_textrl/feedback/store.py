@@ -204,6 +204,9 @@ class FeedbackStore:
         return int(version)
 
     def _migrate(self) -> None:
+        # Already current (the usual case): no write transaction, so opening a store costs no disk flush.
+        if self._check_schema() == SCHEMA_VERSION:
+            return
         with self._write() as db:
             # Checked again inside the write lock: another process may have created or upgraded the file meanwhile.
             version = self._check_schema(db)
