@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sb3_textrl.models import MINILM_NAME, minilm_dir
@@ -254,13 +255,15 @@ def train_reward_model(
         positions = max_positions(model)
         max_length = min(cfg.max_length, positions) if positions else cfg.max_length
         encoder = PairEncoder(tokenizer, max_length)
-        metrics = _fit(model, encoder, train_pairs, eval_pairs, cfg, device)
+        # Log lines (epochs, truncations) go through tqdm.write, so they do not break the progress bar's line.
+        with logging_redirect_tqdm():
+            metrics = _fit(model, encoder, train_pairs, eval_pairs, cfg, device)
 
     model.eval()
     norm = _normalisation_stats(model, encoder, train_pairs, cfg.batch_size * 2, device)
     metrics.update(
         n_pairs=len(pairs), n_train_pairs=len(train_pairs), n_eval_pairs=len(eval_pairs), split_by=split_by,
-        seconds=round(time.perf_counter() - start, 2),
+        max_length=max_length, seconds=round(time.perf_counter() - start, 2),
     )
     info = {
         "format": FORMAT_NAME,
@@ -274,8 +277,10 @@ def train_reward_model(
         "sb3_textrl_version": _package_version(),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
+    (output_dir / REWARD_MODEL_FILE).unlink(missing_ok=True)  # an earlier model's: stale until the new one is saved
+    with quiet_transformers(cfg.progress):
+        model.save_pretrained(str(output_dir))
+        tokenizer.save_pretrained(str(output_dir))
     # Written last: a directory with reward_model.json is complete.
     (output_dir / REWARD_MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return RewardModelResult(output_dir, metrics, model, tokenizer)
@@ -384,7 +389,8 @@ def add_cli_command(commands: argparse._SubParsersAction) -> None:
 def _run_cli(args: argparse.Namespace) -> int:
     from sb3_textrl.models import MissingAssetError
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(format="%(message)s")
+    logger.setLevel(logging.INFO)  # our epoch lines and truncation counts; other libraries stay at warnings
     config = RewardModelConfig(
         backbone=args.backbone, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, eval_fraction=args.eval_fraction,
         max_length=args.max_length, seed=args.seed, device=args.device, progress=not args.no_progress,
@@ -401,6 +407,6 @@ def _run_cli(args: argparse.Namespace) -> int:
         print(f"held-out ({m['n_eval_pairs']} pairs, split by {m['split_by']}): pairwise accuracy {m['eval_accuracy']:.3f}, "
               f"loss {m['eval_loss']:.4f}")
     if m["truncated_prompts"]:
-        print(f"{m['truncated_prompts']} texts were longer than {args.max_length} tokens (prompts cut from the start)")
+        print(f"{m['truncated_prompts']} texts were longer than {m['max_length']} tokens (prompts cut from the start)")
     print(f"saved to {result.output_dir}")
     return 0
