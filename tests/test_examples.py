@@ -1,0 +1,37 @@
+"""The examples run end to end with tiny models (what CI can afford); the full-size runs are in docs/."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rlhf_news_loop_runs_end_to_end(tmp_path):
+    example = load_example("rlhf_news")
+    options = example.Options(
+        output_dir=str(tmp_path / "run"), tiny=True, sft_examples=16, n_prompts=8, ppo_updates=1, n_eval=4, n_envs=4,
+        device="cpu",
+    )
+    summary = example.main(options)
+    run = tmp_path / "run"
+    # Every stage left its output: SFT model, judged pairs, reward model, PPO model, before/after table.
+    assert (run / "sft" / "config.json").is_file()
+    assert (run / "reward_model").is_dir()
+    assert (run / "ppo_model.zip").is_file()
+    assert sum(summary["judgements"].values()) == 8
+    assert set(summary["comparison"]) == {"base", "sft", "sft+ppo"}
+    for row in summary["comparison"].values():
+        assert set(row) == {"learned_reward", "rouge1", "completion_tokens"}
+    assert json.loads((run / "summary.json").read_text())["comparison"] == summary["comparison"]
