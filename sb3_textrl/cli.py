@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sb3-textrl", description="RLHF for language models with Stable-Baselines3 PPO")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    assets = commands.add_parser("install-assets", help="install the embedded LM and the GPT-2 tokenizer files (offline)")
+    assets = commands.add_parser(
+        "install-assets", help="install the offline assets: the embedded LM, GPT-2's tokenizer files, the MiniLM encoder"
+    )
     assets.add_argument("--quiet", action="store_true")
     assets.set_defaults(run=_install_assets)
 
