@@ -25,6 +25,7 @@ import random
 import shutil
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -457,11 +458,18 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: Path, result: SFTResult) -> None:
     """Write model, tokenizer and result to a temporary sibling, then swap it in: no half-written model dir."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    # A plain mkdir (mkdtemp would make it private to this user): the model dir gets the umask's permissions.
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        # default=repr: task_kwargs may hold objects (a reward) that JSON cannot write
+        (tmp / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=repr) + "\n")
+        file_mode = (tmp / RESULT_FILE).stat().st_mode & 0o777
+        for path in tmp.iterdir():  # safetensors writes private (0600) files
+            if path.is_file():
+                path.chmod(file_mode)
         if output_dir.exists():
             stale = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
             os.replace(output_dir, stale / output_dir.name)

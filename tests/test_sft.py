@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import gymnasium as gym
@@ -237,6 +238,11 @@ def test_cli_trains_and_refuses_a_non_empty_output(tiny_lm, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "8 training examples" in printed and "Held-out loss per summary token (2 examples)" in printed
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    # Permissions of a plain new directory and files (not private temp-dir ones): others can read the model
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())
     saved = json.loads((out / RESULT_FILE).read_text())
     assert saved["config"]["use_lora"] is True and saved["config"]["lora_config"] == {"r": 4, "lora_alpha": 8}
     assert saved["eval_loss_after"] < saved["eval_loss_before"]
