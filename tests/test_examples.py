@@ -35,3 +35,20 @@ def test_rlhf_news_loop_runs_end_to_end(tmp_path):
     for row in summary["comparison"].values():
         assert set(row) == {"learned_reward", "rouge1", "completion_tokens"}
     assert json.loads((run / "summary.json").read_text())["comparison"] == summary["comparison"]
+
+
+def test_news_summary_example_runs_end_to_end(tmp_path):
+    example = load_example("news_summary")
+    options = example.Options(output_dir=str(tmp_path / "run"), tiny=True, n_eval=4, sft_examples=8, ppo_updates=2,
+                              n_envs=2, n_epochs=1, device="cpu")
+    summary = example.main(options)
+    run = tmp_path / "run"
+    assert {"zero-shot", "lead3", "sft", "sft+ppo"} <= set(summary["metrics"])
+    assert summary["n_eval_articles"] == 4
+    # Held-out articles are not in the training split.
+    train = (run / "train.jsonl").read_text()
+    for line in (run / "eval.jsonl").read_text().splitlines():
+        assert json.loads(line)["article"] not in train
+    assert (run / "results.md").read_text().startswith("| system |")
+    assert summary["figures"] and all(Path(f).stat().st_size > 0 for f in summary["figures"])
+    assert (run / "ppo_logs" / "progress.csv").is_file()
