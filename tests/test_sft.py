@@ -179,6 +179,14 @@ def test_gradient_accumulation_matches_a_bigger_batch(tiny_lm, tmp_path):
     assert not th.equal(big[key], load_causal_lm(tiny_lm).state_dict()[key])
 
 
+def test_default_data_is_the_built_in_news_task(gpt2_tokenizer):
+    examples, counts = load_sft_examples(None, gpt2_tokenizer, max_prompt_tokens=64, limit=4)
+    env = gym.make("NewsSummary-v0", tokenizer=gpt2_tokenizer, max_prompt_tokens=64).unwrapped
+    assert len(examples) == 4 and [e.prompt_ids for e in examples] == [ids.tolist() for ids in env.prompt_ids[:4]]
+    summary = env.prompts[0].reference
+    assert examples[0].target_ids[:-1] == gpt2_tokenizer(" " + summary, add_special_tokens=False)["input_ids"]
+
+
 def test_registered_task_with_references(tiny_lm, gpt2_tokenizer, tmp_path):
     prompts = [{"prompt": f"Q: what is {a} plus {b}? A:", "reference": str(a + b)} for a in range(4) for b in range(3)]
     register_text_task("SftAdd-v0", prompts=prompts, reward=lambda p, c, r: [0.0] * len(c), tokenizer=tiny_lm,
