@@ -525,6 +525,8 @@ def evaluate(
         reward_fn = env.get_attr("reward_fn", [0])[0]
         tokenizer = env.get_attr("tokenizer", [0])[0]
         indices = _select_prompts(len(prompts), n, prompt_indices, task)
+        if isinstance(model, BaseAlgorithm):
+            _check_same_space(model, env, task)
         chosen = [prompts[i] for i in indices]
         names = _choose_baselines(baselines, _baselines_available(chosen))
 
@@ -631,6 +633,21 @@ def _preserved_random_state() -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
+def _check_same_space(model: BaseAlgorithm, env: VecEnv, task: str) -> None:
+    """An in-memory model must see the observations it was built for: same tokenizer, same widths."""
+    ours, theirs = model.observation_space, env.observation_space
+    if getattr(ours, "tokenizer_hash", "") != getattr(theirs, "tokenizer_hash", ""):
+        raise ValueError(
+            f"{task}'s tokenizer ({getattr(theirs, 'tokenizer_name', '?')}) is not the model's "
+            f"({getattr(ours, 'tokenizer_name', '?')}): pass env_kwargs=dict(tokenizer=<the model's LM>)"
+        )
+    if ours != theirs:
+        raise ValueError(
+            f"the model was built for observations {ours} but {task} gives {theirs}; evaluate with the model's "
+            "max_prompt_tokens and max_new_tokens (the defaults: leave them out of env_kwargs)"
+        )
+
+
 def _load(load_generator: Any, model: Any, env: VecEnv, device: str, seed: int, kwargs: dict[str, Any]) -> BaseAlgorithm:
     try:
         return load_generator(model, env, device=device, seed=seed)
@@ -650,7 +667,9 @@ def _kl_notes(model: str | os.PathLike | BaseAlgorithm | None, policy: Transform
     if model is None or (not isinstance(model, BaseAlgorithm) and not os.fspath(model).endswith(".zip")):
         return [
             "KL to the reference is 0 by construction: an LM directory or name is wrapped with fresh LoRA adapters, so "
-            "the policy equals its reference. Evaluate a PPO model (.zip) to measure how far training moved it."
+            "the policy equals its reference (what remains is float32 rounding: the policy's log-probs and the "
+            "reference's are normalised by two code paths, about 1e-5 nats per token). Evaluate a PPO model (.zip) to "
+            "measure how far training moved it."
         ]
     return [
         "KL to the reference: per completion, the sum over its generated tokens of log π − log π_ref under the "

@@ -155,6 +155,8 @@ def test_saved_ppo_zip_evaluates_like_the_model_in_memory(trained, tmp_path):
     texts = [[s.outputs["model:greedy"]["completion"] for s in r.samples] for r in (from_zip, in_memory)]
     assert texts[0] == texts[1]
     assert any("sum over its generated tokens" in note for note in from_zip.notes)
+    with pytest.raises(ValueError, match="max_prompt_tokens and max_new_tokens"):
+        evaluate(model, env_kwargs=dict(n_articles=16, max_new_tokens=7), n=2, **FAST)
 
 
 SAMPLED = "model:sample:temperature=1.0"
