@@ -363,7 +363,10 @@ class TransformerLMPolicy(ActorCriticPolicy):
         with self.reference_model() as ref:
             hidden = self._segment_hidden(ref, obs)
             logits = self._logits(ref, hidden) / self.temperature
-        return th.log_softmax(logits, dim=-1).gather(1, actions.long().view(-1, 1)).squeeze(1)
+        # Normalised exactly as torch's Categorical does for the policy (log_softmax differs by ~1e-5 in float32),
+        # so that an untuned policy's KL to the reference is exactly 0.
+        log_probs = logits - logits.logsumexp(dim=-1, keepdim=True)
+        return log_probs.gather(1, actions.long().view(-1, 1)).squeeze(1)
 
     def _segment_hidden(self, model: PreTrainedModel, obs: dict[str, th.Tensor]) -> th.Tensor:
         """(N, H) hidden states that predict each action, one teacher-forced forward per segment."""
