@@ -82,8 +82,8 @@ def generate_samples(
     progress_bar: bool = False,
 ) -> list[Sample]:
     """
-    Run one episode per prompt, ``env.num_envs`` prompts at a time (the policy's KV cache makes each step one
-    batched one-token forward).
+    Run one episode per prompt, ``env.num_envs`` episodes at a time (the policy's KV cache makes each step one
+    batched one-token forward); an env that finishes starts its next prompt at once.
 
     :param model: a trained SB3 model with a TransformerLMPolicy
     :param env: a VecEnv of the task (its envs are reset to the requested prompts)
@@ -92,38 +92,43 @@ def generate_samples(
     :param progress_bar: show a progress bar over prompts
     :return: one :class:`Sample` per prompt, in the order given
     """
-    samples: list[Sample] = []
-    bar = tqdm(total=len(prompt_indices), desc="generating", disable=not progress_bar)
-    for first in range(0, len(prompt_indices), env.num_envs):
-        batch = list(prompt_indices[first : first + env.num_envs])
-        # Envs beyond the batch repeat its last prompt; their results are dropped.
-        padded = batch + [batch[-1]] * (env.num_envs - len(batch))
-        env.set_options([{"prompt_index": int(i)} for i in padded])
-        obs = env.reset()
-        finished: dict[int, dict] = {}
-        while len(finished) < env.num_envs:
-            actions, _ = model.predict(obs, deterministic=deterministic)  # type: ignore[arg-type]
-            obs, _, dones, infos = env.step(actions)
-            for slot in np.flatnonzero(dones):
-                finished.setdefault(int(slot), infos[slot])
-        for slot, index in enumerate(batch):
-            info = finished[slot]
-            samples.append(
-                Sample(
-                    prompt_index=index,
-                    prompt=info["prompt"],
-                    completion=info["completion"],
-                    reference=info["reference"],
-                    reward=info["task_reward"],
-                    completion_tokens=info["completion_tokens"],
-                    ended_by_stop_token=bool(info.get("ended_by_stop_token", False)),
-                    observation=info.get("terminal_observation"),  # SB3's VecEnvs keep it before the auto-reset
-                )
+    order = [int(i) for i in prompt_indices]
+    n_envs = env.num_envs
+    # Each env works through its own queue of prompts. A VecEnv resets a finished env by itself, and that reset
+    # starts the env's next queued prompt: no env spends steps (and prompt encodings) on throwaway episodes while
+    # the others finish theirs, which matters when completions end early at EOS.
+    queues = [order[slot::n_envs] for slot in range(n_envs)]
+    for slot, queue in enumerate(queues):
+        env.env_method("queue_prompts", queue, indices=[slot])
+    env.set_options(None)
+    obs = env.reset()
+    finished = [0] * n_envs
+    by_position: dict[int, Sample] = {}
+    bar = tqdm(total=len(order), desc="generating", disable=not progress_bar)
+    while len(by_position) < len(order):
+        actions, _ = model.predict(obs, deterministic=deterministic)  # type: ignore[arg-type]
+        obs, _, dones, infos = env.step(actions)
+        for slot in np.flatnonzero(dones):
+            k = finished[slot]
+            if k == len(queues[slot]):
+                continue  # an env past its queue runs spare episodes until the others are done
+            info = infos[slot]
+            assert info["prompt_index"] == queues[slot][k], "the env did not start its queued prompt"
+            by_position[slot + k * n_envs] = Sample(
+                prompt_index=queues[slot][k],
+                prompt=info["prompt"],
+                completion=info["completion"],
+                reference=info["reference"],
+                reward=info["task_reward"],
+                completion_tokens=info["completion_tokens"],
+                ended_by_stop_token=bool(info.get("ended_by_stop_token", False)),
+                observation=info.get("terminal_observation"),  # SB3's VecEnvs keep it before the auto-reset
             )
-        bar.update(len(batch))
+            finished[slot] += 1
+            bar.update(1)
     bar.close()
-    env.set_options(None)  # later resets go back to the seeded prompt order
-    return samples
+    env.env_method("queue_prompts", [])  # later resets go back to the seeded prompt order
+    return [by_position[position] for position in range(len(order))]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -271,3 +271,32 @@ def test_cli_eval_of_a_saved_run(trained, capsys):
 
 def test_evaluate_is_exported():
     assert sb3_textrl.evaluate is evaluate and "evaluate" in sb3_textrl.__all__
+
+
+def test_generate_samples_keeps_envs_busy_when_episodes_end_early(tiny_lm):
+    """Envs whose completions stop early start their next queued prompt at once: every prompt is completed exactly
+    once, in the order asked, with no step wasted before the last prompt has started."""
+    from helpers import ragged_stop_ids
+
+    task = register_toy_task("RaggedGen-v0", tiny_lm, max_new_tokens=8, stop_token_ids=ragged_stop_ids(4))
+    env = make_vec_env(task, n_envs=3, seed=0)
+    model = toy_ppo(env, tiny_lm)
+    steps = 0
+    step = env.step
+
+    def counting_step(actions):
+        nonlocal steps
+        steps += 1
+        return step(actions)
+
+    env.step = counting_step
+    order = [4, 0, 3, 1, 2, 0, 4]
+    samples = generate_samples(model, env, order, deterministic=False)
+    assert [s.prompt_index for s in samples] == order
+    lengths = [s.completion_tokens for s in samples]
+    assert min(lengths) < 8  # some episodes did end early
+    # Busy envs: at most the tokens of each env's own queue, plus one spare episode's worth at the tail.
+    per_env = [sum(lengths[slot::3]) for slot in range(3)]
+    assert steps <= max(per_env)
+    # The queues are cleared: later resets follow the seeded order again.
+    assert all(queue == [] for queue in env.get_attr("_prompt_queue"))

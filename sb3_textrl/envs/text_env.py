@@ -157,6 +157,7 @@ class TextGenerationEnv(gym.Env):
         self._order = np.arange(len(self.prompts))
         self._cursor = len(self.prompts)  # forces a fresh permutation at the first reset
         self._prompt_index = 0
+        self._prompt_queue: list[int] = []
         self._ids = np.zeros(max_prompt_tokens + max_new_tokens, dtype=np.int64)
         self._mask = np.zeros_like(self._ids)
         self._n_generated = 0
@@ -192,16 +193,16 @@ class TextGenerationEnv(gym.Env):
         Start a new completion. Prompts are visited in a seeded random order, each once per pass.
 
         :param seed: reseeds the prompt order
-        :param options: ``{"prompt_index": i}`` picks prompt ``i`` instead
+        :param options: ``{"prompt_index": i}`` picks prompt ``i`` instead (so does a queue set by
+            :meth:`queue_prompts`, which also serves the VecEnvs' automatic resets)
         """
         super().reset(seed=seed)
         if seed is not None:
             self._cursor = len(self.prompts)
         if options and "prompt_index" in options:
-            index = int(options["prompt_index"])
-            if not 0 <= index < len(self.prompts):
-                raise IndexError(f"{self.task_id}: prompt_index {index} out of range [0, {len(self.prompts)})")
-            self._prompt_index = index
+            self._prompt_index = self._checked_index(options["prompt_index"])
+        elif self._prompt_queue:
+            self._prompt_index = self._prompt_queue.pop(0)
         else:
             if self._cursor >= len(self.prompts):
                 self._order = self.np_random.permutation(len(self.prompts))
@@ -216,6 +217,23 @@ class TextGenerationEnv(gym.Env):
         self._n_generated = 0
         self._episode_over = False
         return self._observation(), {"prompt": self.prompts[self._prompt_index].text, "prompt_index": self._prompt_index}
+
+    def _checked_index(self, index: Any) -> int:
+        index = int(index)
+        if not 0 <= index < len(self.prompts):
+            raise IndexError(f"{self.task_id}: prompt_index {index} out of range [0, {len(self.prompts)})")
+        return index
+
+    def queue_prompts(self, indices: list[int]) -> None:
+        """
+        The prompts of the next resets, in order (an empty list clears the queue); then the seeded order resumes.
+
+        Batched generation uses it: a VecEnv resets a finished env by itself, without options, and the queue lets
+        that reset start the next prompt to complete rather than a random one.
+
+        :param indices: prompt indices
+        """
+        self._prompt_queue = [self._checked_index(i) for i in indices]
 
     def step(self, action: int | np.integer | np.ndarray) -> tuple[dict, float, bool, bool, dict]:
         token = int(np.asarray(action).item())
