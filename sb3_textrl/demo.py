@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 from stable_baselines3 import PPO
-from stable_baselines3.common.callbacks import CheckpointCallback
+from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
 from sb3_textrl.buffers import TextRolloutBuffer
+from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
 from sb3_textrl.evaluation import Sample, generate_samples
 from sb3_textrl.policies import TransformerLMPolicy
 
@@ -31,7 +32,8 @@ class DemoConfig:
     learning_rate: float = 3e-4  # LoRA adapters tolerate SB3's default learning rate
     kl_coef: float = 0.05  # β of the KL penalty to the untuned model
     max_prompt_tokens: int = 320
-    n_samples: int = 4  # held-out articles shown before and after
+    n_samples: int = 4  # held-out articles shown before and after, and evaluated during training
+    eval_every: int = 2  # rollouts between evaluations on the held-out articles (and one after the last update)
     output_dir: str = "runs/news_demo"
     seed: int = 0
     device: str = "auto"
@@ -87,13 +89,21 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, float]:
     before = generate_samples(model, eval_env, held_out)
     _print_samples("Before PPO (greedy)", before)
     start = time.perf_counter()
-    model.learn(
-        total_timesteps=config.updates * config.n_steps * config.n_envs,
-        callback=CheckpointCallback(save_freq=config.n_steps * 2, save_path=str(out / "checkpoints"), name_prefix="ppo"),
-        progress_bar=True,
+    # Samples of every rollout in the log (and logs/samples.md); greedy ROUGE on the held-out articles under eval/.
+    evaluation = TextEvalCallback(
+        eval_env, prompt_indices=held_out, eval_freq_rollouts=config.eval_every, log_path=out / "logs", verbose=1
     )
+    callbacks = CallbackList(
+        [
+            TextSampleCallback(every_n_rollouts=1, n_samples=2),
+            evaluation,
+            CheckpointCallback(save_freq=config.n_steps * 2, save_path=str(out / "checkpoints"), name_prefix="ppo"),
+        ]
+    )
+    model.learn(total_timesteps=config.updates * config.n_steps * config.n_envs, callback=callbacks, progress_bar=True)
     train_seconds = time.perf_counter() - start
-    after = generate_samples(model, eval_env, held_out)
+    # The callback's last evaluation ran after the final update, on the same articles: those are the "after" samples.
+    after = evaluation.last_samples
     _print_samples(f"After {config.updates} PPO updates (greedy)", after)
     model.save(out / "model")
 
@@ -104,7 +114,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, float]:
     }
     print(
         f"\nMean ROUGE-1 reward on {len(held_out)} held-out articles: {result['reward_before']:.3f} before, "
-        f"{result['reward_after']:.3f} after ({config.updates} updates, {train_seconds:.0f} s of training). "
-        f"Model saved to {out / 'model.zip'}; logs in {out / 'logs'}."
+        f"{result['reward_after']:.3f} after ({config.updates} updates, {train_seconds:.0f} s of training and evaluation). "
+        f"Model saved to {out / 'model.zip'}; logs in {out / 'logs'} (plot them: sb3-textrl plot {out})."
     )
     return result
