@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
     demo.add_argument("--lm", help="LM name or local path (default: the embedded SmolLM2-135M-Instruct)")
     demo.add_argument("--dataset", help="JSONL/CSV of article/summary pairs (default: built-in generated news)")
+    demo.add_argument("--reward-model", help="directory written by train-rm: PPO on that learned reward (default: ROUGE-1)")
     for name in ("n_envs", "n_steps", "updates", "n_epochs", "n_samples", "eval_every", "seed", "max_prompt_tokens"):
         demo.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {defaults[name]}")
     for name in ("learning_rate", "kl_coef"):

@@ -6,6 +6,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from stable_baselines3 import PPO
@@ -17,6 +18,7 @@ from sb3_textrl.buffers import TextRolloutBuffer
 from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
 from sb3_textrl.evaluation import Sample, generate_samples
 from sb3_textrl.policies import TransformerLMPolicy
+from sb3_textrl.rewards.base import reward_name
 
 
 @dataclass
@@ -25,6 +27,7 @@ class DemoConfig:
 
     lm: str | None = None  # LM name or path; None: the embedded SmolLM2-135M-Instruct
     dataset: str | None = None  # JSONL/CSV of article/summary pairs; None: the built-in generated news
+    reward_model: str | None = None  # a directory written by `sb3-textrl train-rm`: PPO on the learned reward
     n_envs: int = 4  # parallel episodes per rollout
     n_steps: int = 32  # tokens per env per rollout (= max_new_tokens: one summary per env per rollout)
     updates: int = 4  # PPO iterations (rollout + training)
@@ -46,23 +49,27 @@ def _print_samples(title: str, samples: list[Sample]) -> None:
         print(f"- article {sample.prompt_index}: {textwrap.shorten(article, 150)}")
         print(f"  summary  : {sample.completion.strip()!r}")
         print(f"  reference: {textwrap.shorten(sample.reference or '', 150)}")
-        print(f"  ROUGE-1 reward: {sample.reward:.3f}")
+        print(f"  reward: {sample.reward:.3f}")
 
 
-def run_demo(config: DemoConfig | None = None) -> dict[str, float]:
+def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     """
     Train the embedded LM with PPO on NewsSummary-v0 for a few updates and show summaries before and after.
 
     Writes the model (``model.zip``), checkpoints and SB3's csv/stdout logs under ``config.output_dir``.
 
     :param config: demo settings
-    :return: mean ROUGE-1 reward of the held-out samples before and after, and the training time
+    :return: mean reward of the held-out samples before and after, the training time and the reward's name
     """
     config = config or DemoConfig()
     out = Path(config.output_dir)
     env_kwargs = dict(tokenizer=config.lm, max_new_tokens=config.n_steps, max_prompt_tokens=config.max_prompt_tokens)
     if config.dataset is not None:
         env_kwargs["dataset"] = config.dataset
+    if config.reward_model is not None:
+        from sb3_textrl.rewards.learned import LearnedRewardModel
+
+        env_kwargs["reward"] = LearnedRewardModel(config.reward_model, device=config.device)
     env = make_vec_env("NewsSummary-v0", n_envs=config.n_envs, seed=config.seed, env_kwargs=env_kwargs)
     # Held-out articles: the built-in generator with another seed (or the dataset's last rows).
     eval_kwargs = env_kwargs | ({"data_seed": 1000} if config.dataset is None else {})
@@ -111,9 +118,10 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, float]:
         "reward_before": float(np.mean([s.reward for s in before])),
         "reward_after": float(np.mean([s.reward for s in after])),
         "train_seconds": train_seconds,
+        "reward": reward_name(env.get_attr("reward_fn", [0])[0]),
     }
     print(
-        f"\nMean ROUGE-1 reward on {len(held_out)} held-out articles: {result['reward_before']:.3f} before, "
+        f"\nMean reward on {len(held_out)} held-out articles: {result['reward_before']:.3f} before, "
         f"{result['reward_after']:.3f} after ({config.updates} updates, {train_seconds:.0f} s of training and evaluation). "
         f"Model saved to {out / 'model.zip'}; logs in {out / 'logs'} (plot them: sb3-textrl plot {out})."
     )

@@ -1,0 +1,32 @@
+"""The demo's code path with tiny models: ROUGE reward, and PPO on a learned reward model (`demo --reward-model`)."""
+
+from __future__ import annotations
+
+import json
+
+from sb3_textrl.demo import DemoConfig, run_demo
+from sb3_textrl.reward_model import train_reward_model
+
+
+def tiny_config(tmp_path, lm: str, **overrides) -> DemoConfig:
+    return DemoConfig(lm=lm, n_envs=2, n_steps=4, updates=1, n_epochs=1, n_samples=2, eval_every=1,
+                      max_prompt_tokens=64, output_dir=str(tmp_path / "demo"), device="cpu", **overrides)
+
+
+def test_demo_runs_and_saves_model_and_logs(tmp_path, tiny_lm):
+    result = run_demo(tiny_config(tmp_path, tiny_lm))
+    assert 0.0 <= result["reward_before"] <= 1.0 and 0.0 <= result["reward_after"] <= 1.0
+    assert result["reward"] == "rouge1"
+    assert (tmp_path / "demo" / "model.zip").is_file()
+    header = (tmp_path / "demo" / "logs" / "progress.csv").read_text().splitlines()[0]
+    assert "eval/task_reward" in header and "rollout/kl_to_ref" in header
+
+
+def test_demo_with_a_learned_reward_model(tmp_path, tiny_lm):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"article {i}", "chosen": "the council approved the budget", "rejected": "zzz qqq"} for i in range(16)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_reward_model(pairs, tmp_path / "rm", backbone=tiny_lm, epochs=1, lr=1e-3, device="cpu", progress=False)
+    result = run_demo(tiny_config(tmp_path, tiny_lm, reward_model=str(tmp_path / "rm")))
+    assert result["reward"] == "learned_rm"  # the env scored episodes with the reward model, not ROUGE
+    assert (tmp_path / "demo" / "model.zip").is_file()
