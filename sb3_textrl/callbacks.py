@@ -20,7 +20,8 @@ from stable_baselines3.common.callbacks import BaseCallback, EventCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_textrl.evaluation import Sample, generate_samples
+from sb3_textrl.evaluation import Sample, generate_samples, has_reference, kl_to_reference
+from sb3_textrl.policies import TransformerLMPolicy
 from sb3_textrl.rewards.rouge import RougeReward
 
 # Logger exclusions that leave only the tensorboard format: SB3's TensorBoardOutputFormat writes str values as text.
@@ -162,8 +163,9 @@ class TextEvalCallback(EventCallback):
 
     Every ``eval_freq_rollouts`` rollouts (at the rollout's end, before the PPO update, like SB3's rollout metrics
     of the same row) and once more when training ends, it completes the chosen prompts of a separate eval env and
-    records ``eval/task_reward``, ``eval/completion_len`` and, when every prompt has a reference, ``eval/rouge1``,
-    ``eval/rouge2`` and ``eval/rougeL`` (F-measure). The evaluation restores the policy's training mode and the global
+    records ``eval/task_reward``, ``eval/completion_len``, ``eval/kl_to_ref`` (mean per completion, as
+    ``rollout/kl_to_ref``) and, when every prompt has a reference, ``eval/rouge1``, ``eval/rouge2`` and ``eval/rougeL``
+    (F-measure). The evaluation restores the policy's training mode and the global
     RNGs, so PPO's run continues exactly as without it (the policy's KV cache checks the tokens it holds).
 
     The final evaluation is dumped to the logger right away (with ``time/total_timesteps``), since no later
@@ -179,6 +181,8 @@ class TextEvalCallback(EventCallback):
     :param log_path: folder for ``evaluations.jsonl`` (metrics and samples of every evaluation); None writes nothing
     :param deterministic: greedy decoding (True) or sampling from the policy
     :param metric: the ``eval/`` metric that picks the best model (higher is better)
+    :param kl_to_ref: also record ``eval/kl_to_ref`` (one teacher-forced forward of the policy and one of the reference
+        per evaluation, no generation); skipped for a policy without a reference model
     :param n_eval_envs: number of envs when ``eval_env`` is a task id
     :param eval_env_kwargs: keyword arguments of the task's env when ``eval_env`` is a task id
     :param callback_on_new_best: called when ``metric`` improves
@@ -196,6 +200,7 @@ class TextEvalCallback(EventCallback):
         log_path: str | os.PathLike | None = None,
         deterministic: bool = True,
         metric: str = "task_reward",
+        kl_to_ref: bool = True,
         n_eval_envs: int = 4,
         eval_env_kwargs: dict[str, Any] | None = None,
         callback_on_new_best: BaseCallback | None = None,
@@ -241,6 +246,7 @@ class TextEvalCallback(EventCallback):
         self.log_path = None if log_path is None else Path(log_path)
         self.deterministic = deterministic
         self.metric = metric.removeprefix("eval/")
+        self.kl_to_ref = kl_to_ref
         self.callback_after_eval = callback_after_eval
         if callback_after_eval is not None:
             callback_after_eval.parent = self
@@ -311,10 +317,12 @@ class TextEvalCallback(EventCallback):
         was_training = policy.training
         with _preserved_rng(self.model.device):
             samples = generate_samples(self.model, self.eval_env, self.prompt_indices, self.deterministic)
+        metrics = self._metrics(samples)
+        if self.kl_to_ref and isinstance(policy, TransformerLMPolicy) and has_reference(policy):
+            metrics["kl_to_ref"] = float(np.mean(kl_to_reference(policy, samples)))
         policy.set_training_mode(was_training)
         self._updates_at_last_eval = getattr(self.model, "_n_updates", None)
 
-        metrics = self._metrics(samples)
         self.last_samples, self.last_metrics = samples, metrics
         for key, value in metrics.items():
             self.logger.record(f"eval/{key}", value)

@@ -107,6 +107,9 @@ def test_eval_callback_logs_eval_metrics_saves_best_and_composes(toy_task, tiny_
     assert log["eval/completion_len"].between(1, 5).all()
     assert log["time/total_timesteps"].tolist() == [20, 40, 60, 60]
     assert "rouge1" not in " ".join(log.columns)  # the toy prompts have no references
+    # LoRA starts as the identity (B = 0): no KL before the first update, some after updates at lr 1e-2
+    assert log["eval/kl_to_ref"].iloc[0] == pytest.approx(0.0, abs=1e-5)
+    assert log["eval/kl_to_ref"].iloc[-1] > 1e-3
     assert "Eval at 60 timesteps on 3 prompts" in capsys.readouterr().out
 
     lines = [json.loads(line) for line in (tmp_path / "eval" / "evaluations.jsonl").read_text().splitlines()]
