@@ -18,6 +18,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ class FeedbackStore:
             self._db.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
             # Check before switching to WAL: the journal mode is stored in the file, and a foreign database is left as is.
             self._check_schema()
-            self._db.execute("PRAGMA journal_mode = WAL")
+            self._enable_wal(timeout_s)
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
@@ -153,6 +154,19 @@ class FeedbackStore:
             raise
 
     # -- connection and schema ----------------------------------------------------------------------------------
+    def _enable_wal(self, timeout_s: float) -> None:
+        """Switch to WAL, retrying while another process creating the same file holds its lock: SQLite answers
+        this pragma with SQLITE_BUSY at once instead of waiting in the busy handler."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
     def close(self) -> None:
         """Close the connection."""
         self._db.close()
