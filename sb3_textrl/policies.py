@@ -43,6 +43,17 @@ def _masked_fill_value(dtype: th.dtype) -> float:
     return th.finfo(dtype).min
 
 
+MIXED_PRECISION_OPTIONS = ("auto", "bf16", "no")
+
+
+@functools.cache
+def _cuda_supports_bf16(index: int | None) -> bool:
+    try:  # torch >= 2.3 can tell native bf16 (Ampere and later) from an emulated one
+        return th.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        return th.cuda.is_bf16_supported()
+
+
 class TransformerLMPolicy(ActorCriticPolicy):
     """
     Actor-critic policy for text envs: the LM's own head is the actor, a scalar value head reads the LM's last
@@ -72,6 +83,13 @@ class TransformerLMPolicy(ActorCriticPolicy):
         instead of one per step: the steps of an episode are prefixes of its longest observation (exact; turn off
         only to compare)
     :param check_tokenizer: check that the env's tokenizer is the LM's (compares vocabularies)
+    :param mixed_precision: autocast of every LM forward (rollout steps, training, reference scoring): ``"auto"``
+        (bf16 on a CUDA device that supports it, none on CPU), ``"bf16"`` (on any device, CPU included) or ``"no"``
+        (float32). The weights, the optimizer, log-probs, values and the value head stay float32. fp16 is refused:
+        it needs loss scaling, which SB3's train loop does not do.
+    :param gradient_checkpointing: recompute the LM's layer activations in the backward pass instead of keeping them
+        (less memory for long episodes, about one more forward per update); rollouts are unaffected (no gradients,
+        KV cache on)
     :param kwargs: further :class:`~stable_baselines3.common.policies.ActorCriticPolicy` arguments
         (``optimizer_class``, ``optimizer_kwargs``, ...); ``net_arch`` and ``ortho_init`` have no effect: there is
         no MLP, and a pretrained LM is never re-initialised
@@ -94,6 +112,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
         use_kv_cache: bool = True,
         share_prefixes: bool = True,
         check_tokenizer: bool = True,
+        mixed_precision: str = "auto",
+        gradient_checkpointing: bool = False,
         **kwargs: Any,
     ):
         if not isinstance(action_space, spaces.Discrete):
@@ -109,6 +129,16 @@ class TransformerLMPolicy(ActorCriticPolicy):
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        if mixed_precision not in MIXED_PRECISION_OPTIONS:
+            fp16 = (
+                " fp16 autocast needs loss scaling (a GradScaler), which SB3's train loop (optimizer.step()) does not do: "
+                "use 'bf16' (GPUs from Ampere on, and CPUs) or 'no'."
+                if mixed_precision in ("fp16", "float16", "half")
+                else ""
+            )
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_OPTIONS}, got {mixed_precision!r}.{fp16}")
+        self.mixed_precision = mixed_precision
+        self.gradient_checkpointing = gradient_checkpointing
         self.lm_name = lm
         self.kl_coef = kl_coef
         self.target_kl = target_kl
@@ -129,7 +159,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
 
     # -- construction -------------------------------------------------------------------------------------
     def _build(self, lr_schedule: Schedule) -> None:
-        model = load_causal_lm(self.lm_name)
+        model = self._load_lm()
         self._check_vocabulary(model)
         if self.use_lora:
             with warnings.catch_warnings():  # peft calls a transformers method that transformers 5 deprecates
@@ -141,15 +171,25 @@ class TransformerLMPolicy(ActorCriticPolicy):
         self.ref_lm: PreTrainedModel | None = None
         if not self.use_lora and self.kl_controller.enabled:
             self.ref_lm = copy.deepcopy(model).requires_grad_(False).eval()
+        if self.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
         hidden_size = self._hf_model().get_output_embeddings().weight.shape[1]
         self.value_net = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.value_net.weight)  # V = 0 at start: the reward scale is unknown
         nn.init.zeros_(self.value_net.bias)
         self.action_dist = CategoricalDistribution(int(self.action_space.n))
-        self._rollout_cache = RolloutKVCache(self._cached_trunk)
+        self._rollout_cache = self._make_rollout_cache()
         trainable = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
         self.set_training_mode(False)
+
+    def _load_lm(self) -> PreTrainedModel:
+        """The LM to fine-tune (subclasses load other model classes, e.g. encoder-decoders)."""
+        return load_causal_lm(self.lm_name)
+
+    def _make_rollout_cache(self) -> RolloutKVCache:
+        """The cache that keeps every env's context across rollout steps."""
+        return RolloutKVCache(self._cached_trunk)
 
     def _lora_kwargs(self, model: PreTrainedModel) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(r=16, lora_alpha=32, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
@@ -198,9 +238,48 @@ class TransformerLMPolicy(ActorCriticPolicy):
                 use_kv_cache=self.use_kv_cache,
                 share_prefixes=self.share_prefixes,
                 check_tokenizer=self.check_tokenizer,
+                mixed_precision=self.mixed_precision,
+                gradient_checkpointing=self.gradient_checkpointing,
             )
         )
         return data
+
+    # -- memory and precision ----------------------------------------------------------------------------
+    def _enable_gradient_checkpointing(self) -> None:
+        model = self._hf_model()
+        if not model.supports_gradient_checkpointing:
+            raise ValueError(
+                f"{type(model).__name__} does not support gradient checkpointing: pass gradient_checkpointing=False."
+            )
+        # Non-reentrant checkpointing: LoRA's frozen inputs need no requires_grad, and no-grad rollouts skip it.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # HF checkpoints a layer only while ``layer.training``; the LM stays in eval mode (no dropout), so
+        # set_training_mode() flips that flag on the checkpointed modules alone.
+        self._checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+
+    def autocast_dtype(self) -> th.dtype | None:
+        """The dtype LM forwards autocast to on the policy's current device, or None for float32."""
+        device = self.device
+        if self.mixed_precision == "bf16":
+            if device.type == "cuda" and not _cuda_supports_bf16(device.index):
+                raise RuntimeError(
+                    f"mixed_precision='bf16' but {th.cuda.get_device_name(device)} has no native bfloat16: "
+                    "use mixed_precision='no' (or 'auto') on this GPU."
+                )
+            return th.bfloat16
+        if self.mixed_precision == "auto" and device.type == "cuda" and _cuda_supports_bf16(device.index):
+            return th.bfloat16
+        return None
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.autocast_dtype()
+        if dtype is None:
+            return contextlib.nullcontext()
+        return th.autocast(device_type=self.device.type, dtype=dtype)
 
     # -- the LM and its reference -----------------------------------------------------------------------
     def _hf_model(self) -> PreTrainedModel:
@@ -217,8 +296,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
         else:
             raise RuntimeError("This policy has no reference model (kl_coef=0 without LoRA)")
 
-    @staticmethod
     def _trunk(
+        self,
         model: PreTrainedModel,
         input_ids: th.Tensor,
         attention_mask: th.Tensor,
@@ -228,13 +307,14 @@ class TransformerLMPolicy(ActorCriticPolicy):
     ) -> tuple[th.Tensor, DynamicCache | None]:
         """Run the LM without its head: (B, S) tokens -> (B, S, H) final hidden states."""
         trunk = model.base_model
-        out = trunk(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=use_cache,
-            **{_cache_kwarg(type(trunk)): past},
-        )
+        with self._autocast():
+            out = trunk(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **{_cache_kwarg(type(trunk)): past},
+            )
         if not use_cache:
             return out.last_hidden_state, None
         return out.last_hidden_state, out["cache"] if "cache" in out else out["past_key_values"]
@@ -248,7 +328,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
 
     def _logits(self, model: PreTrainedModel, hidden: th.Tensor) -> th.Tensor:
         """LM head on selected hidden states, restricted to the env's vocabulary: (N, H) -> (N, V) float32."""
-        logits = model.get_output_embeddings()(hidden)[..., : self.action_space.n].float()
+        with self._autocast():  # the (N, H) x (H, V) head is the largest matmul of a small LM
+            logits = model.get_output_embeddings()(hidden)[..., : self.action_space.n].float()
         softcap = getattr(model.config, "final_logit_softcapping", None)
         if softcap:  # Gemma-2 style models squash their logits
             logits = th.tanh(logits / softcap) * softcap
@@ -275,7 +356,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
         return self.action_dist.proba_distribution(action_logits=self._process_logits(logits))
 
     def _value(self, hidden: th.Tensor) -> th.Tensor:
-        return self.value_net(hidden.to(self.value_net.weight.dtype))
+        with th.autocast(device_type=hidden.device.type, enabled=False):  # values stay float32 under mixed precision
+            return self.value_net(hidden.to(self.value_net.weight.dtype))
 
     # -- rollout: next-token outputs ------------------------------------------------------------------------
     @staticmethod
@@ -422,6 +504,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
         """Dropout stays off (PPO's ratio needs the rollout distribution); training invalidates the KV cache."""
         super().set_training_mode(mode)
         self.lm.eval()
+        for module in getattr(self, "_checkpointed", []):
+            module.training = mode  # only these flags: checkpointing in training, never dropout
         if mode:
             self._rollout_cache.reset()
 
