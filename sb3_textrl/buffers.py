@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,9 @@ class TextRolloutBuffer(RolloutBuffer):
         self.width = int(observation_space["input_ids"].shape[0])
         self.policy: TransformerLMPolicy | None = None
         self.metrics: dict[str, float] = {}
+        # How get() splits the shuffled segments into minibatches: (segments, batch_size) -> groups of segments.
+        # None packs greedily; sb3_textrl.distributed sets one that yields the same count on every rank.
+        self.minibatch_partition: Callable[[list[Segment], int], Iterable[list[Segment]]] | None = None
         super().__init__(
             buffer_size, observation_space, action_space, device, gae_lambda=gae_lambda, gamma=gamma, n_envs=n_envs
         )
@@ -193,7 +196,12 @@ class TextRolloutBuffer(RolloutBuffer):
         assert self.full, "The rollout buffer is not full yet"
         self.generator_ready = True
         order = list(np.random.permutation(len(self.segments)))
-        for chunk in self._pack(order, batch_size or self.buffer_size * self.n_envs):
+        batch_size = batch_size or self.buffer_size * self.n_envs
+        if self.minibatch_partition is not None:
+            chunks: Iterable[list[Segment]] = self.minibatch_partition([self.segments[i] for i in order], batch_size)
+        else:
+            chunks = self._pack(order, batch_size)
+        for chunk in chunks:
             yield self._get_samples(chunk)
 
     def _pack(self, order: list[int], batch_size: int) -> Generator[list[Segment], None, None]:
