@@ -13,6 +13,7 @@ import numpy as np
 from gymnasium import spaces
 from transformers import PreTrainedTokenizerBase
 
+from sb3_textrl.envs.masks import MaskSpec, resolve_action_mask
 from sb3_textrl.rewards.base import RewardFn, TextReward, reward_name, score_batch
 
 logger = logging.getLogger("sb3_textrl")
@@ -109,6 +110,10 @@ class TextGenerationEnv(gym.Env):
     :param tokenizer_name: name or path the tokenizer came from (kept in the observation space)
     :param add_special_tokens: let the tokenizer add its special tokens (e.g. BOS) to each prompt
     :param render_mode: ``"ansi"`` or ``"human"``
+    :param action_mask: which tokens the env allows next, read by sb3-contrib's ``MaskablePPO`` through
+        :meth:`action_masks`: a callable ``(prompt_ids, generated_ids) -> bool array over the vocabulary``,
+        ``"article"``, ``{"banned": [...]}``, an :class:`~sb3_textrl.envs.masks.ActionMask` or a list of these
+        (see :mod:`sb3_textrl.envs.masks`); None allows every token
     """
 
     # render_fps is unused by text rendering; declaring it (as Gymnasium's toy-text envs do) keeps
@@ -127,6 +132,7 @@ class TextGenerationEnv(gym.Env):
         tokenizer_name: str = "",
         add_special_tokens: bool = True,
         render_mode: str | None = None,
+        action_mask: MaskSpec = None,
     ):
         super().__init__()
         if max_new_tokens < 1:
@@ -150,6 +156,10 @@ class TextGenerationEnv(gym.Env):
             raise ValueError(f"{task_id}: the tokenizer has no EOS token; pass stop_token_ids=[...]")
 
         self.prompt_ids = self._tokenize_prompts(add_special_tokens)
+        self.action_mask = resolve_action_mask(action_mask, tokenizer, self.stop_token_ids, task_id)
+        self._episode_masks: dict[int, np.ndarray] = {}  # prompt index -> allowed ids, for per-episode masks
+        self._allowed: np.ndarray | None = None  # (V,) mask of the current step, computed at most once
+        self._n_masked_out = 0
         self.observation_space = TextObservationSpace(
             len(tokenizer), max_prompt_tokens, max_new_tokens, tokenizer_name, tokenizer_fingerprint(tokenizer)
         )
@@ -216,6 +226,8 @@ class TextGenerationEnv(gym.Env):
         self._mask[self.max_prompt_tokens - len(prompt) : self.max_prompt_tokens] = 1
         self._n_generated = 0
         self._episode_over = False
+        self._allowed = None
+        self._n_masked_out = 0
         return self._observation(), {"prompt": self.prompts[self._prompt_index].text, "prompt_index": self._prompt_index}
 
     def _checked_index(self, index: Any) -> int:
@@ -241,6 +253,14 @@ class TextGenerationEnv(gym.Env):
             raise ValueError(f"{self.task_id}: action {token} is not a token id in [0, {self.action_space.n})")
         if self._episode_over:
             raise RuntimeError(f"{self.task_id}: step() called before reset() or after the episode ended; call reset()")
+        if self.action_mask is not None and not self.action_masks()[token]:
+            # Only MaskablePPO with MaskableTransformerLMPolicy samples within the mask; other callers are told once.
+            self._n_masked_out += 1
+            log_once(
+                f"{self.task_id}: a generated token is outside the env's action mask; the mask is applied only by "
+                "sb3_contrib.MaskablePPO with sb3_textrl.MaskableTransformerLMPolicy (or predict(..., action_masks=...))"
+            )
+        self._allowed = None
         slot = self.max_prompt_tokens + self._n_generated
         self._ids[slot] = token
         self._mask[slot] = 1
@@ -261,6 +281,55 @@ class TextGenerationEnv(gym.Env):
         return text
 
     # -- helpers ------------------------------------------------------------------------------------------
+    def action_masks(self) -> np.ndarray:
+        """
+        The tokens allowed as the next action (sb3-contrib's convention, read by ``MaskablePPO``).
+
+        :return: (V,) bool, True = allowed; all True when the task has no ``action_mask``
+        """
+        if self._episode_over:
+            raise RuntimeError(
+                f"{self.task_id}: action_masks() called before reset() or after the episode ended; call reset()"
+            )
+        if self._allowed is None:
+            self._allowed = self._compute_mask()
+        return self._allowed
+
+    def _compute_mask(self) -> np.ndarray:
+        vocab = int(self.action_space.n)
+        if self.action_mask is None:
+            return np.ones(vocab, dtype=bool)
+        prompt, prompt_ids = self.prompts[self._prompt_index], self.prompt_ids[self._prompt_index]
+        if not self.action_mask.per_episode:
+            generated = self._ids[self.max_prompt_tokens : self.max_prompt_tokens + self._n_generated]
+            return self._checked_mask(self.action_mask(prompt, prompt_ids, generated.copy()))
+        # A per-episode mask is kept as its allowed ids (compact), one entry per prompt.
+        allowed_ids = self._episode_masks.get(self._prompt_index)
+        if allowed_ids is None:
+            mask = self._checked_mask(self.action_mask(prompt, prompt_ids, np.zeros(0, dtype=np.int64)))
+            allowed_ids = self._episode_masks[self._prompt_index] = np.flatnonzero(mask).astype(np.int32)
+        allowed = np.zeros(vocab, dtype=bool)
+        allowed[allowed_ids] = True
+        return allowed
+
+    def _checked_mask(self, mask: Any) -> np.ndarray:
+        vocab = int(self.action_space.n)
+        mask = np.asarray(mask)
+        where = f"prompt {self._prompt_index}, after {self._n_generated} generated tokens"
+        if mask.shape != (vocab,):
+            raise ValueError(
+                f"{self.task_id}: the action mask {self.action_mask!r} returned shape {mask.shape} ({where}); it must be "
+                f"a bool array of shape ({vocab},), one entry per token of the tokenizer (len(tokenizer))"
+            )
+        if mask.dtype != bool:
+            mask = mask.astype(bool)
+        if not mask.any():
+            raise ValueError(
+                f"{self.task_id}: the action mask {self.action_mask!r} allows no token ({where}); it must allow at least "
+                "one token, e.g. the stop token (EOS) so that a completion can end"
+            )
+        return mask
+
     def _observation(self) -> dict[str, np.ndarray]:
         return {"input_ids": self._ids.copy(), "attention_mask": self._mask.copy()}
 
@@ -289,4 +358,6 @@ class TextGenerationEnv(gym.Env):
             "completion_tokens": self._n_generated,
             "ended_by_stop_token": ended_by_stop_token,
         }
+        if self.action_mask is not None:
+            info["masked_out_tokens"] = self._n_masked_out  # generated tokens the mask did not allow (0 with MaskablePPO)
         return reward, info
