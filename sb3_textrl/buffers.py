@@ -15,6 +15,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
 from stable_baselines3.common.vec_env import VecNormalize
 
+from sb3_textrl.nlpo import NLPO_ALLOWED, pack_allowed, unpack_allowed
 from sb3_textrl.policies import SEGMENT_LENGTHS, SEGMENT_STARTS, TransformerLMPolicy
 
 
@@ -92,6 +93,8 @@ class TextRolloutBuffer(RolloutBuffer):
         self._context_rows: list[tuple[np.ndarray, np.ndarray]] = []
         self.segments: list[Segment] = []
         self._open: list[Segment | None] = [None] * self.n_envs
+        # NLPO: the allowed-token set of every step, one bit per token (allocated by the first step that has one).
+        self.nlpo_allowed: np.ndarray | None = None
         self.generator_ready = False
         self.pos = 0
         self.full = False
@@ -123,6 +126,12 @@ class TextRolloutBuffer(RolloutBuffer):
         self.episode_starts[self.pos] = np.asarray(episode_start)
         self.values[self.pos] = value.clone().cpu().numpy().flatten()
         self.log_probs[self.pos] = log_prob.clone().cpu().numpy().flatten()
+        allowed = getattr(log_prob, "nlpo_allowed", None)
+        if allowed is not None:
+            packed = pack_allowed(allowed)  # (n_envs, ceil(V / 8))
+            if self.nlpo_allowed is None:
+                self.nlpo_allowed = np.zeros((self.buffer_size, *packed.shape), dtype=np.uint8)
+            self.nlpo_allowed[self.pos] = packed
         self.pos += 1
         if self.pos == self.buffer_size:
             self.full = True
@@ -251,8 +260,13 @@ class TextRolloutBuffer(RolloutBuffer):
         def flat(array: np.ndarray) -> th.Tensor:
             return self.to_torch(self._flat(array, chunk).astype(np.float32))
 
+        observations = self._segment_batch(chunk)
+        if self.nlpo_allowed is not None:  # the rollout's NLPO sets, so training masks exactly as the rollout did
+            n_tokens = int(self.action_space.n)  # type: ignore[attr-defined]
+            allowed = unpack_allowed(self._flat(self.nlpo_allowed, chunk), n_tokens)
+            observations[NLPO_ALLOWED] = th.as_tensor(allowed, device=self.device)
         return DictRolloutBufferSamples(
-            observations=self._segment_batch(chunk),
+            observations=observations,
             actions=flat(self.actions),
             old_values=flat(self.values),
             old_log_prob=flat(self.log_probs),

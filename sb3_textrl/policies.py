@@ -23,6 +23,7 @@ from sb3_textrl.common.kl_controller import KLController
 from sb3_textrl.common.kv_cache import RolloutKVCache, last_valid_index, longest_extensions, positions_from_mask
 from sb3_textrl.envs.text_env import TextObservationSpace, tokenizer_fingerprint
 from sb3_textrl.models import load_causal_lm, load_tokenizer
+from sb3_textrl.nlpo import NLPO_ADAPTER, NLPO_ALLOWED, top_p_allowed
 
 # Keys of the observations that TextRolloutBuffer yields: whole episode segments instead of single steps.
 SEGMENT_STARTS = "segment_starts"  # (S,) column of the hidden state that predicts the segment's first action
@@ -90,6 +91,10 @@ class TransformerLMPolicy(ActorCriticPolicy):
     :param gradient_checkpointing: recompute the LM's layer activations in the backward pass instead of keeping them
         (less memory for long episodes, about one more forward per update); rollouts are unaffected (no gradients,
         KV cache on)
+    :param nlpo_top_p: NLPO-style masking (:mod:`sb3_textrl.nlpo`): each step may only take a token of the top-p set
+        of a masking policy, a frozen copy of this policy refreshed by :class:`~sb3_textrl.nlpo.NLPOMaskRefresh`;
+        None turns it off. With LoRA the masking policy is a second adapter (one LM in memory), without LoRA a
+        frozen copy of the LM
     :param kwargs: further :class:`~stable_baselines3.common.policies.ActorCriticPolicy` arguments
         (``optimizer_class``, ``optimizer_kwargs``, ...); ``net_arch`` and ``ortho_init`` have no effect: there is
         no MLP, and a pretrained LM is never re-initialised
@@ -114,6 +119,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         check_tokenizer: bool = True,
         mixed_precision: str = "auto",
         gradient_checkpointing: bool = False,
+        nlpo_top_p: float | None = None,
         **kwargs: Any,
     ):
         if not isinstance(action_space, spaces.Discrete):
@@ -129,6 +135,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        if nlpo_top_p is not None and not 0 < nlpo_top_p <= 1:
+            raise ValueError(f"nlpo_top_p must be in (0, 1] (e.g. 0.9), or None to turn NLPO masking off; got {nlpo_top_p}")
         if mixed_precision not in MIXED_PRECISION_OPTIONS:
             fp16 = (
                 " fp16 autocast needs loss scaling (a GradScaler), which SB3's train loop (optimizer.step()) does not do: "
@@ -151,6 +159,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         self.use_kv_cache = use_kv_cache
         self.share_prefixes = share_prefixes
         self.check_tokenizer = check_tokenizer
+        self.nlpo_top_p = nlpo_top_p
         self._warned_per_step = False
         # ActorCriticPolicy builds a flatten extractor and calls self._build(); the MLP arguments are unused.
         kwargs["ortho_init"] = False
@@ -171,6 +180,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         self.ref_lm: PreTrainedModel | None = None
         if not self.use_lora and self.kl_controller.enabled:
             self.ref_lm = copy.deepcopy(model).requires_grad_(False).eval()
+        self._build_masking_policy()
         if self.gradient_checkpointing:
             self._enable_gradient_checkpointing()
         hidden_size = self._hf_model().get_output_embeddings().weight.shape[1]
@@ -240,6 +250,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
                 check_tokenizer=self.check_tokenizer,
                 mixed_precision=self.mixed_precision,
                 gradient_checkpointing=self.gradient_checkpointing,
+                nlpo_top_p=self.nlpo_top_p,
             )
         )
         return data
@@ -335,11 +346,16 @@ class TransformerLMPolicy(ActorCriticPolicy):
             logits = th.tanh(logits / softcap) * softcap
         return logits
 
-    def _process_logits(self, logits: th.Tensor) -> th.Tensor:
-        """The sampling distribution's logits: temperature, then top-k / top-p truncation. (N, V) -> (N, V)"""
+    def _process_logits(self, logits: th.Tensor, allowed: th.Tensor | None = None) -> th.Tensor:
+        """
+        The sampling distribution's logits: temperature, then the NLPO mask, then top-k / top-p truncation (which so
+        choose among the allowed tokens). (N, V) logits and (N, V) bool allowed tokens -> (N, V)
+        """
         if self.temperature != 1.0:
             logits = logits / self.temperature
         fill = _masked_fill_value(logits.dtype)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, fill)
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             kth_best = th.topk(logits, self.top_k, dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth_best, fill)
@@ -352,8 +368,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
             logits = logits.masked_fill(drop, fill)
         return logits
 
-    def _distribution(self, logits: th.Tensor) -> CategoricalDistribution:
-        return self.action_dist.proba_distribution(action_logits=self._process_logits(logits))
+    def _distribution(self, logits: th.Tensor, allowed: th.Tensor | None = None) -> CategoricalDistribution:
+        return self.action_dist.proba_distribution(action_logits=self._process_logits(logits, allowed))
 
     def _value(self, hidden: th.Tensor) -> th.Tensor:
         with th.autocast(device_type=hidden.device.type, enabled=False):  # values stay float32 under mixed precision
@@ -385,15 +401,18 @@ class TransformerLMPolicy(ActorCriticPolicy):
             KL penalty.
         """
         hidden = self._next_token_hidden(obs)
-        distribution = self._distribution(self._logits(self._hf_model(), hidden))
+        allowed = self.nlpo_allowed(obs, rollout=True)
+        distribution = self._distribution(self._logits(self._hf_model(), hidden), allowed)
         actions = distribution.get_actions(deterministic=deterministic)
         log_prob = distribution.log_prob(actions)
         log_prob.textrl_policy = self  # type: ignore[attr-defined]
+        if allowed is not None:  # TextRolloutBuffer stores the sets, so training sees the rollout's masks exactly
+            log_prob.nlpo_allowed = allowed  # type: ignore[attr-defined]
         return actions, self._value(hidden), log_prob
 
     def get_distribution(self, obs: PyTorchObs) -> Distribution:
         hidden = self._next_token_hidden(obs)
-        return self._distribution(self._logits(self._hf_model(), hidden))
+        return self._distribution(self._logits(self._hf_model(), hidden), self.nlpo_allowed(obs, rollout=True))
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         return self.get_distribution(observation).get_actions(deterministic=deterministic)
@@ -426,7 +445,11 @@ class TransformerLMPolicy(ActorCriticPolicy):
         else:
             self._warn_per_step()
             hidden = self._last_hidden_per_step(obs)
-        distribution = self._distribution(self._logits(self._hf_model(), hidden))
+        allowed = self.nlpo_allowed(obs)
+        if allowed is not None and NLPO_ALLOWED not in obs:
+            # Sets recomputed by a different forward than the rollout's: the taken action was allowed then.
+            allowed[th.arange(len(actions), device=allowed.device), actions.long().flatten()] = True
+        distribution = self._distribution(self._logits(self._hf_model(), hidden), allowed)
         return self._value(hidden), distribution.log_prob(actions), distribution.entropy()
 
     @th.no_grad()
@@ -467,18 +490,107 @@ class TransformerLMPolicy(ActorCriticPolicy):
         columns = th.repeat_interleave(starts - first, lengths) + offsets
         return hidden[rows, columns]
 
-    def _last_hidden_per_step(self, obs: PyTorchObs) -> th.Tensor:
+    def _last_hidden_per_step(self, obs: PyTorchObs, model: PreTrainedModel | None = None) -> th.Tensor:
         """(B, H) hidden state at each observation's last token, one forward per distinct sequence."""
+        model = self._hf_model() if model is None else model
         ids, mask = self._tokens(obs)
         rows = th.arange(len(ids), device=ids.device)
         if self.share_prefixes and len(ids) > 1:
             # Observations that are prefixes of another (steps of one episode) are read off the longer one's forward.
             cover = longest_extensions(ids, mask)
             sequences, rows = th.unique(cover, return_inverse=True)
-            hidden, _ = self._trunk(self._hf_model(), ids[sequences], mask[sequences], positions_from_mask(mask[sequences]))
+            hidden, _ = self._trunk(model, ids[sequences], mask[sequences], positions_from_mask(mask[sequences]))
         else:
-            hidden, _ = self._trunk(self._hf_model(), ids, mask, positions_from_mask(mask))
+            hidden, _ = self._trunk(model, ids, mask, positions_from_mask(mask))
         return hidden[rows, last_valid_index(mask)]
+
+    # -- NLPO masking (sb3_textrl.nlpo) -------------------------------------------------------------------------
+    def _build_masking_policy(self) -> None:
+        """The NLPO masking policy: a frozen second LoRA adapter, or without LoRA a frozen copy of the LM."""
+        self.mask_lm: PreTrainedModel | None = None
+        self._mask_cache = RolloutKVCache(self._cached_masking_trunk)  # the masking policy's own rollout cache
+        if self.nlpo_top_p is None:
+            return
+        if isinstance(self.lm, PeftModel):
+            active = self.lm.active_adapter
+            self.lm.add_adapter(NLPO_ADAPTER, copy.deepcopy(self.lm.peft_config[active]))
+            self.lm.set_adapter(active)  # the trained adapter stays active and trainable, the new one frozen
+            self.refresh_masking_policy()
+        else:
+            self.mask_lm = copy.deepcopy(self.lm).requires_grad_(False).eval()
+
+    @th.no_grad()
+    def refresh_masking_policy(self) -> None:
+        """Copy the policy's current weights into the NLPO masking policy (what NLPOMaskRefresh calls)."""
+        if self.nlpo_top_p is None:
+            raise ValueError("This policy has no NLPO masking policy: build it with policy_kwargs=dict(nlpo_top_p=0.9).")
+        if self.mask_lm is not None:
+            self.mask_lm.load_state_dict(self.lm.state_dict())
+        else:
+            assert isinstance(self.lm, PeftModel)
+            params = dict(self.lm.named_parameters())
+            mask_key, policy_key = f".{NLPO_ADAPTER}.", f".{self.lm.active_adapter}."
+            for name, param in params.items():
+                if mask_key in name:
+                    param.copy_(params[name.replace(mask_key, policy_key)])
+        self._mask_cache.reset()
+
+    @contextlib.contextmanager
+    def masking_model(self) -> Iterator[PreTrainedModel]:
+        """Context in which the returned model is the frozen NLPO masking policy."""
+        if self.mask_lm is not None:
+            yield self.mask_lm
+            return
+        if not isinstance(self.lm, PeftModel) or NLPO_ADAPTER not in self.lm.peft_config:
+            raise RuntimeError("This policy has no NLPO masking policy (nlpo_top_p=None)")
+        active = self.lm.active_adapter
+        self.lm.set_adapter(NLPO_ADAPTER, inference_mode=True)
+        try:
+            yield self._hf_model()
+        finally:
+            self.lm.set_adapter(active)  # also gives the trained adapter its requires_grad back
+
+    def _cached_masking_trunk(
+        self, input_ids: th.Tensor, attention_mask: th.Tensor, position_ids: th.Tensor, past: DynamicCache | None
+    ) -> tuple[th.Tensor, DynamicCache]:
+        model = self.mask_lm if self.mask_lm is not None else self._hf_model()  # called inside masking_model()
+        hidden, past = self._trunk(model, input_ids, attention_mask, position_ids, past, use_cache=True)
+        assert past is not None
+        return hidden, past
+
+    @th.no_grad()
+    def nlpo_allowed(self, obs: PyTorchObs, action_masks: Any = None, rollout: bool = False) -> th.Tensor | None:
+        """
+        NLPO: the tokens each step may take, (N, V) bool, or None without NLPO masking.
+
+        Segments from TextRolloutBuffer carry the sets stored at rollout time; otherwise the masking policy scores
+        the observations (rollout steps through its own KV cache, one one-token forward per step; segments by one
+        teacher-forced forward each; single steps by a full forward).
+
+        :param obs: rollout observations, segments or single steps
+        :param action_masks: the env's action masks ((N, V) or flat, as MaskablePPO passes them), combined: the top-p
+            set is taken on the masking distribution restricted to the env's valid tokens, so it is a non-empty
+            subset of them
+        :param rollout: ``obs`` holds the current step of every env (use the masking policy's KV cache)
+        :return: (N, V) bool, True for allowed tokens
+        """
+        if self.nlpo_top_p is None:
+            return None
+        assert isinstance(obs, dict)
+        if NLPO_ALLOWED in obs:
+            return obs[NLPO_ALLOWED].bool()
+        with self.masking_model() as model:
+            if SEGMENT_LENGTHS in obs:
+                hidden = self._segment_hidden(model, obs)
+            elif rollout and self.use_kv_cache:
+                hidden = self._mask_cache.step(*self._tokens(obs))
+            else:
+                hidden = self._last_hidden_per_step(obs, model)
+            logits = self._logits(model, hidden)
+        env_mask = None
+        if action_masks is not None:
+            env_mask = th.as_tensor(action_masks, device=logits.device).reshape(logits.shape).bool()
+        return top_p_allowed(logits, self.nlpo_top_p, env_mask)
 
     def _warn_per_step(self) -> None:
         if self._warned_per_step:
@@ -511,4 +623,5 @@ class TransformerLMPolicy(ActorCriticPolicy):
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         self._rollout_cache.reset()
+        self._mask_cache.reset()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
