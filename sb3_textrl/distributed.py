@@ -1,0 +1,395 @@
+"""Data-parallel PPO under ``torchrun``: every rank runs its own envs and its own stock SB3 ``PPO``.
+
+The ranks stay one model because :func:`make_data_parallel`
+
+- broadcasts rank 0's trainable parameters and floating-point buffers (β of the adaptive KL controller) once,
+- averages the gradients over the ranks at the end of every ``loss.backward()`` — before SB3 clips their norm,
+  so every rank clips the same averaged gradient and takes the same optimizer step,
+- makes :class:`~sb3_textrl.buffers.TextRolloutBuffer` yield the same number of minibatches on every rank (each
+  rank packs whole episodes, whose lengths differ per rank; a rank with one backward pass fewer would hang),
+- adapts β from the KL averaged over the ranks,
+- silences the logger of every rank but 0 (wrap callbacks that write files in :class:`MainProcessCallback`).
+
+Launch a script that calls :func:`init_distributed` and :func:`make_data_parallel` with
+``torchrun --nproc_per_node=N script.py`` (NCCL on GPUs, gloo on CPUs); see docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch as th
+import torch.distributed as dist
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from torch import nn
+
+from sb3_textrl.buffers import Segment, TextRolloutBuffer
+
+# The gradient sync of each data-parallel policy (weak: it goes away with the policy; nothing is stored on the
+# model, so PPO.save never sees it).
+_SYNCS: weakref.WeakKeyDictionary[nn.Module, GradientAverager] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits in the job (torchrun's ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``)."""
+
+    rank: int = 0  # global rank, 0 .. world_size - 1
+    local_rank: int = 0  # rank on this host: the GPU index
+    world_size: int = 1  # number of processes in the job
+    backend: str | None = None  # "nccl" or "gloo"; None: not distributed
+    device: th.device = field(default_factory=lambda: th.device("cpu"))  # this rank's device (pass it to PPO)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0: the one that logs, evaluates and saves."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """Whether there is more than one process."""
+        return self.world_size > 1
+
+    def seed(self, seed: int, n_envs: int = 1) -> int:
+        """
+        This rank's seed, so that no two envs of the job share a prompt order.
+
+        SB3 seeds env ``i`` of a ``VecEnv`` with ``seed + i``; rank ``r`` therefore starts at ``seed + r * n_envs``.
+
+        :param seed: the job's seed
+        :param n_envs: envs per rank
+        :return: the seed to give ``PPO(seed=...)`` and ``make_vec_env(seed=...)`` on this rank
+        """
+        return seed + self.rank * n_envs
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op without a process group)."""
+        if _initialized():
+            dist.barrier()
+
+    @classmethod
+    def current(cls) -> DistributedContext:
+        """The context of the initialized process group, or a single-process context without one."""
+        if not _initialized():
+            return cls()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = th.device("cuda", local_rank) if th.cuda.is_available() else th.device("cpu")
+        return cls(dist.get_rank(), local_rank, dist.get_world_size(), dist.get_backend(), device)
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistributedContext:
+    """
+    Join the ``torchrun`` job of this process (reads ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``); outside ``torchrun`` return a single-process context, so the same script also runs alone.
+
+    :param backend: "auto" (NCCL with CUDA, else gloo), "nccl" or "gloo"
+    :param timeout_s: how long a collective waits for the other ranks before failing
+    :return: this process's place in the job
+    """
+    if backend not in ("auto", "nccl", "gloo"):
+        raise ValueError(f"backend must be 'auto', 'nccl' or 'gloo', got {backend!r}")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistributedContext.current()
+    if backend == "auto":
+        backend = "nccl" if th.cuda.is_available() else "gloo"
+    if backend == "nccl" and not th.cuda.is_available():
+        raise RuntimeError("backend='nccl' needs CUDA GPUs; on CPUs use backend='gloo' (or 'auto')")
+    if th.cuda.is_available():
+        th.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not _initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistributedContext.current()
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (always true without a process group)."""
+    return not _initialized() or dist.get_rank() == 0
+
+
+# -- gradients --------------------------------------------------------------------------------------------------
+class GradientAverager:
+    """
+    Averages the gradients of ``parameters`` over the ranks at the end of every backward pass.
+
+    A post-accumulate-grad hook on each parameter queues one callback that the autograd engine runs when the
+    backward pass is over (as ``DistributedDataParallel`` does); it all-reduces every gradient in flat buckets,
+    in the parameters' fixed order. SB3's train loop is unchanged: ``loss.backward()`` returns with averaged
+    gradients, so ``clip_grad_norm_`` sees the same global norm on every rank. A parameter that got no gradient
+    on any rank keeps ``grad = None``; one that got a gradient on some ranks only counts as zero on the others.
+
+    :param parameters: the trainable parameters, in the same order on every rank
+    :param bucket_numel: elements per all-reduce call (bounds the extra memory of the flat copies)
+    """
+
+    def __init__(self, parameters: Iterable[nn.Parameter], bucket_numel: int = 1 << 24):
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.bucket_numel = bucket_numel
+        self._queued = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_accumulated) for p in self.parameters]
+
+    def _on_accumulated(self, parameter: th.Tensor) -> None:
+        if not self._queued:
+            self._queued = True
+            th.autograd.Variable._execution_engine.queue_callback(self._all_reduce)  # type: ignore[attr-defined]
+
+    @th.no_grad()
+    def _all_reduce(self) -> None:
+        self._queued = False
+        world_size = dist.get_world_size()
+        device = self.parameters[0].device
+        # Which parameters have a gradient on any rank (a collective every rank can make, whatever its graph).
+        present = th.tensor([p.grad is not None for p in self.parameters], dtype=th.float32, device=device)
+        dist.all_reduce(present)
+        params = [p for p, n in zip(self.parameters, present.tolist()) if n > 0]
+        for p in params:
+            if p.grad is None:
+                p.grad = th.zeros_like(p)
+        for bucket in self._buckets(params):
+            flat = th.cat([p.grad.reshape(-1) for p in bucket])  # type: ignore[union-attr]
+            dist.all_reduce(flat)
+            flat.div_(world_size)
+            offset = 0
+            for p in bucket:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))  # type: ignore[union-attr]
+                offset += p.numel()
+
+    def _buckets(self, params: list[nn.Parameter]) -> Iterable[list[nn.Parameter]]:
+        """Consecutive parameters of one dtype and device, about ``bucket_numel`` elements at a time."""
+        bucket: list[nn.Parameter] = []
+        size = 0
+        for p in params:
+            if bucket and (size + p.numel() > self.bucket_numel or (p.dtype, p.device) != (bucket[0].dtype, bucket[0].device)):
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(p)
+            size += p.numel()
+        if bucket:
+            yield bucket
+
+    def remove(self) -> None:
+        """Stop averaging (removes the hooks)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
+    """
+    Copy rank ``src``'s trainable parameters and floating-point buffers into every rank's ``module``.
+
+    The frozen weights are not sent: every rank loads them from the same checkpoint.
+
+    :param module: the policy (same architecture on every rank)
+    :param src: the rank whose values win
+    """
+    with th.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=src)
+        for b in module.buffers():
+            if b.is_floating_point():
+                dist.broadcast(b, src=src)
+
+
+# -- minibatches ------------------------------------------------------------------------------------------------
+def split_segments(segments: list[Segment], n_groups: int) -> list[list[Segment]]:
+    """
+    Split whole episode segments, in the given order, into exactly ``n_groups`` non-empty groups of about equal
+    numbers of steps.
+
+    :param segments: the segments in minibatch order (shuffled by the buffer)
+    :param n_groups: the number of groups, 1 .. len(segments)
+    :return: the groups
+    """
+    if not 1 <= n_groups <= len(segments):
+        raise ValueError(f"cannot split {len(segments)} segments into {n_groups} non-empty minibatches")
+    total = sum(s.length for s in segments)
+    groups: list[list[Segment]] = []
+    start, done = 0, 0
+    for g in range(n_groups):
+        later = n_groups - g - 1  # groups still to fill: each needs a segment
+        end = start + 1
+        steps = segments[start].length
+        if later == 0:
+            end = len(segments)
+        else:
+            target = total * (g + 1) / n_groups
+            while end < len(segments) - later and done + steps < target:
+                steps += segments[end].length
+                end += 1
+        groups.append(segments[start:end])
+        start, done = end, done + steps
+    return groups
+
+
+def agreed_minibatch_partition(segments: list[Segment], batch_size: int) -> list[list[Segment]]:
+    """
+    ``TextRolloutBuffer.minibatch_partition`` for data-parallel training: every rank yields the same number of
+    minibatches, ``ceil(steps / batch_size)`` (SB3's count for its default buffer) or fewer when a rank has fewer
+    whole segments than that (the minimum over the ranks, found by one all-reduce).
+
+    :param segments: this rank's segments in shuffled order
+    :param batch_size: PPO's ``batch_size`` (steps)
+    :return: the minibatches, as groups of whole segments
+    """
+    total = sum(s.length for s in segments)
+    count = th.tensor([min(math.ceil(total / batch_size), len(segments))], dtype=th.int64)
+    if _initialized():
+        count = _all_reduce(count, dist.ReduceOp.MIN)
+    return split_segments(segments, int(count.item()))
+
+
+def _all_reduce(tensor: th.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> th.Tensor:
+    """All-reduce of a small CPU tensor, on the device the backend needs (NCCL: this rank's GPU); returns it on the CPU."""
+    moved = tensor.to(DistributedContext.current().device) if dist.get_backend() == "nccl" else tensor.clone()
+    dist.all_reduce(moved, op=op)
+    return moved.cpu()
+
+
+# -- the adaptive KL coefficient --------------------------------------------------------------------------------
+def _sync_adaptive_kl(buffer: TextRolloutBuffer, policy: BasePolicy) -> None:
+    """
+    Make the buffer adapt β from the KL of all ranks: each rank measures the mean KL of its own episodes, and a
+    rank-local β would make the ranks' rewards, hence their gradients, and finally their weights drift apart.
+    """
+    controller = getattr(policy, "kl_controller", None)
+    if controller is None or controller.target_kl is None:
+        return
+    compute_local = buffer.compute_returns_and_advantage
+
+    def compute_returns_and_advantage(last_values: th.Tensor, dones: th.Tensor) -> None:
+        beta = controller.kl_coef.detach().clone()  # the same on every rank
+        compute_local(last_values, dones)  # penalises with β, then adapts β to this rank's KL
+        kl = buffer.metrics.get("kl_to_ref")  # absent when no episode ended in this rank's rollout
+        local = [kl or 0.0, float(kl is not None), float(buffer.buffer_size * buffer.n_envs)]
+        kl_sum, ranks_with_kl, tokens = _all_reduce(th.tensor(local, dtype=th.float64)).tolist()
+        controller.kl_coef.copy_(beta)
+        if ranks_with_kl > 0:
+            controller.update(kl_sum / ranks_with_kl, int(tokens))
+
+    buffer.compute_returns_and_advantage = compute_returns_and_advantage  # type: ignore[method-assign]
+
+
+# -- the model --------------------------------------------------------------------------------------------------
+def _check_same_configuration(model: OnPolicyAlgorithm, parameters: list[nn.Parameter]) -> None:
+    """Refuse ranks whose settings differ: they would hang in a collective or silently average unlike gradients."""
+    names = ["n_steps", "n_envs", "batch_size", "n_epochs", "trainable tensors", "trainable elements"]
+    local = th.tensor(
+        [
+            model.n_steps,
+            model.n_envs,
+            getattr(model, "batch_size", 0),
+            getattr(model, "n_epochs", 1),
+            len(parameters),
+            sum(p.numel() for p in parameters),
+        ],
+        dtype=th.int64,
+    )
+    low, high = _all_reduce(local, dist.ReduceOp.MIN), _all_reduce(local, dist.ReduceOp.MAX)
+    differ = [f"{n} ({lo}..{hi})" for n, lo, hi in zip(names, low.tolist(), high.tolist()) if lo != hi]
+    if differ:
+        raise ValueError(
+            f"The ranks are configured differently: {', '.join(differ)}. Every rank must build the same PPO and policy "
+            "(same n_steps, n_envs, batch_size, n_epochs, LM and LoRA settings); only the seeds may differ."
+        )
+
+
+def make_data_parallel(model: OnPolicyAlgorithm, context: DistributedContext | None = None) -> OnPolicyAlgorithm:
+    """
+    Turn this rank's SB3 ``PPO`` into one replica of a data-parallel job (see the module docstring). Call it on
+    every rank after building the model and before ``learn``; without a process group (or with one rank) it
+    returns the model unchanged.
+
+    :param model: this rank's PPO (or another on-policy algorithm), built alike on every rank
+    :param context: this rank's place in the job; default: the initialized process group's
+    :return: the same model
+    """
+    context = context or DistributedContext.current()
+    if not isinstance(model, OnPolicyAlgorithm):
+        raise TypeError(f"make_data_parallel needs an on-policy SB3 algorithm such as PPO, got {type(model).__name__}")
+    if not context.is_distributed or not _initialized():
+        return model
+    if getattr(model, "target_kl", None) is not None:
+        raise ValueError(
+            f"PPO(target_kl={model.target_kl}) stops an epoch when this rank's approximate KL is too high; the ranks "
+            "would decide differently and wait for each other forever. Build PPO with target_kl=None under "
+            "data parallel (the policy's own policy_kwargs=dict(target_kl=...), the adaptive KL penalty, is supported)."
+        )
+    policy = model.policy
+    if policy in _SYNCS:
+        return model  # already data-parallel
+    parameters = [p for p in policy.parameters() if p.requires_grad]
+    _check_same_configuration(model, parameters)
+    broadcast_parameters(policy)
+    cache = getattr(policy, "_rollout_cache", None)
+    if cache is not None:
+        cache.reset()  # it may hold keys and values of the weights before the broadcast
+    _SYNCS[policy] = GradientAverager(parameters)
+    buffer = model.rollout_buffer
+    if isinstance(buffer, TextRolloutBuffer):
+        buffer.minibatch_partition = agreed_minibatch_partition
+        _sync_adaptive_kl(buffer, policy)
+    if not context.is_main:
+        model.verbose = 0
+        model.set_logger(Logger(folder=None, output_formats=[]))  # records are kept and dropped, nothing is written
+    return model
+
+
+# -- callbacks --------------------------------------------------------------------------------------------------
+class MainProcessCallback(BaseCallback):
+    """
+    Run ``callback`` on rank 0 only (checkpoints, evaluations, samples), while every rank agrees on when to stop.
+
+    When the callback stops training (``_on_step`` returns False) on rank 0, every rank stops at the same step: the
+    decision is all-reduced at each step (one tiny collective per env step).
+
+    :param callback: the SB3 callback to run on rank 0
+    :param context: this rank's place in the job; default: the initialized process group's
+    """
+
+    def __init__(self, callback: BaseCallback, context: DistributedContext | None = None):
+        super().__init__()
+        self.callback = callback
+        self.context = context or DistributedContext.current()
+
+    def _init_callback(self) -> None:
+        if self.context.is_main:
+            self.callback.init_callback(self.model)
+
+    def _on_training_start(self) -> None:
+        if self.context.is_main:
+            self.callback.on_training_start(self.locals, self.globals)
+
+    def _on_rollout_start(self) -> None:
+        if self.context.is_main:
+            self.callback.on_rollout_start()
+
+    def _on_step(self) -> bool:
+        keep_going = self.callback.on_step() if self.context.is_main else True
+        if self.context.is_distributed and _initialized():
+            keep_going = bool(_all_reduce(th.tensor([int(keep_going)]), dist.ReduceOp.MIN).item())
+        return keep_going
+
+    def _on_rollout_end(self) -> None:
+        if self.context.is_main:
+            self.callback.on_rollout_end()
+
+    def _on_training_end(self) -> None:
+        if self.context.is_main:
+            self.callback.on_training_end()
+
+    def update_child_locals(self, locals_: dict) -> None:
+        if self.context.is_main:
+            self.callback.update_locals(locals_)

@@ -1,0 +1,93 @@
+"""One rank of the data-parallel tests, launched twice by tests/test_distributed.py through torchrun (gloo):
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py OUT_DIR TINY_LM
+
+Writes rank{r}_*.pkl files into OUT_DIR for the test process to compare.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+import torch as th
+from helpers import ragged_stop_ids, register_toy_task, toy_ppo, toy_vec_env
+from stable_baselines3.common.callbacks import CheckpointCallback
+from stable_baselines3.common.logger import configure
+
+from sb3_textrl.distributed import MainProcessCallback, broadcast_parameters, init_distributed, make_data_parallel
+
+# One gradient step: one rollout of N_STEPS x N_ENVS steps, one epoch, one minibatch holding all of it.
+STEP = dict(n_steps=5, batch_size=10, n_epochs=1, normalize_advantage=False, learning_rate=1.0, max_grad_norm=0.05,
+            policy_kwargs=dict(kl_coef=0.1, optimizer_class=th.optim.SGD))
+# Several updates with ragged episodes (different minibatch counts per rank) and an adaptive β.
+TRAIN = dict(n_steps=8, batch_size=6, n_epochs=2, learning_rate=1e-2,
+             policy_kwargs=dict(kl_coef=0.1, target_kl=0.01, kl_horizon=50))
+N_ENVS = 2
+
+
+def trainable(model) -> dict[str, th.Tensor]:
+    return {n: p.detach().clone() for n, p in model.policy.named_parameters() if p.requires_grad}
+
+
+def buffer_parts(model) -> dict:
+    buffer = model.rollout_buffer
+    names = ["actions", "rewards", "task_rewards", "returns", "episode_starts", "values", "log_probs", "ref_log_probs",
+             "advantages", "contexts", "context_masks"]
+    parts = {name: getattr(buffer, name).copy() for name in names}
+    parts["segments"] = [(s.env, s.start, s.length, s.context) for s in buffer.segments]
+    return parts
+
+
+def main(out: Path, lm: str) -> None:
+    ctx = init_distributed("gloo")
+    rank = ctx.rank
+    results: dict = {"world_size": ctx.world_size}
+
+    # 1. One gradient step, for the equivalence with a single process on both ranks' minibatches.
+    step_task = register_toy_task("DistStep-v0", lm, max_new_tokens=5)
+    model = toy_ppo(toy_vec_env(step_task, N_ENVS, seed=ctx.seed(1, N_ENVS)), lm, seed=ctx.seed(1, N_ENVS), **STEP)
+    make_data_parallel(model, ctx)
+    results["step_before"] = trainable(model)
+    model.learn(STEP["n_steps"] * N_ENVS)
+    results["step_after"] = trainable(model)
+    results["step_buffer"] = buffer_parts(model)
+
+    # 2. Several updates: weights, β, logs and checkpoints.
+    train_task = register_toy_task("DistTrain-v0", lm, max_new_tokens=6, stop_token_ids=ragged_stop_ids())
+    model = toy_ppo(toy_vec_env(train_task, N_ENVS, seed=ctx.seed(0, N_ENVS)), lm, seed=ctx.seed(0, N_ENVS), **TRAIN)
+    model.set_logger(configure(str(out / f"logs_rank{rank}"), ["csv"]))  # make_data_parallel silences rank 1
+    make_data_parallel(model, ctx)
+    checkpoints = CheckpointCallback(TRAIN["n_steps"], str(out / f"checkpoints_rank{rank}"))
+    model.learn(3 * TRAIN["n_steps"] * N_ENVS, callback=MainProcessCallback(checkpoints, ctx))
+    results["synced"] = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    results["kl_coef"] = model.policy.kl_controller.value
+    results["contexts"] = model.rollout_buffer.contexts.copy()
+    results["segment_lengths"] = [s.length for s in model.rollout_buffer.segments]
+
+    # 3. Control: same start (broadcast) but no gradient sync -> the ranks' weights must drift apart.
+    control = toy_ppo(toy_vec_env(train_task, N_ENVS, seed=ctx.seed(0, N_ENVS)), lm, seed=ctx.seed(0, N_ENVS), **TRAIN)
+    broadcast_parameters(control.policy)
+    results["control_before"] = trainable(control)
+    control.learn(TRAIN["n_steps"] * N_ENVS)
+    results["control_after"] = trainable(control)
+
+    # 4. Refusals: PPO's own target_kl, and ranks built differently.
+    control.target_kl = 0.05
+    try:
+        make_data_parallel(control, ctx)
+    except ValueError as error:
+        results["target_kl_error"] = str(error)
+    control.target_kl = None
+    odd = toy_ppo(toy_vec_env(train_task, N_ENVS), lm, **(TRAIN | dict(n_steps=8 + 2 * rank)))
+    try:
+        make_data_parallel(odd, ctx)
+    except ValueError as error:
+        results["mismatch_error"] = str(error)
+
+    (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])

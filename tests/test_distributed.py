@@ -1,0 +1,152 @@
+"""Data-parallel PPO: two real processes under torchrun with gloo (tests/distributed_worker.py), compared here."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+import pytest
+import torch as th
+from distributed_worker import N_ENVS, STEP
+from helpers import register_toy_task, toy_ppo, toy_vec_env
+from stable_baselines3.common.logger import Logger
+
+from sb3_textrl.buffers import Segment
+from sb3_textrl.distributed import DistributedContext, init_distributed, make_data_parallel, split_segments
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, tiny_lm) -> list[dict]:
+    """Launch 2 gloo ranks once; each leaves its weights, buffers and messages in a pickle."""
+    out = tmp_path_factory.mktemp("distributed")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+               str(out), tiny_lm]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    results = [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(2)]
+    for r in results:
+        r["out"] = out
+    return results
+
+
+def max_difference(a: dict[str, th.Tensor], b: dict[str, th.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def test_ranks_end_with_identical_weights_and_beta(ranks):
+    first, second = ranks
+    assert first["world_size"] == second["world_size"] == 2
+    # Different data per rank: seeds seed + rank * n_envs give other prompts and other sampled completions.
+    assert not np.array_equal(first["contexts"], second["contexts"]) or first["segment_lengths"] != second["segment_lengths"]
+    # After three PPO updates (two epochs of several minibatches each) every tensor of the policy is identical,
+    # the adaptive β (a buffer of the policy) included, and β did move away from its start.
+    synced = first["synced"], second["synced"]
+    assert synced[0].keys() == synced[1].keys()
+    assert all(th.equal(synced[0][k], synced[1][k]) for k in synced[0])
+    assert first["kl_coef"] == second["kl_coef"] != 0.1
+    # The control: the same start (broadcast) without the gradient sync, one update -> the ranks drift apart.
+    assert max_difference(first["control_before"], second["control_before"]) == 0
+    assert max_difference(first["control_after"], second["control_after"]) > 1e-3
+
+
+def union_step(tiny_lm: str, before: dict[str, th.Tensor], parts: list[dict]) -> dict[str, th.Tensor]:
+    """One SB3 PPO.train() step of a single process whose rollout buffer holds all ``parts`` side by side."""
+    task = "DistStep-v0"
+    if task not in gym.registry:
+        register_toy_task(task, tiny_lm, max_new_tokens=5)
+    n_envs = N_ENVS * len(parts)
+    model = toy_ppo(toy_vec_env(task, n_envs), tiny_lm, **(STEP | dict(batch_size=STEP["n_steps"] * n_envs)))
+    missing, unexpected = model.policy.load_state_dict(before, strict=False)
+    assert not unexpected and not set(before) & set(missing)
+    buffer = model.rollout_buffer
+    for name in parts[0]:
+        if name != "segments":
+            axis = 0 if name.startswith("context") else 1  # per-step arrays are (n_steps, n_envs)
+            setattr(buffer, name, np.concatenate([p[name] for p in parts], axis=axis))
+    buffer.segments, env_offset, context_offset = [], 0, 0
+    for part in parts:
+        buffer.segments += [Segment(env + env_offset, start, length, context + context_offset)
+                            for env, start, length, context in part["segments"]]
+        env_offset, context_offset = env_offset + N_ENVS, context_offset + len(part["contexts"])
+    buffer.full, buffer.pos = True, buffer.buffer_size
+    model.set_logger(Logger(None, []))
+    model.train()
+    return {n: p.detach().clone() for n, p in model.policy.named_parameters() if p.requires_grad}
+
+
+def test_one_step_on_two_ranks_equals_one_step_on_both_minibatches(ranks, tiny_lm):
+    """
+    Each rank took one SGD step on its own minibatch (all its 10 steps: equal sizes, so the mean of the two
+    ranks' mean losses is the mean loss over the 20 steps; normalize_advantage=False, because per-minibatch
+    statistics would differ). A single process that trains once on both minibatches together must land on
+    the same weights, to float tolerance. max_grad_norm is below the gradient's norm, so the clipping is
+    active: averaging after clipping (rank-local norms) would not match.
+    """
+    first, second = ranks
+    before = first["step_before"]
+    assert max_difference(before, second["step_before"]) == 0  # rank 0's initial weights were broadcast
+    assert max_difference(first["step_after"], second["step_after"]) == 0
+    together = union_step(tiny_lm, before, [first["step_buffer"], second["step_buffer"]])
+    update = {k: first["step_after"][k] - before[k] for k in before}
+    scale = max(float(u.abs().max()) for u in update.values())
+    assert scale > 1e-4
+    assert max_difference(together, first["step_after"]) < 1e-5 * max(scale, 1.0)
+    # SGD's step is lr * the clipped gradient: its norm is lr * max_grad_norm when the clipping is active.
+    norm = th.sqrt(sum((u.double() ** 2).sum() for u in update.values()))
+    assert float(norm) == pytest.approx(STEP["learning_rate"] * STEP["max_grad_norm"], rel=1e-4)
+    # And the comparison can fail: rank 0's minibatch alone gives another step.
+    alone = union_step(tiny_lm, before, [first["step_buffer"]])
+    assert max_difference(alone, first["step_after"]) > 100 * max_difference(together, first["step_after"]) + 1e-5
+
+
+def test_only_rank_zero_logs_and_saves(ranks):
+    out = ranks[0]["out"]
+    log = pd.read_csv(out / "logs_rank0" / "progress.csv")
+    assert len(log) == 3 and log["rollout/kl_coef"].notna().all()
+    assert (out / "logs_rank1" / "progress.csv").stat().st_size == 0  # configured, then silenced
+    assert sorted(p.name for p in (out / "checkpoints_rank0").iterdir()) == [
+        "rl_model_16_steps.zip", "rl_model_32_steps.zip", "rl_model_48_steps.zip"]
+    assert not (out / "checkpoints_rank1").exists()
+
+
+def test_refusals_name_the_problem_and_the_fix(ranks):
+    for rank in ranks:
+        assert "target_kl=None" in rank["target_kl_error"] and "PPO(target_kl=0.05)" in rank["target_kl_error"]
+        assert "n_steps (8..10)" in rank["mismatch_error"] and "same n_steps" in rank["mismatch_error"]
+
+
+def test_split_segments_gives_exactly_the_count_asked():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        segments = [Segment(0, 0, int(n), i) for i, n in enumerate(rng.integers(1, 9, size=rng.integers(1, 30)))]
+        n_groups = int(rng.integers(1, len(segments) + 1))
+        groups = split_segments(segments, n_groups)
+        assert len(groups) == n_groups and all(groups)
+        assert [s for g in groups for s in g] == segments  # every segment once, in order
+    # Balanced by steps when the segments allow it.
+    even = [Segment(0, 0, 2, i) for i in range(12)]
+    assert [sum(s.length for s in g) for g in split_segments(even, 3)] == [8, 8, 8]
+    with pytest.raises(ValueError, match="cannot split 2 segments into 3"):
+        split_segments(even[:2], 3)
+
+
+def test_without_torchrun_everything_is_single_process(tiny_lm, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    context = init_distributed()
+    assert context == DistributedContext() and context.is_main and not context.is_distributed
+    assert context.seed(7, n_envs=4) == 7 and DistributedContext(rank=2).seed(7, n_envs=4) == 15
+    task = register_toy_task("DistSingle-v0", tiny_lm, max_new_tokens=3)
+    model = toy_ppo(toy_vec_env(task, 1), tiny_lm, n_steps=3, batch_size=3)
+    assert make_data_parallel(model) is model and model.rollout_buffer.minibatch_partition is None
+    with pytest.raises(TypeError, match="on-policy SB3 algorithm"):
+        make_data_parallel(model.policy)  # type: ignore[arg-type]
