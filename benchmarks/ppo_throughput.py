@@ -77,6 +77,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument(
+        "--mixed-precision", default="auto", choices=("auto", "bf16", "no"), help="TransformerLMPolicy(mixed_precision=...)"
+    )
+    parser.add_argument(
         "--rounds", type=int, default=5, help="timed rounds: one call of generate, fwd+bwd x2 and a fast PPO rollout each"
     )
     parser.add_argument("--warmup-rollouts", type=int, default=1, help="untimed fast-path PPO rollouts before timing")
@@ -300,7 +303,7 @@ def make_ppo(args: argparse.Namespace, lm_dir: Path, device: torch.device, naive
     env = make_vec_env(TASK_ID, n_envs=args.n_envs, seed=args.seed)
     lengths = {len(ids) for prompt_ids in env.get_attr("prompt_ids") for ids in prompt_ids}
     assert lengths == {args.prompt_tokens}, f"env prompts are {sorted(lengths)} tokens long, not {args.prompt_tokens}"
-    policy_kwargs: dict[str, Any] = dict(lm=str(lm_dir), kl_coef=args.kl_coef)
+    policy_kwargs: dict[str, Any] = dict(lm=str(lm_dir), kl_coef=args.kl_coef, mixed_precision=args.mixed_precision)
     extra: dict[str, Any] = {}
     if naive:
         # A plain per-step policy: full forward every rollout step, one forward per step in training.
