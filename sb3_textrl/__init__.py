@@ -18,6 +18,7 @@ from sb3_textrl.envs import (
 )
 from sb3_textrl.envs.registry import mark_text_task
 from sb3_textrl.evaluation import EvalResult, evaluate
+from sb3_textrl.maskable import MaskableTextRolloutBuffer, MaskableTransformerLMPolicy
 from sb3_textrl.policies import TransformerLMPolicy
 from sb3_textrl.rewards import LearnedRewardModel, RougeReward, TextReward
 
@@ -32,6 +33,8 @@ __all__ = [
     "EvalResult",
     "KLController",
     "LearnedRewardModel",
+    "MaskableTextRolloutBuffer",
+    "MaskableTransformerLMPolicy",
     "RougeReward",
     "TextEvalCallback",
     "TextGenerationEnv",
