@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -150,3 +151,15 @@ def test_without_torchrun_everything_is_single_process(tiny_lm, monkeypatch):
     assert make_data_parallel(model) is model and model.rollout_buffer.minibatch_partition is None
     with pytest.raises(TypeError, match="on-policy SB3 algorithm"):
         make_data_parallel(model.policy)  # type: ignore[arg-type]
+
+
+def test_example_runs_alone_without_torchrun(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    path = Path(__file__).resolve().parents[1] / "examples" / "distributed_ppo.py"
+    spec = importlib.util.spec_from_file_location("example_distributed_ppo", path)
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(example)
+    summary = example.main(example.Options(output_dir=str(tmp_path), tiny=True, updates=1, n_epochs=1, device="cpu"))
+    assert summary["world_size"] == 1 and summary["ranks_agree"] and summary["tokens"] == 8 * 4
+    assert (tmp_path / "ppo_model.zip").is_file() and (tmp_path / "logs" / "progress.csv").is_file()

@@ -1,0 +1,132 @@
+"""Data-parallel PPO on NewsSummary-v0 under torchrun: each rank runs its own envs and its own SB3 PPO.
+
+    torchrun --standalone --nproc_per_node=2 examples/distributed_ppo.py --tiny   # 2 CPU processes (gloo), tiny LM
+    torchrun --standalone --nproc_per_node=8 examples/distributed_ppo.py          # 8 GPUs of one host (NCCL), SmolLM2
+    python examples/distributed_ppo.py --tiny                                     # one process, no torchrun
+
+Every rank builds the same PPO with its own seed (other prompts, other samples); ``make_data_parallel`` broadcasts
+rank 0's weights, averages the gradients inside SB3's unchanged train loop and keeps β and the minibatch count
+in step. Rank 0 alone logs (stdout + csv in --output-dir/logs), writes checkpoints and saves the final model.
+Several hosts and the other torchrun options: docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch as th
+import torch.distributed as dist
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import CheckpointCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import configure
+
+from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy
+from sb3_textrl.distributed import MainProcessCallback, init_distributed, make_data_parallel
+
+
+@dataclass
+class Options:
+    """Everything the example can be told (``--help`` lists the same); sizes are per rank."""
+
+    output_dir: str = "runs/distributed_ppo"
+    dataset: str | None = None  # JSONL/CSV of article/summary pairs; None: the built-in generated news
+    lm: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    n_envs: int = 8  # envs per rank
+    updates: int = 4  # PPO iterations (rollout + training)
+    max_new_tokens: int = 32  # also PPO's n_steps: one completion per env per rollout
+    max_prompt_tokens: int = 256
+    batch_size: int = 64  # steps per minibatch, per rank
+    n_epochs: int = 2
+    learning_rate: float = 1e-4
+    kl_coef: float = 0.05
+    kl_target: float = 0.0  # > 0: adapt β towards this KL per episode (averaged over the ranks)
+    checkpoint_every: int = 0  # timesteps per rank between checkpoints; 0: only the final model
+    backend: str = "auto"  # NCCL with CUDA, else gloo
+    tiny: bool = False  # a tiny random GPT-2 and short texts: seconds, for CI
+    seed: int = 0
+    device: str = "auto"  # "auto": this rank's GPU (LOCAL_RANK) or the CPU
+
+
+def parse_options() -> Options:
+    defaults = Options()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type=type(value) if value is not None else str, default=value)
+    return Options(**vars(parser.parse_args()))
+
+
+def tiny_lm(out: Path) -> str:
+    from sb3_textrl.models import load_gpt2_tokenizer, tiny_gpt2
+
+    tokenizer = load_gpt2_tokenizer()
+    tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64).save_pretrained(out / "tiny_lm")
+    tokenizer.save_pretrained(out / "tiny_lm")
+    return str(out / "tiny_lm")
+
+
+def main(options: Options) -> dict[str, Any]:
+    ctx = init_distributed(options.backend)
+    out = Path(options.output_dir)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if options.tiny:
+            tiny_lm(out)
+    ctx.barrier()  # the tiny LM is written before any rank loads it
+    if options.tiny:
+        options.lm = str(out / "tiny_lm")
+        options.max_prompt_tokens, options.max_new_tokens = min(options.max_prompt_tokens, 64), min(options.max_new_tokens, 8)
+        options.n_envs, options.batch_size = min(options.n_envs, 4), min(options.batch_size, 16)
+
+    seed = ctx.seed(options.seed, options.n_envs)  # other prompts on every rank
+    env_kwargs = dict(dataset=options.dataset, tokenizer=options.lm, max_new_tokens=options.max_new_tokens,
+                      max_prompt_tokens=options.max_prompt_tokens)
+    env = make_vec_env("NewsSummary-v0", n_envs=options.n_envs, seed=seed, env_kwargs=env_kwargs)
+    model = PPO(
+        TransformerLMPolicy, env, rollout_buffer_class=TextRolloutBuffer,
+        n_steps=options.max_new_tokens, batch_size=options.batch_size, n_epochs=options.n_epochs, gamma=1.0,
+        learning_rate=options.learning_rate, seed=seed, verbose=int(ctx.is_main),
+        device=ctx.device if options.device == "auto" else options.device,
+        policy_kwargs=dict(lm=options.lm, kl_coef=options.kl_coef, target_kl=options.kl_target or None),
+    )
+    if ctx.is_main:
+        model.set_logger(configure(str(out / "logs"), ["stdout", "csv"]))
+    make_data_parallel(model, ctx)  # on every rank, before learn
+
+    steps_per_rank = options.updates * options.max_new_tokens * options.n_envs
+    checkpoints = CheckpointCallback(options.checkpoint_every or steps_per_rank, str(out / "checkpoints"))
+    start = time.perf_counter()
+    model.learn(steps_per_rank, callback=MainProcessCallback(checkpoints, ctx))
+    seconds = time.perf_counter() - start
+
+    # The replicas are one model: compare a checksum of the trainable weights across the ranks.
+    checksum = th.stack([p.detach().double().sum() for p in model.policy.parameters() if p.requires_grad]).sum()
+    checksums = [checksum.to(ctx.device) for _ in range(ctx.world_size)]
+    if ctx.is_distributed:
+        dist.all_gather(checksums, checksum.to(ctx.device))
+    summary = dict(
+        world_size=ctx.world_size, backend=ctx.backend or "none", tokens=steps_per_rank * ctx.world_size,
+        seconds=round(seconds, 2), tokens_per_s=round(steps_per_rank * ctx.world_size / seconds, 1),
+        kl_coef=model.policy.kl_controller.value, ranks_agree=len({float(c) for c in checksums}) == 1,
+        rank0_rollout=model.rollout_buffer.metrics, options=asdict(options),
+    )
+    if ctx.is_main:
+        model.save(out / "ppo_model")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps({k: v for k, v in summary.items() if k != "options"}, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_options())
+    if dist.is_initialized():
+        dist.destroy_process_group()
