@@ -21,6 +21,7 @@ from sb3_textrl.evaluation import EvalResult, evaluate
 from sb3_textrl.maskable import MaskableTextRolloutBuffer, MaskableTransformerLMPolicy
 from sb3_textrl.policies import TransformerLMPolicy
 from sb3_textrl.rewards import LearnedRewardModel, RougeReward, TextReward
+from sb3_textrl.seq2seq import Seq2SeqLMPolicy
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "MaskableTextRolloutBuffer",
     "MaskableTransformerLMPolicy",
     "RougeReward",
+    "Seq2SeqLMPolicy",
     "TextEvalCallback",
     "TextGenerationEnv",
     "TextObservationSpace",

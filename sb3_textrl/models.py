@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
@@ -438,6 +440,50 @@ def load_causal_lm(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
+        _check_family(path, name_or_path, encoder_decoder=False)
+        raise _load_error(err, name_or_path, "model") from err
+    return model.eval()
+
+
+def _check_family(path: str, name_or_path: str | os.PathLike | None, encoder_decoder: bool) -> None:
+    # A model of the other family fails inside transformers with "Unrecognized configuration class": name the fix.
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return
+    if bool(getattr(config, "is_encoder_decoder", False)) == encoder_decoder:
+        return
+    if encoder_decoder:
+        raise ValueError(
+            f"{str(name_or_path)!r} is a decoder-only (causal) LM ({config.model_type}), not an encoder-decoder: "
+            "use sb3_textrl.TransformerLMPolicy for it (Seq2SeqLMPolicy is for T5-family models)."
+        )
+    raise ValueError(
+        f"{str(name_or_path)!r} is an encoder-decoder LM ({config.model_type}), not a causal LM: "
+        "use sb3_textrl.Seq2SeqLMPolicy for it (TransformerLMPolicy is for decoder-only models)."
+    )
+
+
+def load_seq2seq_lm(
+    name_or_path: str | os.PathLike,
+    torch_dtype: torch.dtype | str | None = None,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """
+    Load an encoder-decoder language model (``AutoModelForSeq2SeqLM``, e.g. T5), in eval mode.
+
+    :param name_or_path: a hub name or a local directory
+    :param torch_dtype: the parameters' dtype; None means float32 (see :func:`load_causal_lm`)
+    :param kwargs: passed to ``AutoModelForSeq2SeqLM.from_pretrained``
+    :return: the model
+    """
+    path = os.fspath(name_or_path)
+    _check_local(name_or_path, path, "model")
+    dtype = torch.float32 if torch_dtype is None else torch_dtype
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        _check_family(path, name_or_path, encoder_decoder=True)
         raise _load_error(err, name_or_path, "model") from err
     return model.eval()
 
@@ -642,4 +688,51 @@ def tiny_gpt2(
     model.generation_config.bos_token_id = bos_token_id
     model.generation_config.eos_token_id = eos_token_id
     model.generation_config.pad_token_id = pad_token_id
+    return model.eval()
+
+
+def tiny_t5(
+    vocab_size: int,
+    num_layers: int = 2,
+    d_model: int = 64,
+    num_heads: int = 4,
+    d_ff: int = 128,
+    seed: int = 0,
+    eos_token_id: int = 0,
+    pad_token_id: int | None = None,
+) -> PreTrainedModel:
+    """
+    A small randomly initialized T5 (encoder-decoder) for tests and examples, in eval mode, without dropout.
+
+    The decoder starts from the pad token, as T5 does. With :func:`train_small_tokenizer` the defaults fit: id 0 is
+    its eos and pad token.
+
+    :param vocab_size: the vocabulary size (``len(tokenizer)``)
+    :param num_layers: Transformer blocks in the encoder and in the decoder
+    :param d_model: width of the residual stream
+    :param num_heads: attention heads (``d_model / num_heads`` wide each)
+    :param d_ff: width of the feed-forward layers
+    :param seed: seed of the random initialization; the caller's torch RNG state is left as it was
+    :param eos_token_id: end-of-sequence id
+    :param pad_token_id: padding id and decoder start id (default: ``eos_token_id``)
+    :return: the model (``T5ForConditionalGeneration``)
+    """
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        dropout_rate=0.0,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        decoder_start_token_id=pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(config)
     return model.eval()
