@@ -61,6 +61,11 @@ def step_observations(buffer: TextRolloutBuffer) -> tuple[list[th.Tensor], list[
     return sequences, actions
 
 
+def context_lengths(buffer: TextRolloutBuffer) -> list[int]:
+    """The number of context (prompt) tokens of every stored step, in step_observations' order."""
+    return [int(buffer.context_masks[s.context].sum()) for s in buffer.segments for _ in range(s.length)]
+
+
 def masking_top_p_rank(model, sequence: th.Tensor, action: int) -> float:
     """Probability mass (float64) of the tokens the masking model ranks above ``action``: < top_p iff it is allowed."""
     with th.no_grad():
@@ -208,3 +213,56 @@ def test_nlpo_mask_applies_before_top_k():
     kept = TransformerLMPolicy._process_logits(policy, logits, allowed) > -1e30
     assert kept.tolist() == [[False, True, True, False]]  # top-2 among the allowed tokens
 
+
+
+def position_mask(prompt_ids: np.ndarray, generated_ids: np.ndarray) -> np.ndarray:
+    """Env mask that changes every step: token i is allowed at step t when i % 3 == t % 3 (and EOS always)."""
+    mask = np.zeros(50257, dtype=bool)
+    mask[len(generated_ids) % 3 :: 3] = True
+    mask[50256] = True
+    return mask
+
+
+def test_maskable_ppo_combines_env_masks_and_nlpo(tiny_lm):
+    from sb3_contrib import MaskablePPO
+
+    from sb3_textrl.maskable import MaskableTextRolloutBuffer, MaskableTransformerLMPolicy
+
+    task = register_toy_task("NlpoMasked-v0", tiny_lm, max_new_tokens=6, action_mask=position_mask)
+    model = MaskablePPO(MaskableTransformerLMPolicy, toy_vec_env(task, n_envs=2), n_steps=6, batch_size=12,
+                        n_epochs=1, seed=0, device="cpu", learning_rate=0.0, rollout_buffer_class=MaskableTextRolloutBuffer,
+                        policy_kwargs=dict(lm=tiny_lm, nlpo_top_p=TOP_P))
+    policy = model.policy
+    perturb_lora(policy, seed=1)
+    policy.refresh_masking_policy()
+    perturb_lora(policy, seed=2)
+    model.learn(12)
+    buffer = model.rollout_buffer
+    mask_model = masking_lm(policy)
+    sequences, actions = step_observations(buffer)
+    for sequence, action, start in zip(sequences, actions, context_lengths(buffer)):
+        env_mask = th.as_tensor(position_mask(sequence[:start].numpy(), sequence[start:].numpy()))
+        generated = len(sequence) - start
+        assert action == 50256 or action % 3 == generated % 3  # in the env's mask
+        # ... and in the masking policy's top-p set of its distribution restricted to the env's mask.
+        with th.no_grad():
+            logits = mask_model(input_ids=sequence[None]).logits[0, -1].double()
+        probs = th.softmax(logits.masked_fill(~env_mask, float("-inf")), dim=-1)
+        assert float(probs[probs > probs[action]].sum()) < TOP_P
+    # The masks combined are what training uses: rollout and evaluate_actions log-probs agree.
+    for batch in buffer.get(batch_size=6):
+        with th.no_grad():
+            _, log_prob, _ = policy.evaluate_actions(batch.observations, batch.actions.long().flatten(),
+                                                     action_masks=batch.action_masks)
+        np.testing.assert_allclose(log_prob.numpy(), batch.old_log_prob.numpy(), rtol=1e-4, atol=1e-4)
+    # Without NLPO the same policy leaves the masking policy's top-p set (the check above can fail).
+    policy.nlpo_top_p = None
+    model.learn(12)
+    outside = 0
+    for sequence, action, start in zip(*step_observations(model.rollout_buffer), context_lengths(model.rollout_buffer)):
+        env_mask = th.as_tensor(position_mask(sequence[:start].numpy(), sequence[start:].numpy()))
+        with th.no_grad():
+            logits = mask_model(input_ids=sequence[None]).logits[0, -1].double()
+        probs = th.softmax(logits.masked_fill(~env_mask, float("-inf")), dim=-1)
+        outside += float(probs[probs > probs[action]].sum()) >= TOP_P
+    assert outside > 0
