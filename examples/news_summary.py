@@ -161,10 +161,70 @@ def main(options: Options) -> dict[str, Any]:
                 "n_examples": sft.n_examples, "train_time_s": sft.train_time_s},
         "metrics": metrics, "timings_s": timings, "figures": figures,
     }
+    by_source = per_source_metrics(out, options.dataset) if options.dataset else {}
+    if by_source:
+        summary["metrics_by_source"] = by_source
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "results.md").write_text(results_table(metrics, timings))
-    print("\n" + results_table(metrics, timings))
+    report = results_table(metrics, timings) + (per_source_table(by_source) if by_source else "")
+    (out / "results.md").write_text(report)
+    print("\n" + report)
     return summary
+
+
+def read_sources(dataset: str) -> dict[str, str]:
+    """Article text -> the row's ``source`` field (e.g. ``cnndm`` / ``xsum``), for JSONL/CSV files that have one."""
+    path = Path(dataset)
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix == ".csv":
+        import csv
+
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        return {}
+    return {str(r["article"]).strip(): str(r["source"]) for r in rows if r.get("source") and r.get("article")}
+
+
+def per_source_metrics(out: Path, dataset: str) -> dict[str, dict[str, dict[str, float]]]:
+    """
+    ROUGE of every evaluated system per data source of the held-out articles (CNN/DM and XSum summaries differ a lot:
+    extractive multi-sentence highlights vs one abstractive sentence), from the per-sample scores of the reports.
+
+    :return: system -> source -> {"n", "rouge1", "rouge2", "rougeL", "length_words"}; empty without sources
+    """
+    sources = read_sources(dataset)
+    if not sources:
+        return {}
+    eval_rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    scores: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for report in sorted(out.glob("eval_*/eval.json"), key=lambda p: p.stat().st_mtime):  # stage order
+        label = report.parent.name.removeprefix("eval_")
+        for sample in json.loads(report.read_text())["samples"]:
+            source = sources.get(eval_rows[int(sample["prompt_index"])]["article"].strip(), "unknown")
+            for system, output in sample["outputs"].items():
+                name = label if system.startswith("model") else system
+                scores.setdefault(name, {}).setdefault(source, []).append(output)
+    keys = ("rouge1", "rouge2", "rougeL", "length_words")
+    return {
+        system: {
+            source: {"n": len(outputs)} | {k: sum(o[k] for o in outputs) / len(outputs) for k in keys}
+            for source, outputs in sorted(per_source.items())
+        }
+        for system, per_source in scores.items()
+    }
+
+
+def per_source_table(by_source: dict[str, dict[str, dict[str, float]]]) -> str:
+    """ROUGE-1/2/L per system and source."""
+    lines = ["", "| system | source | n | rouge1 | rouge2 | rougeL | length (words) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for system, per_source in by_source.items():
+        for source, row in per_source.items():
+            lines.append(
+                f"| {system} | {source} | {row['n']} | {row['rouge1']:.3f} | {row['rouge2']:.3f} | {row['rougeL']:.3f} "
+                f"| {row['length_words']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def results_table(metrics: dict[str, dict[str, Any]], timings: dict[str, float]) -> str:

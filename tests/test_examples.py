@@ -37,10 +37,15 @@ def test_rlhf_news_loop_runs_end_to_end(tmp_path):
     assert json.loads((run / "summary.json").read_text())["comparison"] == summary["comparison"]
 
 
-def test_news_summary_example_runs_end_to_end(tmp_path):
+def test_news_summary_example_runs_end_to_end(tmp_path, shared_news):
     example = load_example("news_summary")
-    options = example.Options(output_dir=str(tmp_path / "run"), tiny=True, n_eval=4, sft_examples=8, ppo_updates=2,
-                              n_envs=2, n_epochs=1, device="cpu")
+    # A small mix of the real CNN/DM and XSum articles, so the per-source breakdown is exercised too.
+    rows = [json.loads(line) for line in shared_news.read_text().splitlines()]
+    subset = [r for r in rows if r["source"] == "cnndm"][:8] + [r for r in rows if r["source"] == "xsum"][:8]
+    dataset = tmp_path / "news.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in subset))
+    options = example.Options(output_dir=str(tmp_path / "run"), dataset=str(dataset), tiny=True, n_eval=4, sft_examples=8,
+                              ppo_updates=2, n_envs=2, n_epochs=1, device="cpu")
     summary = example.main(options)
     run = tmp_path / "run"
     assert {"zero-shot", "lead3", "sft", "sft+ppo"} <= set(summary["metrics"])
@@ -52,3 +57,10 @@ def test_news_summary_example_runs_end_to_end(tmp_path):
     assert (run / "results.md").read_text().startswith("| system |")
     assert summary["figures"] and all(Path(f).stat().st_size > 0 for f in summary["figures"])
     assert (run / "ppo_logs" / "progress.csv").is_file()
+    # Every system's held-out articles are counted once, under their source.
+    by_source = summary["metrics_by_source"]
+    assert set(by_source) == {"zero-shot", "lead3", "sft", "sft+ppo"}
+    for per_source in by_source.values():
+        assert set(per_source) <= {"cnndm", "xsum"}
+        assert sum(row["n"] for row in per_source.values()) == 4
+    assert "| source |" in (run / "results.md").read_text()
