@@ -64,3 +64,23 @@ def test_news_summary_example_runs_end_to_end(tmp_path, shared_news):
         assert set(per_source) <= {"cnndm", "xsum"}
         assert sum(row["n"] for row in per_source.values()) == 4
     assert "| source |" in (run / "results.md").read_text()
+
+
+def test_custom_task_example_runs_end_to_end(tmp_path):
+    example = load_example("custom_task")
+    options = example.Options(output_dir=str(tmp_path / "run"), tiny=True, ppo_updates=2, n_envs=2, n_epochs=1, device="cpu")
+    summary = example.main(options)
+    run = tmp_path / "run"
+    assert (run / "ppo_model.zip").is_file()
+    assert json.loads((run / "before_after.json").read_text())["after"] == summary["after"]
+    # The held-out openings were not PPO's prompts.
+    assert not set(summary["held_out_openings"]) & set(example.OPENINGS[options.n_held_out:])
+    for row in (summary["before"], summary["after"]):
+        assert -1.0 <= row["task_reward"] <= 1.0
+
+
+def test_custom_task_reward_is_the_lexicon_balance():
+    example = load_example("custom_task")
+    assert example.positivity([""] * 4, ["great and friendly!", "rude, slow", "a table", ""], [None] * 4) == [
+        2 / 3, -1.0, 0.0, 0.0
+    ]
