@@ -13,7 +13,7 @@ from transformers import AutoModelForSeq2SeqLM, BartConfig, BartForConditionalGe
 from sb3_textrl import Seq2SeqLMPolicy, TextRolloutBuffer, TransformerLMPolicy
 from sb3_textrl.envs.news_data import generate_news_examples
 from sb3_textrl.evaluation import generate_samples
-from sb3_textrl.models import tiny_t5, train_small_tokenizer
+from sb3_textrl.models import tiny_gpt2, tiny_t5, train_small_tokenizer
 
 VOCAB = 300
 PROMPT_TOKENS = 16  # register_toy_task's max_prompt_tokens
@@ -163,10 +163,12 @@ def test_lora_targets_t5_attention_in_encoder_and_decoder(ragged_task, tiny_t5_p
     assert all("lora_" in n or n.startswith("value_net") for n in trainable)
 
 
-def test_model_of_the_wrong_family_is_refused(ragged_task, tiny_t5_path, tiny_lm):
+def test_model_of_the_wrong_family_is_refused(ragged_task, tiny_t5_path, small_tokenizer, tmp_path):
     env = toy_vec_env(ragged_task, n_envs=1)
+    tiny_gpt2(len(small_tokenizer), eos_token_id=0).save_pretrained(tmp_path)
+    small_tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"decoder-only \(causal\) LM \(gpt2\).*use sb3_textrl.TransformerLMPolicy"):
-        t5_ppo(env, tiny_lm, policy_kwargs=dict(check_tokenizer=False))
+        t5_ppo(env, str(tmp_path))
     with pytest.raises(ValueError, match=r"encoder-decoder LM \(t5\).*use sb3_textrl.Seq2SeqLMPolicy"):
         PPO(TransformerLMPolicy, env, policy_kwargs=dict(lm=tiny_t5_path), device="cpu")
     with pytest.raises(ValueError, match=r"needs an encoder-decoder LM: pass policy_kwargs=dict\(lm="):
