@@ -282,13 +282,13 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
         return super()._lora_kwargs(model) | dict(task_type="SEQ_2_SEQ_LM") | self.lora_config
 
     # -- encoder, decoder, head ---------------------------------------------------------------------------------
-    @staticmethod
-    def _encode(model: PreTrainedModel, ids: th.Tensor, mask: th.Tensor) -> th.Tensor:
+    def _encode(self, model: PreTrainedModel, ids: th.Tensor, mask: th.Tensor) -> th.Tensor:
         """Encoder: (B, E) prompt tokens -> (B, E, H) hidden states."""
-        return model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        with self._autocast():
+            return model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
 
-    @staticmethod
     def _decode(
+        self,
         model: PreTrainedModel,
         ids: th.Tensor,
         mask: th.Tensor,
@@ -298,14 +298,15 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
     ) -> tuple[th.Tensor, EncoderDecoderCache | None]:
         """Decoder: (B, S) tokens (mask (B, past + S)) -> (B, S, H) final hidden states, and the updated cache."""
         decoder = model.get_decoder()
-        out = decoder(
-            input_ids=ids,
-            attention_mask=mask,
-            encoder_hidden_states=encoder_hidden,
-            encoder_attention_mask=encoder_mask,
-            use_cache=past is not None,
-            **{_cache_kwarg(type(decoder)): past},
-        )
+        with self._autocast():
+            out = decoder(
+                input_ids=ids,
+                attention_mask=mask,
+                encoder_hidden_states=encoder_hidden,
+                encoder_attention_mask=encoder_mask,
+                use_cache=past is not None,
+                **{_cache_kwarg(type(decoder)): past},
+            )
         if past is None:
             return out.last_hidden_state, None
         return out.last_hidden_state, out["cache"] if "cache" in out else out["past_key_values"]
