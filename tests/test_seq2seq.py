@@ -221,3 +221,15 @@ def test_ppo_raises_the_reward_of_a_toy_task(tiny_t5_path):
     model.learn(16 * 8 * 8)  # 8 rollouts of 16 envs x 8 tokens (0.21 -> 0.82 when written)
     after = mean_sampled_reward()
     assert before < 0.3 and after > before + 0.4, (before, after)
+
+
+def test_gradient_checkpointing_gives_the_same_update(ragged_task, tiny_t5_path):
+    def trained(**policy_kwargs) -> np.ndarray:
+        model = t5_ppo(toy_vec_env(ragged_task, n_envs=2, seed=0), tiny_t5_path, learning_rate=1e-2,
+                       policy_kwargs=policy_kwargs)
+        model.learn(20)
+        return np.concatenate([p.detach().flatten().numpy() for p in model.policy.parameters() if p.requires_grad])
+
+    plain, checkpointed = trained(), trained(gradient_checkpointing=True)
+    assert np.abs(plain).max() > 1e-2  # the adapters moved
+    np.testing.assert_allclose(checkpointed, plain, rtol=0, atol=1e-4)
