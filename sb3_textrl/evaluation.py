@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
@@ -104,9 +106,12 @@ def generate_samples(
     obs = env.reset()
     finished = [0] * n_envs
     by_position: dict[int, Sample] = {}
+    # A maskable policy (MaskablePPO) decodes under the env's action masks, as it did in training.
+    masked = isinstance(model.policy, MaskableActorCriticPolicy) and is_masking_supported(env)
     bar = tqdm(total=len(order), desc="generating", disable=not progress_bar)
     while len(by_position) < len(order):
-        actions, _ = model.predict(obs, deterministic=deterministic)  # type: ignore[arg-type]
+        mask_kwargs = {"action_masks": get_action_masks(env)} if masked else {}
+        actions, _ = model.predict(obs, deterministic=deterministic, **mask_kwargs)  # type: ignore[arg-type]
         obs, _, dones, infos = env.step(actions)
         for slot in np.flatnonzero(dones):
             k = finished[slot]

@@ -264,3 +264,24 @@ def test_mask_that_makes_the_reward_easy_to_reach_learns_faster(tmp_path):
     assert unmasked_before < 0.05 and masked_before < 0.2, results  # neither starts near the goal
     assert masked_after > masked_before + 0.5, results  # PPO climbs the reward under the mask
     assert masked_after > unmasked_after + 0.5, results  # and far faster than without it
+
+
+
+def test_generate_samples_decodes_a_maskable_model_under_the_env_masks(position_task, tiny_lm):
+    from sb3_textrl.evaluation import generate_samples
+
+    def out_of_mask(samples) -> int:
+        count = 0
+        for sample in samples:
+            ids, mask = sample.observation["input_ids"], sample.observation["attention_mask"]
+            generated = ids[MAX_PROMPT:][mask[MAX_PROMPT:] == 1]
+            count += sum(int(not position_mask(None, generated[:t])[token]) for t, token in enumerate(generated))
+        return count
+
+    model = maskable_ppo(toy_vec_env(position_task, n_envs=2), tiny_lm)
+    samples = generate_samples(model, toy_vec_env(position_task, n_envs=2, seed=3), list(range(5)) * 2, deterministic=False)
+    assert len(samples) == 10 and sum(s.completion_tokens for s in samples) >= 10
+    assert out_of_mask(samples) == 0
+    # Control: the same LM under plain PPO (no masks) samples outside the position mask.
+    plain = PPO(TransformerLMPolicy, toy_vec_env(position_task, n_envs=2), policy_kwargs=dict(lm=tiny_lm), device="cpu")
+    assert out_of_mask(generate_samples(plain, toy_vec_env(position_task, n_envs=2, seed=3), list(range(5)) * 2, False)) > 3
