@@ -197,8 +197,13 @@ class FeedbackStore:
     def _check_schema(self, db: sqlite3.Connection | None = None) -> int:
         """The database's schema version, after refusing a newer, foreign or damaged database."""
         db = db or self._db
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        # One statement, so one read snapshot: read separately, another process creating the store could commit its
+        # tables and version in between, and a new store would look like another application's database.
+        version, names = db.execute(
+            "SELECT user_version, (SELECT group_concat(name, char(31)) FROM sqlite_master WHERE type = 'table') "
+            "FROM pragma_user_version"
+        ).fetchone()
+        tables = set(names.split("\x1f")) if names else set()
         if version > SCHEMA_VERSION:
             raise FeedbackStoreError(
                 f"{self.path} has feedback schema version {version}, newer than this sb3_textrl's "
