@@ -12,7 +12,6 @@ model, its csv log with samples (``TextSampleCallback``) and ``before_after.json
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Sequence
@@ -26,6 +25,8 @@ from stable_baselines3.common.logger import configure
 
 from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy, evaluate, register_text_task
 from sb3_textrl.callbacks import TextSampleCallback
+from sb3_textrl.common.options import parse_dataclass_options
+from sb3_textrl.models import save_tiny_gpt2_lm
 
 OPENINGS = [
     "The hotel room was", "Our waiter tonight was", "The new phone feels", "This novel is", "The concert last night was",
@@ -76,24 +77,11 @@ class Options:
 
 
 def parse_options() -> Options:
-    defaults = Options()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type=type(value) if value is not None else str, default=value)
-    return Options(**vars(parser.parse_args()))
+    return parse_dataclass_options(Options, __doc__)
 
 
 def tiny_lm(out: Path) -> str:
-    from sb3_textrl.models import load_gpt2_tokenizer, tiny_gpt2
-
-    tokenizer = load_gpt2_tokenizer()
-    tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64).save_pretrained(out / "tiny_lm")
-    tokenizer.save_pretrained(out / "tiny_lm")
-    return str(out / "tiny_lm")
+    return save_tiny_gpt2_lm(out / "tiny_lm")
 
 
 def main(options: Options) -> dict[str, Any]:

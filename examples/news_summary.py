@@ -13,7 +13,6 @@ periodic held-out evaluation (``TextSampleCallback``, ``TextEvalCallback``), one
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -28,7 +27,9 @@ from stable_baselines3.common.logger import configure
 
 from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy, evaluate
 from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
+from sb3_textrl.common.options import parse_dataclass_options
 from sb3_textrl.envs.news_data import generate_news_examples, load_summary_dataset
+from sb3_textrl.models import save_tiny_gpt2_lm
 from sb3_textrl.plotting import plot_runs
 from sb3_textrl.sft import train_sft
 
@@ -57,15 +58,7 @@ class Options:
 
 
 def parse_options() -> Options:
-    defaults = Options()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type=type(value) if value is not None else str, default=value)
-    return Options(**vars(parser.parse_args()))
+    return parse_dataclass_options(Options, __doc__)
 
 
 def split_articles(options: Options, out: Path) -> tuple[Path, Path, int]:
@@ -82,12 +75,7 @@ def split_articles(options: Options, out: Path) -> tuple[Path, Path, int]:
 
 
 def tiny_lm(out: Path) -> str:
-    from sb3_textrl.models import load_gpt2_tokenizer, tiny_gpt2
-
-    tokenizer = load_gpt2_tokenizer()
-    tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64).save_pretrained(out / "tiny_lm")
-    tokenizer.save_pretrained(out / "tiny_lm")
-    return str(out / "tiny_lm")
+    return save_tiny_gpt2_lm(out / "tiny_lm")
 
 
 def main(options: Options) -> dict[str, Any]:

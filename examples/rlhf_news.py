@@ -20,7 +20,6 @@ Stages (each is also a CLI command; see docs/rlhf.md):
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,8 +33,10 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
 from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy
+from sb3_textrl.common.options import parse_dataclass_options
 from sb3_textrl.evaluation import generate_samples
 from sb3_textrl.feedback import FeedbackStore
+from sb3_textrl.models import save_tiny_gpt2_lm
 from sb3_textrl.reward_model import train_reward_model
 from sb3_textrl.rewards import LearnedRewardModel
 from sb3_textrl.sampling import CandidateSource, DecodingSettings, load_generator, pick_prompts, sample_for_rating
@@ -71,31 +72,12 @@ class Options:
 
 
 def parse_options() -> Options:
-    defaults = Options()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(defaults).items():
-        if name == "splits":
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type=type(value) if value is not None else str, default=value)
-    return Options(**vars(parser.parse_args()))
+    return parse_dataclass_options(Options, __doc__, skip=("splits",))
 
 
 def build_tiny_models(out: Path) -> tuple[str, str]:
     """A tiny GPT-2 policy LM and a tiny GPT-2 reward-model backbone, on GPT-2's tokenizer, saved under ``out``."""
-    from sb3_textrl.models import load_gpt2_tokenizer, tiny_gpt2
-
-    tokenizer = load_gpt2_tokenizer()
-    paths = []
-    for name, seed in (("tiny_lm", 0), ("tiny_rm_backbone", 1)):
-        path = out / name
-        tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64, seed=seed).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths.append(str(path))
-    return paths[0], paths[1]
+    return save_tiny_gpt2_lm(out / "tiny_lm", seed=0), save_tiny_gpt2_lm(out / "tiny_rm_backbone", seed=1)
 
 
 def news_kwargs(options: Options, split: str, tokenizer: str | None) -> dict[str, Any]:

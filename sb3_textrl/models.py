@@ -736,3 +736,20 @@ def tiny_t5(
         torch.manual_seed(seed)
         model = T5ForConditionalGeneration(config)
     return model.eval()
+
+
+def save_tiny_gpt2_lm(directory: str | os.PathLike, seed: int = 0, n_layer: int = 2, n_embd: int = 64) -> str:
+    """
+    Save a tiny random GPT-2 with GPT-2's tokenizer as an LM directory: the stand-in LM of ``--tiny`` example runs and
+    smoke tests (seconds on a CPU, nothing downloaded).
+
+    :param directory: where to save (created)
+    :param seed: initialisation seed
+    :param n_layer: transformer layers
+    :param n_embd: width
+    :return: the directory, as a string for ``policy_kwargs=dict(lm=...)`` and ``tokenizer=``
+    """
+    tokenizer = load_gpt2_tokenizer()
+    tiny_gpt2(len(tokenizer), n_layer=n_layer, n_embd=n_embd, seed=seed).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

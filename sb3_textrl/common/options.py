@@ -1,0 +1,38 @@
+"""Command-line flags from a dataclass of options, so a script lists its options once (the examples use it)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import fields, is_dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def parse_dataclass_options(options_class: type[T], description: str | None, skip: Sequence[str] = (),
+                            args: Sequence[str] | None = None) -> T:
+    """
+    Parse ``--some-option VALUE`` flags into an instance of ``options_class``: one flag per field (underscores become
+    dashes), typed like the field's default (a field defaulting to None takes a string), booleans as switches.
+
+    :param options_class: a dataclass whose fields all have defaults
+    :param description: the parser's description (a script passes its ``__doc__``, shown by ``--help``)
+    :param skip: fields without a flag (they keep their defaults)
+    :param args: the arguments to parse; None: ``sys.argv[1:]``
+    :return: the options
+    """
+    if not is_dataclass(options_class):
+        raise TypeError(f"parse_dataclass_options needs a dataclass, got {options_class!r}")
+    defaults = options_class()
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in fields(defaults):  # type: ignore[arg-type]
+        if field.name in skip:
+            continue
+        value: Any = getattr(defaults, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type=type(value) if value is not None else str, default=value)
+    return options_class(**vars(parser.parse_args(args)))

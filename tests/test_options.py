@@ -1,0 +1,36 @@
+"""parse_dataclass_options: the examples' command lines come from their Options dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from sb3_textrl.common.options import parse_dataclass_options
+
+
+@dataclass
+class Options:
+    output_dir: str = "runs/x"
+    lm: str | None = None
+    n_envs: int = 4
+    kl_coef: float = 0.05
+    tiny: bool = False
+    splits: dict[str, int] = field(default_factory=lambda: {"sft": 0})
+
+
+def test_flags_are_typed_like_the_defaults_and_booleans_are_switches():
+    options = parse_dataclass_options(Options, "doc", skip=("splits",),
+                                      args=["--n-envs", "8", "--kl-coef", "0.1", "--tiny", "--lm", "path/to/lm"])
+    assert options == Options(n_envs=8, kl_coef=0.1, tiny=True, lm="path/to/lm")
+    assert parse_dataclass_options(Options, "doc", skip=("splits",), args=[]) == Options()
+
+
+def test_bad_values_and_skipped_fields_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_dataclass_options(Options, "doc", skip=("splits",), args=["--n-envs", "four"])
+    assert "invalid int value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_dataclass_options(Options, "doc", skip=("splits",), args=["--splits", "x"])
+    with pytest.raises(TypeError, match="needs a dataclass"):
+        parse_dataclass_options(dict, "doc")
