@@ -110,6 +110,7 @@ class MaskableTransformerLMPolicy(TransformerLMPolicy, _MaskableActorCriticBase)
         :param action_masks: (B, V) bool env masks, or None
         :return: the masked next-token distribution
         """
+        self._refuse_segments(obs, "get_distribution")
         hidden = self._next_token_hidden(obs)
         logits = self._logits(self._hf_model(), hidden)
         return self._distribution(logits, self._allowed(obs, action_masks, logits, rollout=True))

@@ -411,6 +411,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         return actions, self._value(hidden), log_prob
 
     def get_distribution(self, obs: PyTorchObs) -> Distribution:
+        self._refuse_segments(obs, "get_distribution")
         hidden = self._next_token_hidden(obs)
         return self._distribution(self._logits(self._hf_model(), hidden), self.nlpo_allowed(obs, rollout=True))
 
@@ -422,6 +423,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         State values (B, 1). A full observation (the completion reached ``max_new_tokens``) has no future: its
         value is 0, so SB3's time-limit bootstrap adds nothing at the end of a truncated completion.
         """
+        self._refuse_segments(obs, "predict_values")
         _, mask = self._tokens(obs)
         full = mask[:, -1].bool()
         values = th.zeros(mask.shape[0], 1, device=mask.device)
@@ -430,6 +432,18 @@ class TransformerLMPolicy(ActorCriticPolicy):
             rows = {key: value[~full] for key, value in obs.items()}  # type: ignore[union-attr]
             values[~full] = self._value(self._next_token_hidden(rows, allow_cache_reset=bool((~full).all())))
         return values
+
+    @staticmethod
+    def _refuse_segments(obs: PyTorchObs, method: str) -> None:
+        # Some learners (sb3-contrib's TRPO) read training batches through get_distribution()/predict_values(); with
+        # TextRolloutBuffer those batches are whole episode segments, which only evaluate_actions() understands.
+        if isinstance(obs, dict) and SEGMENT_LENGTHS in obs:
+            raise NotImplementedError(
+                f"{method}() got a training batch of whole-episode segments (TextRolloutBuffer): this learner (e.g. "
+                "sb3_contrib.TRPO) reads training batches through get_distribution()/predict_values() instead of "
+                "evaluate_actions(), which the text policies do not support. Train with PPO, A2C or MaskablePPO "
+                "(see docs/algorithms.md)."
+            )
 
     # -- training ---------------------------------------------------------------------------------------------
     def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:

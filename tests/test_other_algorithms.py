@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch as th
 from helpers import ragged_stop_ids, register_toy_task, toy_vec_env
-from sb3_contrib import RecurrentPPO
+from sb3_contrib import TRPO, RecurrentPPO
 from stable_baselines3 import A2C, DQN
 
 from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy
@@ -81,3 +81,11 @@ def test_unsupported_learners_fail_at_construction(toy_task, tiny_lm, algorithm,
     # Documented in docs/algorithms.md: they need another policy type (Q-network, recurrent state), not an LM policy.
     with pytest.raises(AttributeError, match=error):
         algorithm(TransformerLMPolicy, toy_vec_env(toy_task, n_envs=1), policy_kwargs=dict(lm=tiny_lm), device="cpu")
+
+
+def test_trpo_is_refused_with_a_clear_error(toy_task, tiny_lm):
+    # TRPO reads training batches through get_distribution(); with TextRolloutBuffer they are episode segments.
+    model = TRPO(TransformerLMPolicy, toy_vec_env(toy_task, n_envs=2), rollout_buffer_class=TextRolloutBuffer, n_steps=8,
+                 batch_size=16, policy_kwargs=dict(lm=tiny_lm), device="cpu")
+    with pytest.raises(NotImplementedError, match=r"get_distribution\(\) got a training batch.*PPO, A2C or MaskablePPO"):
+        model.learn(16)
