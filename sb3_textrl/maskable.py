@@ -30,8 +30,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_textrl.buffers import Segment, TextRolloutBuffer
-from sb3_textrl.nlpo import NLPO_ALLOWED
-from sb3_textrl.policies import GROUPED_SPEEDUP, SEGMENT_LENGTHS, TransformerLMPolicy, _masked_fill_value
+from sb3_textrl.policies import GROUPED_SPEEDUP, TransformerLMPolicy, _masked_fill_value
 
 MaskArray = th.Tensor | np.ndarray | None
 
@@ -93,16 +92,7 @@ class MaskableTransformerLMPolicy(TransformerLMPolicy, _MaskableActorCriticBase)
         :param action_masks: (B, V) bool, True where the env allows the token; None: no env mask
         :return: actions (B,), values (B, 1), log-probs (B,) of the masked sampling distribution
         """
-        hidden = self._next_token_hidden(obs)
-        logits = self._logits(self._hf_model(), hidden)
-        allowed = self._allowed(obs, action_masks, logits, rollout=True)
-        distribution = self._distribution(logits, allowed)
-        actions = distribution.get_actions(deterministic=deterministic)
-        log_prob = distribution.log_prob(actions)
-        log_prob.textrl_policy = self  # type: ignore[attr-defined]
-        if self.nlpo_top_p is not None:  # TextRolloutBuffer stores NLPO's sets (already within the env mask)
-            log_prob.nlpo_allowed = allowed  # type: ignore[attr-defined]
-        return actions, self._value(hidden), log_prob
+        return self._sample_step(obs, deterministic, action_masks)
 
     def get_distribution(self, obs: PyTorchObs, action_masks: MaskArray = None) -> Distribution:  # type: ignore[override]
         """
@@ -110,10 +100,7 @@ class MaskableTransformerLMPolicy(TransformerLMPolicy, _MaskableActorCriticBase)
         :param action_masks: (B, V) bool env masks, or None
         :return: the masked next-token distribution
         """
-        self._refuse_segments(obs, "get_distribution")
-        hidden = self._next_token_hidden(obs)
-        logits = self._logits(self._hf_model(), hidden)
-        return self._distribution(logits, self._allowed(obs, action_masks, logits, rollout=True))
+        return self._next_token_distribution(obs, action_masks)
 
     def _predict(  # type: ignore[override]
         self, observation: PyTorchObs, deterministic: bool = False, action_masks: MaskArray = None
@@ -130,19 +117,7 @@ class MaskableTransformerLMPolicy(TransformerLMPolicy, _MaskableActorCriticBase)
         :param actions: (N,) actions
         :param action_masks: (N, V) (or flat) env masks of those steps, as stored at rollout time
         """
-        assert isinstance(obs, dict)
-        if SEGMENT_LENGTHS in obs:
-            hidden = self._segment_hidden(self._hf_model(), obs)
-        else:
-            self._warn_per_step()
-            hidden = self._last_hidden_per_step(obs)
-        logits = self._logits(self._hf_model(), hidden)
-        allowed = self._allowed(obs, action_masks, logits)
-        if self.nlpo_top_p is not None and allowed is not None and NLPO_ALLOWED not in obs:
-            # NLPO sets recomputed by another forward than the rollout's: the taken action was allowed then.
-            allowed[th.arange(len(actions), device=allowed.device), actions.long().flatten()] = True
-        distribution = self._distribution(logits, allowed)
-        return self._value(hidden), distribution.log_prob(actions), distribution.entropy()
+        return self._evaluate(obs, actions, action_masks)
 
     @th.no_grad()
     def reference_log_probs(self, obs: PyTorchObs, actions: th.Tensor, action_masks: MaskArray = None) -> th.Tensor:

@@ -390,6 +390,13 @@ class TransformerLMPolicy(ActorCriticPolicy):
             return cache.step(ids, mask)
         return self._last_hidden_per_step(obs)
 
+    def _allowed(self, obs: PyTorchObs, action_masks: Any, logits: th.Tensor, rollout: bool = False) -> th.Tensor | None:
+        """
+        (N, V) tokens the distribution may take, or None for all: NLPO's top-p set here; MaskableTransformerLMPolicy
+        adds the env's action masks (``action_masks`` is None for this policy).
+        """
+        return self.nlpo_allowed(obs, rollout=rollout)
+
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """
         One rollout step for every env: sample the next tokens.
@@ -400,20 +407,30 @@ class TransformerLMPolicy(ActorCriticPolicy):
             carries the policy as ``textrl_policy`` so that TextRolloutBuffer can score the reference and apply the
             KL penalty.
         """
+        return self._sample_step(obs, deterministic)
+
+    def _sample_step(
+        self, obs: PyTorchObs, deterministic: bool, action_masks: Any = None
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         hidden = self._next_token_hidden(obs)
-        allowed = self.nlpo_allowed(obs, rollout=True)
-        distribution = self._distribution(self._logits(self._hf_model(), hidden), allowed)
+        logits = self._logits(self._hf_model(), hidden)
+        allowed = self._allowed(obs, action_masks, logits, rollout=True)
+        distribution = self._distribution(logits, allowed)
         actions = distribution.get_actions(deterministic=deterministic)
         log_prob = distribution.log_prob(actions)
         log_prob.textrl_policy = self  # type: ignore[attr-defined]
-        if allowed is not None:  # TextRolloutBuffer stores the sets, so training sees the rollout's masks exactly
+        if self.nlpo_top_p is not None:  # TextRolloutBuffer stores NLPO's sets, so training sees the rollout's exactly
             log_prob.nlpo_allowed = allowed  # type: ignore[attr-defined]
         return actions, self._value(hidden), log_prob
 
     def get_distribution(self, obs: PyTorchObs) -> Distribution:
+        return self._next_token_distribution(obs)
+
+    def _next_token_distribution(self, obs: PyTorchObs, action_masks: Any = None) -> Distribution:
         self._refuse_segments(obs, "get_distribution")
         hidden = self._next_token_hidden(obs)
-        return self._distribution(self._logits(self._hf_model(), hidden), self.nlpo_allowed(obs, rollout=True))
+        logits = self._logits(self._hf_model(), hidden)
+        return self._distribution(logits, self._allowed(obs, action_masks, logits, rollout=True))
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         return self.get_distribution(observation).get_actions(deterministic=deterministic)
@@ -453,17 +470,23 @@ class TransformerLMPolicy(ActorCriticPolicy):
         With TextRolloutBuffer the observations are whole episode segments (one forward per segment);
         with SB3's default buffer they are single steps (one forward per step, much slower).
         """
+        return self._evaluate(obs, actions)
+
+    def _evaluate(
+        self, obs: PyTorchObs, actions: th.Tensor, action_masks: Any = None
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
         assert isinstance(obs, dict)
         if SEGMENT_LENGTHS in obs:
             hidden = self._segment_hidden(self._hf_model(), obs)
         else:
             self._warn_per_step()
             hidden = self._last_hidden_per_step(obs)
-        allowed = self.nlpo_allowed(obs)
-        if allowed is not None and NLPO_ALLOWED not in obs:
-            # Sets recomputed by a different forward than the rollout's: the taken action was allowed then.
+        logits = self._logits(self._hf_model(), hidden)
+        allowed = self._allowed(obs, action_masks, logits)
+        if self.nlpo_top_p is not None and allowed is not None and NLPO_ALLOWED not in obs:
+            # NLPO sets recomputed by another forward than the rollout's: the taken action was allowed then.
             allowed[th.arange(len(actions), device=allowed.device), actions.long().flatten()] = True
-        distribution = self._distribution(self._logits(self._hf_model(), hidden), allowed)
+        distribution = self._distribution(logits, allowed)
         return self._value(hidden), distribution.log_prob(actions), distribution.entropy()
 
     @th.no_grad()
