@@ -16,7 +16,7 @@ from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_textrl.nlpo import NLPO_ALLOWED, pack_allowed, unpack_allowed
-from sb3_textrl.policies import SEGMENT_LENGTHS, SEGMENT_STARTS, TransformerLMPolicy
+from sb3_textrl.policies import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, TransformerLMPolicy
 
 
 @dataclass
@@ -41,6 +41,10 @@ class TextRolloutBuffer(RolloutBuffer):
       the reference model once per segment, adapts β when the policy's controller has a target, and records
       ``rollout/task_reward``, ``rollout/kl_to_ref``, ``rollout/kl_coef`` and ``rollout/completion_len`` in the
       algorithm's logger.
+
+    - With a policy built with ``trainable_layers``, it also keeps the hidden state entering the first trainable block
+      at every token of every segment (from the rollout's KV cache: 4·H bytes a token in float32, context included),
+      so that the reference pass and training run only the top blocks.
 
     Minibatches hold whole segments, so their sizes vary around ``batch_size`` steps.
 
@@ -95,6 +99,10 @@ class TextRolloutBuffer(RolloutBuffer):
         self._open: list[Segment | None] = [None] * self.n_envs
         # NLPO: the allowed-token set of every step, one bit per token (allocated by the first step that has one).
         self.nlpo_allowed: np.ndarray | None = None
+        # trainable_layers: hidden states entering the first trainable block (allocated by the first step that has one):
+        # (n_ctx, H) for each context's valid tokens, and (steps, envs, H) for each step's last observation token.
+        self.context_split: list[th.Tensor] = []
+        self.step_split: th.Tensor | None = None
         self.generator_ready = False
         self.pos = 0
         self.full = False
@@ -112,6 +120,7 @@ class TextRolloutBuffer(RolloutBuffer):
         policy = getattr(log_prob, "textrl_policy", None)
         if policy is not None:
             self.policy = policy
+        new_contexts = []
         for env in range(self.n_envs):
             segment = self._open[env]
             if segment is None or episode_start[env]:
@@ -119,7 +128,10 @@ class TextRolloutBuffer(RolloutBuffer):
                 segment = Segment(env, self.pos, 0, len(self._context_rows) - 1)
                 self.segments.append(segment)
                 self._open[env] = segment
+                new_contexts.append(env)
             segment.length += 1
+        if policy is not None and policy.layer_split is not None:
+            self._keep_split_hidden(policy, obs, new_contexts)
         self.actions[self.pos] = np.asarray(action).reshape(self.n_envs)
         self.rewards[self.pos] = np.asarray(reward)
         self.task_rewards[self.pos] = np.asarray(reward)
@@ -137,6 +149,18 @@ class TextRolloutBuffer(RolloutBuffer):
             self.full = True
             self.contexts = np.stack([ids for ids, _ in self._context_rows])
             self.context_masks = np.stack([mask for _, mask in self._context_rows])
+
+    def _keep_split_hidden(self, policy: TransformerLMPolicy, obs: dict[str, np.ndarray], new_contexts: list[int]) -> None:
+        """Keep the step's hidden states at the first trainable block: whole contexts of new segments, else the last token."""
+        ids = th.as_tensor(obs["input_ids"], device=self.device).long()
+        mask = th.as_tensor(obs["attention_mask"], device=self.device).long()
+        hidden = policy.split_hidden(ids, mask)  # (n_envs, L, H)
+        if self.step_split is None:
+            self.step_split = hidden.new_zeros(self.buffer_size, self.n_envs, hidden.shape[-1])
+        last = self.width - 1 - mask.flip(dims=[1]).argmax(dim=1)  # (n_envs,) column of each observation's last token
+        self.step_split[self.pos] = hidden[th.arange(self.n_envs, device=hidden.device), last]
+        for env in new_contexts:
+            self.context_split.append(hidden[env, mask[env].bool()].clone())  # (n_ctx, H)
 
     # -- KL penalty, advantages, metrics -------------------------------------------------------------------
     def compute_returns_and_advantage(self, last_values: th.Tensor, dones: np.ndarray) -> None:
@@ -247,12 +271,28 @@ class TextRolloutBuffer(RolloutBuffer):
             ids[row, last_valid + 1 : last_valid + 1 + s.length] = tokens[: self.width - last_valid - 1]
             mask[row, last_valid + 1 : last_valid + 1 + s.length] = True
             starts[row] = last_valid  # the hidden state of the context's last token predicts the first action
-        return {
+        batch = {
             "input_ids": th.as_tensor(ids, device=self.device),
             "attention_mask": th.as_tensor(mask.astype(np.int64), device=self.device),
             SEGMENT_STARTS: th.as_tensor(starts, device=self.device),
             SEGMENT_LENGTHS: th.as_tensor([s.length for s in chunk], device=self.device),
         }
+        if self.step_split is not None:
+            batch[SPLIT_HIDDEN] = self._split_batch(chunk, starts)
+        return batch
+
+    def _split_batch(self, chunk: list[Segment], starts: np.ndarray) -> th.Tensor:
+        """(S, width, H) hidden states at the first trainable block for the chunk's rows, laid out as their tokens."""
+        assert self.step_split is not None
+        split = self.step_split.new_zeros(len(chunk), self.width, self.step_split.shape[-1])
+        for row, (s, last_valid) in enumerate(zip(chunk, starts.tolist())):
+            context = self.context_split[s.context]  # (n_ctx, H): the context's valid tokens, ending at last_valid
+            split[row, last_valid + 1 - len(context) : last_valid + 1] = context
+            # Each later step's observation ends with the previous action: its hidden state came with that step. The
+            # segment's last action is never an input of its own segment, so its column stays 0 (unread).
+            n_actions = min(s.length - 1, self.width - last_valid - 1)
+            split[row, last_valid + 1 : last_valid + 1 + n_actions] = self.step_split[s.start + 1 : s.start + 1 + n_actions, s.env]
+        return split
 
     def _get_samples(  # type: ignore[override]
         self, chunk: list[Segment], env: VecNormalize | None = None
@@ -276,5 +316,8 @@ class TextRolloutBuffer(RolloutBuffer):
 
     def size_in_bytes(self) -> dict[str, Any]:
         """Memory held by the buffer's arrays, to check that it grows with tokens, not tokens × context."""
-        arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
-        return {k: v.nbytes for k, v in arrays.items()} | {"total": sum(v.nbytes for v in arrays.values())}
+        sizes = {k: v.nbytes for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
+        if self.step_split is not None:  # trainable_layers: O(tokens × hidden)
+            sizes["step_split"] = self.step_split.nbytes
+            sizes["context_split"] = sum(t.nbytes for t in self.context_split)
+        return sizes | {"total": sum(sizes.values())}

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from sb3_textrl.common.kl_controller import KLController
+from sb3_textrl.common.layer_split import LayerSplit
 from sb3_textrl.common.kv_cache import RolloutKVCache, last_valid_index, longest_extensions, positions_from_mask
 from sb3_textrl.envs.text_env import TextObservationSpace, tokenizer_fingerprint
 from sb3_textrl.models import load_causal_lm, load_tokenizer
@@ -28,6 +29,8 @@ from sb3_textrl.nlpo import NLPO_ADAPTER, NLPO_ALLOWED, top_p_allowed
 # Keys of the observations that TextRolloutBuffer yields: whole episode segments instead of single steps.
 SEGMENT_STARTS = "segment_starts"  # (S,) column of the hidden state that predicts the segment's first action
 SEGMENT_LENGTHS = "segment_lengths"  # (S,) number of actions in the segment
+# With trainable_layers: (S, W, H) hidden states entering the first trainable block, in the columns of input_ids.
+SPLIT_HIDDEN = "split_hidden"
 
 # Throughput measured by benchmarks/ppo_throughput.py (see docs/benchmarks.md): grouped buffer + KV cache
 # against SB3's default buffer with one full forward per token, end to end in PPO.learn (43x on 2 CPU cores).
@@ -95,6 +98,11 @@ class TransformerLMPolicy(ActorCriticPolicy):
         of a masking policy, a frozen copy of this policy refreshed by :class:`~sb3_textrl.nlpo.NLPOMaskRefresh`;
         None turns it off. With LoRA the masking policy is a second adapter (one LM in memory), without LoRA a
         frozen copy of the LM
+    :param trainable_layers: train only the top N transformer blocks (LoRA adapters, or with ``use_lora=False`` their
+        weights, the final norm and an untied head); the lower blocks and the embeddings are frozen and shared with the
+        reference, and the hidden state entering block L−N, kept from the rollout for every token (O(tokens × hidden)
+        memory in the buffer), lets the reference pass and every training epoch run only the top N blocks
+        (:mod:`sb3_textrl.common.layer_split`). None (or the block count) trains every layer
     :param kwargs: further :class:`~stable_baselines3.common.policies.ActorCriticPolicy` arguments
         (``optimizer_class``, ``optimizer_kwargs``, ...); ``net_arch`` and ``ortho_init`` have no effect: there is
         no MLP, and a pretrained LM is never re-initialised
@@ -120,6 +128,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         mixed_precision: str = "auto",
         gradient_checkpointing: bool = False,
         nlpo_top_p: float | None = None,
+        trainable_layers: int | None = None,
         **kwargs: Any,
     ):
         if not isinstance(action_space, spaces.Discrete):
@@ -160,6 +169,12 @@ class TransformerLMPolicy(ActorCriticPolicy):
         self.share_prefixes = share_prefixes
         self.check_tokenizer = check_tokenizer
         self.nlpo_top_p = nlpo_top_p
+        if trainable_layers is not None and not use_kv_cache:
+            raise ValueError(
+                "trainable_layers keeps the lower blocks' output from the rollout's KV cache: it needs use_kv_cache=True "
+                "(or pass trainable_layers=None)"
+            )
+        self.trainable_layers = trainable_layers
         self._warned_per_step = False
         # ActorCriticPolicy builds a flatten extractor and calls self._build(); the MLP arguments are unused.
         kwargs["ortho_init"] = False
@@ -170,10 +185,11 @@ class TransformerLMPolicy(ActorCriticPolicy):
     def _build(self, lr_schedule: Schedule) -> None:
         model = self._load_lm()
         self._check_vocabulary(model)
+        self.layer_split = self._make_layer_split(model)
         if self.use_lora:
-            with warnings.catch_warnings():  # peft calls a transformers method that transformers 5 deprecates
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                model = get_peft_model(model, LoraConfig(**self._lora_kwargs(model)))
+            model = self._add_lora(model)
+        elif self.layer_split is not None:
+            self.layer_split.freeze_lower(model)
         self.lm: PreTrainedModel | PeftModel = model
         self.kl_controller = KLController(self.kl_coef, self.target_kl, self.kl_horizon)
         # Without LoRA the reference must be a separate frozen copy of the initial weights.
@@ -207,6 +223,49 @@ class TransformerLMPolicy(ActorCriticPolicy):
             kwargs["fan_in_fan_out"] = True  # GPT-2 stores its projections as Conv1D (in, out)
         kwargs.update(self.lora_config)
         return kwargs
+
+    def _make_layer_split(self, model: PreTrainedModel) -> LayerSplit | None:
+        """The frozen/trainable split of ``trainable_layers`` (None: every layer trains, nothing to cache)."""
+        if self.trainable_layers is None:
+            return None
+        split = LayerSplit(model, self.trainable_layers)
+        return split if split.first_trainable > 0 else None
+
+    def _add_lora(self, model: PreTrainedModel) -> PeftModel:
+        """Wrap the LM with LoRA adapters (only in the trainable top blocks with ``trainable_layers``)."""
+        kwargs = self._lora_kwargs(model)
+        split = self.layer_split
+        if split is not None:
+            kwargs.update(layers_to_transform=split.trainable_indices, layers_pattern=split.pattern)
+        with warnings.catch_warnings():  # peft calls a transformers method that transformers 5 deprecates
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            try:
+                peft_model = get_peft_model(model, LoraConfig(**kwargs))
+            except ValueError as err:
+                if split is not None and isinstance(kwargs.get("target_modules"), str):
+                    raise ValueError(
+                        f"LoRA target_modules {kwargs['target_modules']!r} is a regular expression, which peft cannot "
+                        f"restrict to the top {split.n_trainable} blocks of trainable_layers: give target_modules as a "
+                        "list of module names (e.g. ['q_proj', 'v_proj'])"
+                    ) from err
+                if split is None or "not found" not in str(err):
+                    raise
+                raise ValueError(
+                    f"LoRA target_modules {kwargs.get('target_modules')!r} select no module in the top "
+                    f"{split.n_trainable} blocks (blocks {split.first_trainable}-{split.n_blocks - 1} of "
+                    f"'{split.blocks_name}') of {type(model).__name__}: name modules of those blocks in "
+                    "lora_config=dict(target_modules=[...]), e.g. the attention projections"
+                ) from err
+        if split is not None:
+            names = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+            lower = sorted({i for i in map(split.lower_block_of, names) if i is not None})
+            if lower:  # a regex target_modules ignores layers_to_transform: the frozen blocks would change
+                raise ValueError(
+                    f"LoRA target_modules {kwargs.get('target_modules')!r} put adapters in the frozen blocks {lower[:5]} "
+                    f"(trainable_layers={split.n_trainable} trains blocks {split.first_trainable}-{split.n_blocks - 1}): "
+                    "give target_modules as a list of module names, which trainable_layers restricts to the top blocks"
+                )
+        return peft_model
 
     def _check_vocabulary(self, model: PreTrainedModel) -> None:
         n_actions = int(self.action_space.n)
@@ -251,6 +310,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
                 mixed_precision=self.mixed_precision,
                 gradient_checkpointing=self.gradient_checkpointing,
                 nlpo_top_p=self.nlpo_top_p,
+                trainable_layers=self.trainable_layers,
             )
         )
         return data
@@ -332,10 +392,46 @@ class TransformerLMPolicy(ActorCriticPolicy):
 
     def _cached_trunk(
         self, input_ids: th.Tensor, attention_mask: th.Tensor, position_ids: th.Tensor, past: DynamicCache | None
-    ) -> tuple[th.Tensor, DynamicCache]:
-        hidden, past = self._trunk(self._hf_model(), input_ids, attention_mask, position_ids, past, use_cache=True)
+    ) -> tuple[th.Tensor, DynamicCache, th.Tensor | None]:
+        """The rollout cache's trunk; with ``trainable_layers`` it also keeps the hidden state entering the top blocks."""
+        model = self._hf_model()
+        if self.layer_split is None:
+            hidden, past = self._trunk(model, input_ids, attention_mask, position_ids, past, use_cache=True)
+            assert past is not None
+            return hidden, past, None
+        with self.layer_split.capture(model) as captured:
+            hidden, past = self._trunk(model, input_ids, attention_mask, position_ids, past, use_cache=True)
         assert past is not None
-        return hidden, past
+        return hidden, past, captured[-1]
+
+    @th.no_grad()
+    def split_hidden(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
+        """
+        With ``trainable_layers``: the hidden state entering the first trainable block at every token of rollout
+        observations, kept by the rollout KV cache (a row it no longer holds is recomputed, exactly).
+
+        :param input_ids: (B, L) observations
+        :param attention_mask: (B, L) 0/1 mask
+        :return: (B, L, H) hidden states, zero on padding
+        """
+        split = self.layer_split
+        if split is None:
+            raise RuntimeError("split_hidden() needs a policy built with trainable_layers")
+        kept = self._rollout_cache.features_of(input_ids, attention_mask)
+        if kept is not None and bool(kept[1].all()):
+            return kept[0]
+        # The cache has moved on (e.g. a callback generated with this policy between the step and the buffer's add).
+        rows = th.ones(len(input_ids), dtype=th.bool, device=input_ids.device) if kept is None else ~kept[1]
+        model = self._hf_model()
+        mask = attention_mask[rows]
+        with split.capture(model) as captured:
+            self._trunk(model, input_ids[rows], mask, positions_from_mask(mask))
+        recomputed = captured[-1] * mask.unsqueeze(-1)
+        if kept is None:
+            return recomputed
+        features = kept[0]
+        features[rows] = recomputed.to(features.dtype)
+        return features
 
     def _logits(self, model: PreTrainedModel, hidden: th.Tensor) -> th.Tensor:
         """LM head on selected hidden states, restricted to the env's vocabulary: (N, H) -> (N, V) float32."""
@@ -519,7 +615,11 @@ class TransformerLMPolicy(ActorCriticPolicy):
         first = int(used.float().argmax().item())
         end = int((starts + lengths).max().item())
         ids, mask = ids[:, first:end], mask[:, first:end]
-        hidden, _ = self._trunk(model, ids, mask, positions_from_mask(mask))  # (S, W, H)
+        if SPLIT_HIDDEN in obs and self.layer_split is not None:  # only the top blocks, from the rollout's hidden states
+            with self.layer_split.from_split(model, obs[SPLIT_HIDDEN][:, first:end]):
+                hidden, _ = self._trunk(model, ids, mask, positions_from_mask(mask))  # (S, W, H)
+        else:
+            hidden, _ = self._trunk(model, ids, mask, positions_from_mask(mask))  # (S, W, H)
         rows = th.repeat_interleave(th.arange(len(lengths), device=ids.device), lengths)  # (N,)
         offsets = th.arange(int(lengths.sum().item()), device=ids.device) - th.repeat_interleave(
             lengths.cumsum(0) - lengths, lengths
@@ -589,11 +689,11 @@ class TransformerLMPolicy(ActorCriticPolicy):
 
     def _cached_masking_trunk(
         self, input_ids: th.Tensor, attention_mask: th.Tensor, position_ids: th.Tensor, past: DynamicCache | None
-    ) -> tuple[th.Tensor, DynamicCache]:
+    ) -> tuple[th.Tensor, DynamicCache, None]:
         model = self.mask_lm if self.mask_lm is not None else self._hf_model()  # called inside masking_model()
         hidden, past = self._trunk(model, input_ids, attention_mask, position_ids, past, use_cache=True)
         assert past is not None
-        return hidden, past
+        return hidden, past, None
 
     @th.no_grad()
     def nlpo_allowed(self, obs: PyTorchObs, action_masks: Any = None, rollout: bool = False) -> th.Tensor | None:

@@ -247,6 +247,11 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
                 "Seq2SeqLMPolicy needs a TextObservationSpace (from a TextGenerationEnv, see "
                 f"sb3_textrl.register_text_task) to know which columns hold the prompt; got {observation_space}"
             )
+        if kwargs.get("trainable_layers") is not None:
+            raise ValueError(
+                "Seq2SeqLMPolicy does not support trainable_layers yet (the cached lower-block activations are built "
+                "for causal LMs' decoder blocks): pass trainable_layers=None, or use_lora=True to keep updates small"
+            )
         self.prompt_width = int(prompt_width)
         super().__init__(observation_space, action_space, lr_schedule, lm=lm, **kwargs)
 

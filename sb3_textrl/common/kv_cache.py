@@ -9,6 +9,13 @@ a new episode is re-filled from its observation and left-padded to the common le
 The cache never trusts the caller: it records the token ids each row holds and compares them with the
 observation, so ``predict()`` calls, evaluation on other envs or a parameter update (``reset()``) cannot make
 it serve stale keys.
+
+Besides keys and values the cache can keep per-token features that the trunk function returns (with
+``trainable_layers``, the hidden state entering the first trainable block), in the same right-aligned columns, so
+that every token of an episode keeps its features however its row was filled.
+
+Envs that start the same prompt in the same step (k samples per prompt) share one prefill: identical rows are
+encoded once and their keys copied.
 """
 
 from __future__ import annotations
@@ -19,8 +26,11 @@ import torch as th
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-# (input_ids (B, S), attention_mask (B, S_past + S), position_ids (B, S), past) -> (hidden (B, S, H), new past)
-TrunkFn = Callable[[th.Tensor, th.Tensor, th.Tensor, DynamicCache | None], tuple[th.Tensor, DynamicCache]]
+# (input_ids (B, S), attention_mask (B, S_past + S), position_ids (B, S), past)
+#   -> (hidden (B, S, H), new past, per-token features (B, S, F) to keep with the keys, or None)
+TrunkFn = Callable[
+    [th.Tensor, th.Tensor, th.Tensor, DynamicCache | None], tuple[th.Tensor, DynamicCache, th.Tensor | None]
+]
 
 
 def right_align(input_ids: th.Tensor, attention_mask: th.Tensor, drop_last: int = 0) -> tuple[th.Tensor, th.Tensor]:
@@ -104,9 +114,11 @@ class RolloutKVCache:
         """Forget everything (after a parameter update, a device move or a change in the number of envs)."""
         self.past: DynamicCache | None = None
         self.mask: th.Tensor | None = None  # (B, C) valid columns of the cache, right-aligned
+        self.features: th.Tensor | None = None  # (B, C, F) per-token features from the trunk, same columns
         self.tokens: th.Tensor | None = None  # (B, L) the observation each row's cache holds
         self.token_mask: th.Tensor | None = None  # (B, L) its attention mask
         self.last_hidden: th.Tensor | None = None  # (B, H) hidden state of each row's last token
+        self.prefilled_rows = 0  # rows encoded by prefills since the last reset (after sharing identical ones)
 
     @th.no_grad()
     def step(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
@@ -136,11 +148,38 @@ class RolloutKVCache:
         assert self.mask is not None
         step_mask = th.cat([self.mask, th.ones_like(last_token)], dim=1)
         position = self.mask.sum(dim=1, keepdim=True)
-        hidden, self.past = self.trunk(last_token, step_mask, position, self.past)
+        hidden, self.past, features = self.trunk(last_token, step_mask, position, self.past)
         self.mask = step_mask
+        self.features = None if features is None or self.features is None else th.cat([self.features, features], dim=1)
         self.tokens, self.token_mask = ids.clone(), attention_mask.clone()
         self.last_hidden = hidden[:, -1]
         return self.last_hidden
+
+    def features_of(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor] | None:
+        """
+        The kept per-token features of observations, in their own column layout.
+
+        A row's features are found when the cache holds that observation, or one that extends it (the cache may have
+        moved on by one step, e.g. to a terminal observation).
+
+        :param input_ids: (B, L) observations, the same batch layout as the steps
+        :param attention_mask: (B, L) 0/1 mask
+        :return: features (B, L, F) (zero on padding) and (B,) bool: rows found; None when the cache keeps none
+        """
+        if self.features is None or self.tokens is None or self.tokens.shape != input_ids.shape:
+            return None
+        assert self.token_mask is not None
+        mask = attention_mask.bool()
+        ids = input_ids * attention_mask
+        held = self.token_mask.bool()
+        found = ((ids == self.tokens) | ~mask).all(dim=1) & (~mask | held).all(dim=1)  # same tokens in the same columns
+        # The cache's columns are right-aligned at each row's last held token.
+        last_held = last_valid_index(self.token_mask).unsqueeze(1)  # (B, 1)
+        columns = th.arange(ids.shape[1], device=ids.device).unsqueeze(0)  # (1, L)
+        source = self.features.shape[1] - 1 - (last_held - columns)  # (B, L)
+        valid = mask & (source >= 0) & found.unsqueeze(1)
+        gathered = th.gather(self.features, 1, source.clamp(0, self.features.shape[1] - 1).unsqueeze(-1).expand(-1, -1, self.features.shape[2]))
+        return gathered * valid.unsqueeze(-1), found
 
     def _extends_by_one(self, ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
         """Rows whose observation is the cached one plus exactly one new token."""
@@ -151,35 +190,48 @@ class RolloutKVCache:
         # Compare masks as well as ids: token id 0 is a real token in most vocabularies.
         return (previous_ids == self.tokens).all(dim=1) & (previous_mask == self.token_mask).all(dim=1)
 
+    def _encode_distinct(self, context_ids: th.Tensor, context_mask: th.Tensor) -> tuple[DynamicCache, th.Tensor | None]:
+        """Prefill the rows, encoding each distinct row once (envs that start the same prompt share the work)."""
+        rows = th.cat([context_ids, context_mask], dim=1)
+        distinct, inverse = th.unique(rows, dim=0, return_inverse=True)
+        shared = len(distinct) < len(rows)
+        if shared:
+            width = context_ids.shape[1]
+            context_ids, context_mask = distinct[:, :width], distinct[:, width:]
+        _, fresh, features = self.trunk(context_ids, context_mask, positions_from_mask(context_mask), None)
+        self.prefilled_rows += len(context_ids)
+        if shared:
+            for layer in fresh.layers:
+                layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]
+            features = None if features is None else features[inverse]
+        return fresh, features
+
     def _prefill(self, ids: th.Tensor, attention_mask: th.Tensor, rows: th.Tensor) -> None:
         """Encode all but the last token of the given rows and splice their keys into the batch cache."""
         batch = rows.shape[0]
         context_ids, context_mask = right_align(ids, attention_mask, drop_last=1)  # (R, W)
-        _, fresh = self.trunk(context_ids, context_mask, positions_from_mask(context_mask), None)
+        fresh, features = self._encode_distinct(context_ids, context_mask)
         self._check_layers(fresh)
         keep = context_mask.bool()[:, None, :, None]  # (R, 1, W, 1): a fully masked row may hold NaN keys
         for layer in fresh.layers:
             layer.keys = th.where(keep, layer.keys, 0.0)
             layer.values = th.where(keep, layer.values, 0.0)
+        if features is not None:
+            features = th.where(context_mask.bool().unsqueeze(-1), features, 0.0)
         if self.past is None or bool(rows.all()):  # an empty cache is always rebuilt for all rows
-            self.past, self.mask = fresh, context_mask
+            self.past, self.mask, self.features = fresh, context_mask, features
             return
         assert self.mask is not None
         old_width, new_width = self.mask.shape[1], context_mask.shape[1]
         width = max(old_width, new_width)
-        mask = self.mask.new_zeros(batch, width)
-        mask[:, width - old_width :] = self.mask
-        mask[rows] = 0
-        mask[rows, width - new_width :] = context_mask
+        self.mask = _splice_rows(self.mask, context_mask, rows, width, dim=1)
         for old_layer, new_layer in zip(self.past.layers, fresh.layers):
-            for name in ("keys", "values"):
-                old = getattr(old_layer, name)  # (B, heads, C, D)
-                merged = old.new_zeros(old.shape[0], old.shape[1], width, old.shape[3])
-                merged[:, :, width - old_width :] = old
-                merged[rows] = 0
-                merged[rows, :, width - new_width :] = getattr(new_layer, name)
-                setattr(old_layer, name, merged)
-        self.mask = mask
+            old_layer.keys = _splice_rows(old_layer.keys, new_layer.keys, rows, width, dim=2)  # (B, heads, C, D)
+            old_layer.values = _splice_rows(old_layer.values, new_layer.values, rows, width, dim=2)
+        if features is None or self.features is None:
+            self.features = None
+        else:
+            self.features = _splice_rows(self.features, features, rows, width, dim=1)
         self._trim()
 
     def _trim(self) -> None:
@@ -190,6 +242,8 @@ class RolloutKVCache:
         if first == 0:
             return
         self.mask = self.mask[:, first:]
+        if self.features is not None:
+            self.features = self.features[:, first:]
         for layer in self.past.layers:
             layer.keys = layer.keys[:, :, first:]
             layer.values = layer.values[:, :, first:]
@@ -202,3 +256,25 @@ class RolloutKVCache:
                     f"The rollout KV cache supports full-attention layers only, got {type(layer).__name__}; "
                     "pass policy_kwargs=dict(use_kv_cache=False) for this model."
                 )
+
+
+def _splice_rows(old: th.Tensor, new: th.Tensor, rows: th.Tensor, width: int, dim: int) -> th.Tensor:
+    """
+    ``old`` with the given rows replaced by ``new``, both right-aligned in ``width`` columns along ``dim``.
+
+    :param old: (B, ...) the batch (columns along ``dim``)
+    :param new: (R, ...) the replacement rows
+    :param rows: (B,) bool, True for the R replaced rows
+    :param width: columns of the result (at least both inputs' widths)
+    :param dim: the column dimension
+    :return: (B, ..., width, ...) tensor
+    """
+    shape = list(old.shape)
+    shape[dim] = width
+    merged = old.new_zeros(shape)
+    merged.narrow(dim, width - old.shape[dim], old.shape[dim]).copy_(old)
+    merged[rows] = 0
+    target = merged[rows]  # advanced indexing copies: write the rows back after filling them
+    target.narrow(dim, width - new.shape[dim], new.shape[dim]).copy_(new)
+    merged[rows] = target
+    return merged
