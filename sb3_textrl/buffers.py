@@ -291,7 +291,8 @@ class TextRolloutBuffer(RolloutBuffer):
             # Each later step's observation ends with the previous action: its hidden state came with that step. The
             # segment's last action is never an input of its own segment, so its column stays 0 (unread).
             n_actions = min(s.length - 1, self.width - last_valid - 1)
-            split[row, last_valid + 1 : last_valid + 1 + n_actions] = self.step_split[s.start + 1 : s.start + 1 + n_actions, s.env]
+            later_steps = self.step_split[s.start + 1 : s.start + 1 + n_actions, s.env]  # (n_actions, H)
+            split[row, last_valid + 1 : last_valid + 1 + n_actions] = later_steps
         return split
 
     def _get_samples(  # type: ignore[override]

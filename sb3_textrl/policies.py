@@ -20,8 +20,8 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from sb3_textrl.common.kl_controller import KLController
-from sb3_textrl.common.layer_split import LayerSplit
 from sb3_textrl.common.kv_cache import RolloutKVCache, last_valid_index, longest_extensions, positions_from_mask
+from sb3_textrl.common.layer_split import LayerSplit
 from sb3_textrl.envs.text_env import TextObservationSpace, tokenizer_fingerprint
 from sb3_textrl.models import load_causal_lm, load_tokenizer
 from sb3_textrl.nlpo import NLPO_ADAPTER, NLPO_ALLOWED, top_p_allowed

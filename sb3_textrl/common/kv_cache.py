@@ -178,7 +178,8 @@ class RolloutKVCache:
         columns = th.arange(ids.shape[1], device=ids.device).unsqueeze(0)  # (1, L)
         source = self.features.shape[1] - 1 - (last_held - columns)  # (B, L)
         valid = mask & (source >= 0) & found.unsqueeze(1)
-        gathered = th.gather(self.features, 1, source.clamp(0, self.features.shape[1] - 1).unsqueeze(-1).expand(-1, -1, self.features.shape[2]))
+        source = source.clamp(0, self.features.shape[1] - 1).unsqueeze(-1).expand(-1, -1, self.features.shape[2])
+        gathered = th.gather(self.features, 1, source)  # (B, L, F)
         return gathered * valid.unsqueeze(-1), found
 
     def _extends_by_one(self, ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
@@ -208,7 +209,6 @@ class RolloutKVCache:
 
     def _prefill(self, ids: th.Tensor, attention_mask: th.Tensor, rows: th.Tensor) -> None:
         """Encode all but the last token of the given rows and splice their keys into the batch cache."""
-        batch = rows.shape[0]
         context_ids, context_mask = right_align(ids, attention_mask, drop_last=1)  # (R, W)
         fresh, features = self._encode_distinct(context_ids, context_mask)
         self._check_layers(fresh)
