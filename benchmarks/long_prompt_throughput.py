@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "rounds after one untimed warm-up iteration of each variant.\n")
     print("| variant | tokens/s | median s per iteration | vs all layers | iteration / generate() |")
     print("|---|---:|---:|---:|---:|")
-    base = timings[None] if None in timings else None
+    base = timings.get(None)
     for layers in settings:
         t = timings[layers]
         speedup = f"{t.tokens_per_s / base.tokens_per_s:.2f}x" if base else "-"

@@ -50,6 +50,7 @@ class Options:
     max_new_tokens: int = 48
     max_prompt_tokens: int = 320
     kl_coef: float = 0.05
+    trainable_layers: int | None = None  # train only the top N blocks, from the rollout's cached lower activations
     learning_rate: float = 1e-4
     reward: str = "rouge1"  # the PPO reward: a ROUGE variant
     tiny: bool = False
@@ -125,7 +126,8 @@ def main(options: Options) -> dict[str, Any]:
     model = PPO(
         TransformerLMPolicy, env, rollout_buffer_class=TextRolloutBuffer, n_steps=options.max_new_tokens,
         batch_size=options.n_envs * options.max_new_tokens, n_epochs=options.n_epochs,
-        learning_rate=options.learning_rate, policy_kwargs=dict(lm=str(sft_dir), kl_coef=options.kl_coef),
+        learning_rate=options.learning_rate,
+        policy_kwargs=dict(lm=str(sft_dir), kl_coef=options.kl_coef, trainable_layers=options.trainable_layers),
         seed=options.seed, device=options.device,
     )
     log_dir = out / "ppo_logs"

@@ -16,6 +16,7 @@ class Options:
     n_envs: int = 4
     kl_coef: float = 0.05
     tiny: bool = False
+    trainable_layers: int | None = None
     splits: dict[str, int] = field(default_factory=lambda: {"sft": 0})
 
 
@@ -24,6 +25,13 @@ def test_flags_are_typed_like_the_defaults_and_booleans_are_switches():
                                       args=["--n-envs", "8", "--kl-coef", "0.1", "--tiny", "--lm", "path/to/lm"])
     assert options == Options(n_envs=8, kl_coef=0.1, tiny=True, lm="path/to/lm")
     assert parse_dataclass_options(Options, "doc", skip=("splits",), args=[]) == Options()
+
+
+def test_a_field_defaulting_to_none_takes_the_type_of_its_annotation():
+    options = parse_dataclass_options(Options, "doc", skip=("splits",), args=["--trainable-layers", "4"])
+    assert options.trainable_layers == 4 and isinstance(options.trainable_layers, int)
+    with pytest.raises(SystemExit):
+        parse_dataclass_options(Options, "doc", skip=("splits",), args=["--trainable-layers", "four"])
 
 
 def test_bad_values_and_skipped_fields_are_refused(capsys):

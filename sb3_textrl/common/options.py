@@ -14,7 +14,8 @@ def parse_dataclass_options(options_class: type[T], description: str | None, ski
                             args: Sequence[str] | None = None) -> T:
     """
     Parse ``--some-option VALUE`` flags into an instance of ``options_class``: one flag per field (underscores become
-    dashes), typed like the field's default (a field defaulting to None takes a string), booleans as switches.
+    dashes), typed like the field's default (a field defaulting to None takes the type its annotation names besides
+    None, e.g. ``int | None``, else a string), booleans as switches.
 
     :param options_class: a dataclass whose fields all have defaults
     :param description: the parser's description (a script passes its ``__doc__``, shown by ``--help``)
@@ -34,5 +35,12 @@ def parse_dataclass_options(options_class: type[T], description: str | None, ski
         if isinstance(value, bool):
             parser.add_argument(flag, action="store_true")
         else:
-            parser.add_argument(flag, type=type(value) if value is not None else str, default=value)
+            parser.add_argument(flag, type=type(value) if value is not None else _optional_type(field.type), default=value)
     return options_class(**vars(parser.parse_args(args)))
+
+
+def _optional_type(annotation: Any) -> type:
+    """The parser of a field that defaults to None: ``int`` for ``int | None``, ``float`` likewise, else ``str``."""
+    text = annotation if isinstance(annotation, str) else repr(annotation)  # annotations are strings here (PEP 563)
+    names = {part.strip() for part in text.replace("Optional[", "").rstrip("]").split("|")} - {"None"}
+    return {"int": int, "float": float}.get(names.pop(), str) if len(names) == 1 else str
