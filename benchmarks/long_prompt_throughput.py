@@ -115,6 +115,9 @@ class Runner:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"skipped: no CUDA device (--device {args.device}, but torch {torch.__version__} sees no GPU)")
+        return 0
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -147,6 +147,8 @@ class TextRolloutBuffer(RolloutBuffer):
         self.pos += 1
         if self.pos == self.buffer_size:
             self.full = True
+            if policy is not None:
+                policy.bootstrap_after_rollout = True
             self.contexts = np.stack([ids for ids, _ in self._context_rows])
             self.context_masks = np.stack([mask for _, mask in self._context_rows])
 

@@ -175,6 +175,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
                 "(or pass trainable_layers=None)"
             )
         self.trainable_layers = trainable_layers
+        # Set by TextRolloutBuffer when its last step is stored: the next predict_values() is SB3's bootstrap.
+        self.bootstrap_after_rollout = False
         self._warned_per_step = False
         # ActorCriticPolicy builds a flatten extractor and calls self._build(); the MLP arguments are unused.
         kwargs["ortho_init"] = False
@@ -534,11 +536,21 @@ class TransformerLMPolicy(ActorCriticPolicy):
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
         """
         State values (B, 1). A full observation (the completion reached ``max_new_tokens``) has no future: its
-        value is 0, so SB3's time-limit bootstrap adds nothing at the end of a truncated completion.
+        value is 0, so SB3's time-limit bootstrap adds nothing at the end of a truncated completion. Right after
+        :class:`~sb3_textrl.buffers.TextRolloutBuffer` is filled (:attr:`bootstrap_after_rollout`), rows that start a
+        new episode are given 0 without a forward: they follow a done, whose bootstrap value GAE discards.
         """
         self._refuse_segments(obs, "predict_values")
         _, mask = self._tokens(obs)
         full = mask[:, -1].bool()
+        if self.bootstrap_after_rollout:
+            # SB3's bootstrap of the observations after a full rollout: a row that starts a new episode follows a
+            # done, so GAE multiplies its value by 1 - done = 0. Skip its prompt's prefill (the cache is reset for
+            # training anyway): on long prompts that prefill costs as much as the whole rollout's decoding.
+            self.bootstrap_after_rollout = False
+            prompt_width = getattr(self.observation_space, "max_prompt_tokens", None)
+            if prompt_width is not None:
+                full = full | ~mask[:, prompt_width:].bool().any(dim=1)
         values = th.zeros(mask.shape[0], 1, device=mask.device)
         if bool((~full).any()):
             # SB3 asks for single terminal observations too: they must not reset the rollout cache.

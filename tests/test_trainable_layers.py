@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch as th
@@ -15,7 +13,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from sb3_textrl import MaskableTextRolloutBuffer, MaskableTransformerLMPolicy, TextRolloutBuffer
-from sb3_textrl.common.kv_cache import RolloutKVCache, positions_from_mask
+from sb3_textrl.common.kv_cache import positions_from_mask
 from sb3_textrl.common.layer_split import LayerSplit, find_blocks
 from sb3_textrl.policies import SPLIT_HIDDEN
 
@@ -288,29 +286,3 @@ def test_seq2seq_policy_refuses_trainable_layers(tmp_path, gpt2_tokenizer):
     with pytest.raises(ValueError, match="Seq2SeqLMPolicy does not support trainable_layers"):
         PPO(Seq2SeqLMPolicy, toy_vec_env(task, n_envs=1), policy_kwargs=dict(lm=str(directory), trainable_layers=1),
             rollout_buffer_class=TextRolloutBuffer, device="cpu")
-
-
-def test_envs_on_the_same_prompt_share_one_prefill():
-    calls = []
-
-    def trunk(ids, mask, positions, past):
-        calls.append(len(ids))
-        hidden = ids.unsqueeze(-1).float().expand(-1, -1, 4) * mask[:, -ids.shape[1]:].unsqueeze(-1)  # (B, S, 4)
-        from transformers import DynamicCache
-
-        cache = DynamicCache() if past is None else past
-        cache.update(hidden.unsqueeze(1), hidden.unsqueeze(1) * 2, 0)
-        return hidden, cache, hidden + 1
-
-    ids = th.tensor([[0, 5, 6, 7], [0, 5, 6, 7], [9, 8, 7, 6], [0, 5, 6, 7]])
-    mask = th.tensor([[0, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
-    cache = RolloutKVCache(trunk)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cache.step(ids, mask)
-    assert calls[0] == 2 and cache.prefilled_rows == 2  # 4 envs, 2 distinct prompts: one prefill row each
-    keys = cache.past.layers[0].keys[:, 0, :, 0]  # (B, C): the rows' contexts, right-aligned
-    assert th.equal(keys[0], keys[1]) and th.equal(keys[0], keys[3]) and not th.equal(keys[0], keys[2])
-    features, found = cache.features_of(ids, mask)
-    assert found.all()
-    th.testing.assert_close(features, (ids * mask).unsqueeze(-1).float().expand(-1, -1, 4) + mask.unsqueeze(-1))

@@ -212,10 +212,11 @@ class RolloutKVCache:
         context_ids, context_mask = right_align(ids, attention_mask, drop_last=1)  # (R, W)
         fresh, features = self._encode_distinct(context_ids, context_mask)
         self._check_layers(fresh)
-        keep = context_mask.bool()[:, None, :, None]  # (R, 1, W, 1): a fully masked row may hold NaN keys
-        for layer in fresh.layers:
-            layer.keys = th.where(keep, layer.keys, 0.0)
-            layer.values = th.where(keep, layer.values, 0.0)
+        if not bool(context_mask.any(dim=1).all()):  # a fully masked row (a one-token observation) may hold NaN keys
+            keep = context_mask.bool()[:, None, :, None]  # (R, 1, W, 1)
+            for layer in fresh.layers:
+                layer.keys = th.where(keep, layer.keys, 0.0)
+                layer.values = th.where(keep, layer.values, 0.0)
         if features is not None:
             features = th.where(context_mask.bool().unsqueeze(-1), features, 0.0)
         if self.past is None or bool(rows.all()):  # an empty cache is always rebuilt for all rows

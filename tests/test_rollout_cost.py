@@ -1,0 +1,83 @@
+"""What a rollout spends: one prefill per distinct prompt, no prefill for bootstrap values that GAE discards."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch as th
+from helpers import register_toy_task, toy_ppo, toy_vec_env
+from transformers import DynamicCache
+
+from sb3_textrl import TextRolloutBuffer
+from sb3_textrl.common.kv_cache import RolloutKVCache
+
+
+def test_envs_on_the_same_prompt_share_one_prefill():
+    calls = []
+
+    def trunk(ids, mask, positions, past):
+        calls.append(len(ids))
+        hidden = ids.unsqueeze(-1).float().expand(-1, -1, 4) * mask[:, -ids.shape[1]:].unsqueeze(-1)  # (B, S, 4)
+        cache = DynamicCache() if past is None else past
+        cache.update(hidden.unsqueeze(1), hidden.unsqueeze(1) * 2, 0)
+        return hidden, cache, hidden + 1
+
+    ids = th.tensor([[0, 5, 6, 7], [0, 5, 6, 7], [9, 8, 7, 6], [0, 5, 6, 7]])
+    mask = th.tensor([[0, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
+    cache = RolloutKVCache(trunk)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cache.step(ids, mask)
+    assert calls[0] == 2 and cache.prefilled_rows == 2  # 4 envs, 2 distinct prompts: one prefill row each
+    keys = cache.past.layers[0].keys[:, 0, :, 0]  # (B, C): the rows' contexts, right-aligned
+    assert th.equal(keys[0], keys[1]) and th.equal(keys[0], keys[3]) and not th.equal(keys[0], keys[2])
+    features, found = cache.features_of(ids, mask)
+    assert found.all()
+    th.testing.assert_close(features, (ids * mask).unsqueeze(-1).float().expand(-1, -1, 4) + mask.unsqueeze(-1))
+
+
+def collect(model, n_steps: int):
+    _, callback = model._setup_learn(n_steps * model.n_envs, reset_num_timesteps=model._last_obs is None)
+    callback.on_training_start(locals(), globals())
+    model.policy.set_training_mode(False)
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=n_steps)
+    return model.rollout_buffer
+
+
+def test_envs_on_one_prompt_prefill_it_once_and_train_on_the_same_log_probs(tiny_lm):
+    task = register_toy_task("OnePrompt-v0", tiny_lm, max_new_tokens=5)
+    model = toy_ppo(toy_vec_env(task, n_envs=4), tiny_lm, n_steps=5)
+    model.env.env_method("queue_prompts", [2] * 8)  # every env starts prompt 2, twice
+    buffer = collect(model, n_steps=5)
+    cache = model.policy._rollout_cache
+    assert cache.prefilled_rows == 1  # 4 envs, one prompt: one prefill row (the new episodes' bootstrap is skipped)
+    chunk = buffer.segments
+    with th.no_grad():
+        _, log_prob, _ = model.policy.evaluate_actions(buffer._segment_batch(chunk), th.as_tensor(buffer._flat(buffer.actions, chunk)))
+    np.testing.assert_allclose(log_prob.numpy(), buffer._flat(buffer.log_probs, chunk), atol=1e-5)
+
+
+class KeepBootstrap(TextRolloutBuffer):
+    """A buffer that does not tell the policy that the next values are the rollout's bootstrap."""
+
+    def add(self, *args, **kwargs):
+        super().add(*args, **kwargs)
+        if self.policy is not None:
+            self.policy.bootstrap_after_rollout = False
+
+
+def test_bootstrap_of_new_episodes_skips_their_prefill_and_changes_no_advantage(tiny_lm):
+    task = register_toy_task("Bootstrap-v0", tiny_lm, max_new_tokens=5, stop_token_ids=[-1])  # every episode: 5 steps
+    runs = {}
+    for name, buffer_class in (("skip", TextRolloutBuffer), ("keep", KeepBootstrap)):
+        model = toy_ppo(toy_vec_env(task, n_envs=3), tiny_lm, n_steps=5, rollout_buffer_class=buffer_class)
+        for env, prompts in enumerate(([0, 3], [1, 4], [2, 0])):  # distinct prompts in every episode
+            model.env.env_method("queue_prompts", prompts, indices=[env])
+        buffer = collect(model, n_steps=5)
+        runs[name] = (buffer, model.policy._rollout_cache.prefilled_rows)
+    (skip, skip_rows), (keep, keep_rows) = runs["skip"], runs["keep"]
+    assert (skip_rows, keep_rows) == (3, 6)  # the kept bootstrap prefilled the 3 new prompts for nothing
+    np.testing.assert_array_equal(skip.actions, keep.actions)
+    np.testing.assert_allclose(skip.advantages, keep.advantages, atol=1e-6)
+    np.testing.assert_allclose(skip.returns, keep.returns, atol=1e-6)
