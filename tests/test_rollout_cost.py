@@ -54,7 +54,8 @@ def test_envs_on_one_prompt_prefill_it_once_and_train_on_the_same_log_probs(tiny
     assert cache.prefilled_rows == 1  # 4 envs, one prompt: one prefill row (the new episodes' bootstrap is skipped)
     chunk = buffer.segments
     with th.no_grad():
-        _, log_prob, _ = model.policy.evaluate_actions(buffer._segment_batch(chunk), th.as_tensor(buffer._flat(buffer.actions, chunk)))
+        actions = th.as_tensor(buffer._flat(buffer.actions, chunk))
+        _, log_prob, _ = model.policy.evaluate_actions(buffer._segment_batch(chunk), actions)
     np.testing.assert_allclose(log_prob.numpy(), buffer._flat(buffer.log_probs, chunk), atol=1e-5)
 
 
