@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from stable_baselines3 import PPO
-from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
-from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy, evaluate, register_text_task
+from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy, evaluate, make_text_vec_env, register_text_task
 from sb3_textrl.callbacks import TextSampleCallback
 from sb3_textrl.common.options import parse_dataclass_options
 from sb3_textrl.models import save_tiny_gpt2_lm
@@ -105,7 +104,7 @@ def main(options: Options) -> dict[str, Any]:
         return {k: metrics[k] for k in ("task_reward", "kl_to_ref", "length_tokens", "distinct1")}
 
     before = score(options.lm, "before")
-    env = make_vec_env("UpbeatReview-v0", n_envs=options.n_envs, seed=options.seed)
+    env = make_text_vec_env("UpbeatReview-v0", n_envs=options.n_envs, seed=options.seed)
     model = PPO(
         TransformerLMPolicy, env, rollout_buffer_class=TextRolloutBuffer, n_steps=options.max_new_tokens,
         batch_size=options.n_envs * options.max_new_tokens, n_epochs=options.n_epochs,

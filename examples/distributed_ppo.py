@@ -22,10 +22,9 @@ import torch as th
 import torch.distributed as dist
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CheckpointCallback
-from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
-from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy
+from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy, make_text_vec_env
 from sb3_textrl.common.options import parse_dataclass_options
 from sb3_textrl.distributed import MainProcessCallback, init_distributed, make_data_parallel
 from sb3_textrl.models import save_tiny_gpt2_lm
@@ -78,7 +77,7 @@ def main(options: Options) -> dict[str, Any]:
     seed = ctx.seed(options.seed, options.n_envs)  # other prompts on every rank
     env_kwargs = dict(dataset=options.dataset, tokenizer=options.lm, max_new_tokens=options.max_new_tokens,
                       max_prompt_tokens=options.max_prompt_tokens)
-    env = make_vec_env("NewsSummary-v0", n_envs=options.n_envs, seed=seed, env_kwargs=env_kwargs)
+    env = make_text_vec_env("NewsSummary-v0", n_envs=options.n_envs, seed=seed, env_kwargs=env_kwargs)
     model = PPO(
         TransformerLMPolicy, env, rollout_buffer_class=TextRolloutBuffer,
         n_steps=options.max_new_tokens, batch_size=options.batch_size, n_epochs=options.n_epochs, gamma=1.0,

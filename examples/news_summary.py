@@ -22,10 +22,9 @@ from typing import Any
 
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList
-from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
-from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy, evaluate
+from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy, evaluate, make_text_vec_env
 from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
 from sb3_textrl.common.options import parse_dataclass_options
 from sb3_textrl.envs.news_data import generate_news_examples, load_summary_dataset
@@ -118,10 +117,10 @@ def main(options: Options) -> dict[str, Any]:
     print("\n=== PPO (reward: ROUGE against the reference, KL penalty to the SFT model) ===")
     start = time.perf_counter()
     env_kwargs = task_kwargs | dict(dataset=str(train_file), tokenizer=str(sft_dir), reward=options.reward)
-    env = make_vec_env("NewsSummary-v0", n_envs=options.n_envs, seed=options.seed, env_kwargs=env_kwargs)
+    env = make_text_vec_env("NewsSummary-v0", n_envs=options.n_envs, seed=options.seed, env_kwargs=env_kwargs)
     # Periodic held-out check during training: a few training-split articles the rollouts rarely reach is not
     # held out, so the eval env reads the held-out file.
-    eval_env = make_vec_env("NewsSummary-v0", n_envs=min(options.n_envs, 8), seed=options.seed,
+    eval_env = make_text_vec_env("NewsSummary-v0", n_envs=min(options.n_envs, 8), seed=options.seed,
                             env_kwargs=task_kwargs | dict(dataset=str(eval_file), tokenizer=str(sft_dir)))
     model = PPO(
         TransformerLMPolicy, env, rollout_buffer_class=TextRolloutBuffer, n_steps=options.max_new_tokens,

@@ -29,10 +29,9 @@ from typing import Any
 import numpy as np
 from rouge_score import rouge_scorer
 from stable_baselines3 import PPO
-from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
-from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy
+from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy, make_text_vec_env
 from sb3_textrl.common.options import parse_dataclass_options
 from sb3_textrl.evaluation import generate_samples
 from sb3_textrl.feedback import FeedbackStore
@@ -121,7 +120,7 @@ def held_out_comparison(
     models: dict[str, str | None], options: Options, reward: LearnedRewardModel, tokenizer: str | None
 ) -> dict[str, dict[str, float]]:
     """Greedy summaries of the held-out articles by each model, scored by the learned reward and by ROUGE-1."""
-    env = make_vec_env("NewsSummary-v0", n_envs=options.n_envs, seed=options.seed,
+    env = make_text_vec_env("NewsSummary-v0", n_envs=options.n_envs, seed=options.seed,
                        env_kwargs=news_kwargs(options, "eval", tokenizer))
     n_available = len(env.get_attr("prompts", [0])[0])
     indices = pick_prompts(n_available, min(options.n_eval, n_available), options.seed)
@@ -205,7 +204,7 @@ def main(options: Options) -> dict[str, Any]:
 
     # 5. PPO on the learned reward, starting from the SFT model.
     start = stage("5. PPO with the learned reward")
-    env = make_vec_env("NewsSummary-v0", n_envs=options.n_envs, seed=options.seed,
+    env = make_text_vec_env("NewsSummary-v0", n_envs=options.n_envs, seed=options.seed,
                        env_kwargs=news_kwargs(options, "rl", str(sft_dir)) | {"reward": reward})
     model = PPO(
         TransformerLMPolicy, env, rollout_buffer_class=TextRolloutBuffer, n_steps=options.max_new_tokens,

@@ -9,11 +9,13 @@ from sb3_textrl.buffers import TextRolloutBuffer
 from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
 from sb3_textrl.common.kl_controller import KLController
 from sb3_textrl.envs import (
+    BatchedRewardVecEnv,
     TextGenerationEnv,
     TextObservationSpace,
     TextPrompt,
     list_text_tasks,
     make_text_task_env,
+    make_text_vec_env,
     register_text_task,
 )
 from sb3_textrl.envs.registry import mark_text_task
@@ -31,6 +33,7 @@ for _task_id in ("NewsSummary-v0", "sb3_textrl/NewsSummary-v0"):
     mark_text_task(_task_id)
 
 __all__ = [
+    "BatchedRewardVecEnv",
     "EvalResult",
     "KLController",
     "LearnedRewardModel",
@@ -49,5 +52,6 @@ __all__ = [
     "evaluate",
     "list_text_tasks",
     "make_text_task_env",
+    "make_text_vec_env",
     "register_text_task",
 ]

@@ -17,9 +17,9 @@ import gymnasium as gym
 import numpy as np
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback, EventCallback
-from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_textrl.envs.batched import make_text_vec_env
 from sb3_textrl.evaluation import Sample, generate_samples, has_reference, kl_to_reference
 from sb3_textrl.policies import TransformerLMPolicy
 from sb3_textrl.rewards.rouge import RougeReward
@@ -219,7 +219,7 @@ class TextEvalCallback(EventCallback):
                     f"eval_env {eval_env!r} is not a registered env id; register the task first "
                     "(sb3_textrl.register_text_task) or pass a VecEnv"
                 )
-            eval_env = make_vec_env(eval_env, n_envs=n_eval_envs, env_kwargs=eval_env_kwargs)
+            eval_env = make_text_vec_env(eval_env, n_envs=n_eval_envs, env_kwargs=eval_env_kwargs)
         elif not isinstance(eval_env, VecEnv):
             raise TypeError(
                 f"eval_env must be a VecEnv or a task id, got {type(eval_env).__name__}; wrap a single env with "

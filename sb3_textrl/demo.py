@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
-from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
 from sb3_textrl.buffers import TextRolloutBuffer
 from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
+from sb3_textrl.envs.batched import make_text_vec_env
 from sb3_textrl.evaluation import Sample, generate_samples
 from sb3_textrl.policies import TransformerLMPolicy
 from sb3_textrl.rewards.base import reward_name
@@ -70,10 +70,10 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         from sb3_textrl.rewards.learned import LearnedRewardModel
 
         env_kwargs["reward"] = LearnedRewardModel(config.reward_model, device=config.device)
-    env = make_vec_env("NewsSummary-v0", n_envs=config.n_envs, seed=config.seed, env_kwargs=env_kwargs)
+    env = make_text_vec_env("NewsSummary-v0", n_envs=config.n_envs, seed=config.seed, env_kwargs=env_kwargs)
     # Held-out articles: the built-in generator with another seed (or the dataset's last rows).
     eval_kwargs = env_kwargs | ({"data_seed": 1000} if config.dataset is None else {})
-    eval_env = make_vec_env("NewsSummary-v0", n_envs=config.n_samples, seed=config.seed + 1, env_kwargs=eval_kwargs)
+    eval_env = make_text_vec_env("NewsSummary-v0", n_envs=config.n_samples, seed=config.seed + 1, env_kwargs=eval_kwargs)
     n_eval_prompts = len(eval_env.get_attr("prompts", [0])[0])
     held_out = list(range(n_eval_prompts - config.n_samples, n_eval_prompts))
 

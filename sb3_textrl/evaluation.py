@@ -370,9 +370,8 @@ def _model_label(model: str | os.PathLike | BaseAlgorithm | None) -> str:
 
 def _make_env(task: str, n_envs: int, seed: int, env_kwargs: dict[str, Any]) -> VecEnv:
     import gymnasium as gym
-    from stable_baselines3.common.env_util import make_vec_env
 
-    from sb3_textrl.envs import list_text_tasks
+    from sb3_textrl.envs import list_text_tasks, make_text_vec_env
 
     if task not in gym.registry:
         raise ValueError(
@@ -381,7 +380,7 @@ def _make_env(task: str, n_envs: int, seed: int, env_kwargs: dict[str, Any]) -> 
             "on your own article/summary pairs with NewsSummary-v0)"
         )
     try:
-        return make_vec_env(task, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
+        return make_text_vec_env(task, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
     except TypeError as error:
         if "dataset" in env_kwargs and "dataset" in str(error):
             raise ValueError(

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_textrl.envs.batched import make_text_vec_env
 from sb3_textrl.evaluation import Sample, generate_samples
 from sb3_textrl.policies import TransformerLMPolicy
 
@@ -185,7 +185,7 @@ def sample_for_rating(
 
     source_a = source_a or CandidateSource()
     source_b = source_b or CandidateSource(source_a.model, DecodingSettings(greedy=False))
-    env = make_vec_env(task, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs or {})
+    env = make_text_vec_env(task, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs or {})
     prompts = env.get_attr("prompts", [0])[0]
     indices = pick_prompts(len(prompts), n_prompts, seed)
     candidates = []

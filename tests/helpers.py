@@ -8,7 +8,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy, register_text_task
+from sb3_textrl import TextReward, TextRolloutBuffer, TransformerLMPolicy, register_text_task
 
 PROMPTS = [
     "The quick brown fox",
@@ -49,3 +49,17 @@ def toy_ppo(env: VecEnv | str, lm: str, grouped: bool = True, seed: int = 0, **k
     if grouped:
         defaults["rollout_buffer_class"] = TextRolloutBuffer
     return PPO(TransformerLMPolicy, env, policy_kwargs=policy_kwargs, **(defaults | kwargs))
+
+
+class CountingReward(TextReward):
+    """:func:`shout`, recording the completions of every call (one list per call), to count and inspect the calls."""
+
+    name = "shout"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[str]] = []
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str | None]) -> list[float]:
+        self.calls.append(list(completions))
+        return shout(prompts, completions, references)

@@ -173,6 +173,9 @@ class TextGenerationEnv(gym.Env):
         self._n_generated = 0
         # True until reset() and again once the episode ends (a stop token ends it before max_new_tokens)
         self._episode_over = True
+        # Set by a batched scorer (BatchedRewardVecEnv) just before the step that ends the episode:
+        # (token, completion text, task reward), used by that step instead of a call to the reward.
+        self._preset: tuple[int, str, float] | None = None
 
     @staticmethod
     def _default_stop_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -228,6 +231,7 @@ class TextGenerationEnv(gym.Env):
         self._episode_over = False
         self._allowed = None
         self._n_masked_out = 0
+        self._preset = None
         return self._observation(), {"prompt": self.prompts[self._prompt_index].text, "prompt_index": self._prompt_index}
 
     def _checked_index(self, index: Any) -> int:
@@ -249,6 +253,7 @@ class TextGenerationEnv(gym.Env):
 
     def step(self, action: int | np.integer | np.ndarray) -> tuple[dict, float, bool, bool, dict]:
         token = int(np.asarray(action).item())
+        preset, self._preset = self._preset, None  # good for this step only, even if it raises
         if not 0 <= token < self.action_space.n:
             raise ValueError(f"{self.task_id}: action {token} is not a token id in [0, {self.action_space.n})")
         if self._episode_over:
@@ -265,13 +270,18 @@ class TextGenerationEnv(gym.Env):
         self._ids[slot] = token
         self._mask[slot] = 1
         self._n_generated += 1
-        terminated = token in self.stop_token_ids
-        truncated = not terminated and self._n_generated >= self.max_new_tokens
+        terminated, truncated = self._ends_episode(token, self._n_generated)
         reward, info = 0.0, {}
         if terminated or truncated:
             self._episode_over = True
-            reward, info = self._finish(ended_by_stop_token=terminated)
+            # A preset for another token (a wrapper changed the action) is ignored: the env scores by itself.
+            reward, info = self._finish(terminated, preset if preset is not None and preset[0] == token else None)
         return self._observation(), reward, terminated, truncated, info
+
+    def _ends_episode(self, token: int, n_generated: int) -> tuple[bool, bool]:
+        """(terminated, truncated) after ``token`` became the ``n_generated``-th generated token."""
+        terminated = token in self.stop_token_ids
+        return terminated, not terminated and n_generated >= self.max_new_tokens
 
     def render(self) -> str | None:
         text = f"{self.prompts[self._prompt_index].text}[{self.completion_text()}]"
@@ -344,10 +354,57 @@ class TextGenerationEnv(gym.Env):
         """The completion so far, decoded."""
         return self.tokenizer.decode(self.completion_ids(), skip_special_tokens=True)
 
-    def _finish(self, ended_by_stop_token: bool) -> tuple[float, dict[str, Any]]:
+    # -- batched scoring (see sb3_textrl.envs.batched) ---------------------------------------------------------
+    @property
+    def reward_name(self) -> str:
+        """The name of the task's reward (the key of ``info["reward_parts"]``)."""
+        return reward_name(self.reward_fn)
+
+    def episode_end_preview(self, action: int | np.integer | np.ndarray) -> dict[str, Any] | None:
+        """
+        What the reward would be asked to score if ``action`` were the next step, without taking the step.
+
+        :class:`~sb3_textrl.envs.batched.BatchedRewardVecEnv` calls it for every env before a vectorised step, scores
+        the episodes that will end in one reward call, and hands each env its value with :meth:`preset_reward`.
+
+        :param action: the next token
+        :return: ``{"prompt", "completion", "reference"}`` if that token ends the episode, else None (also when the
+            step would raise: the step itself then raises as usual)
+        """
+        token = int(np.asarray(action).item())
+        if self._episode_over or not 0 <= token < self.action_space.n:
+            return None
+        if not any(self._ends_episode(token, self._n_generated + 1)):
+            return None
+        generated = self._ids[self.max_prompt_tokens : self.max_prompt_tokens + self._n_generated]
+        if token not in self.stop_token_ids:
+            generated = np.append(generated, token)  # a final stop token is not part of the completion
         prompt = self.prompts[self._prompt_index]
-        completion = self.completion_text()
-        reward = float(score_batch(self.reward_fn, [prompt.text], [completion], [prompt.reference], self.task_id)[0])
+        completion = self.tokenizer.decode(generated, skip_special_tokens=True)
+        return {"prompt": prompt.text, "completion": completion, "reference": prompt.reference}
+
+    def preset_reward(self, action: int | np.integer | np.ndarray, completion: str, reward: float) -> None:
+        """
+        The task reward of the next step, scored elsewhere (in a batch with other envs' episodes).
+
+        The next :meth:`step` uses it instead of calling the reward if that step takes ``action`` and ends the
+        episode; any other step drops it, so a stale preset can never pay a wrong reward.
+
+        :param action: the token the reward was computed for
+        :param completion: the completion text scored (from :meth:`episode_end_preview`; saves decoding it again)
+        :param reward: the checked task reward
+        """
+        self._preset = (int(np.asarray(action).item()), completion, float(reward))
+
+    def _finish(
+        self, ended_by_stop_token: bool, preset: tuple[int, str, float] | None = None
+    ) -> tuple[float, dict[str, Any]]:
+        prompt = self.prompts[self._prompt_index]
+        if preset is not None:
+            _, completion, reward = preset
+        else:
+            completion = self.completion_text()
+            reward = float(score_batch(self.reward_fn, [prompt.text], [completion], [prompt.reference], self.task_id)[0])
         info = {
             "prompt": prompt.text,
             "prompt_index": self._prompt_index,

@@ -111,6 +111,8 @@ def score_batch(
     :return: float64 array of shape ``(len(completions),)``.
     :raises ValueError: If the inputs have different lengths, or the reward returns the wrong number of values,
         a non-numeric value, or NaN/inf.
+    :raises Exception: An exception raised by the reward itself comes back as the same type (RuntimeError where that
+        type cannot be rebuilt from a message), its message prefixed with the reward's name and the task id.
     """
     n = len(completions)
     if len(prompts) != n or len(references) != n:
@@ -119,7 +121,11 @@ def score_batch(
             f"{_for_task(task_id)}; pass one prompt and one reference (or None) per completion."
         )
     where = f"Reward {reward_name(reward)!r}{_for_task(task_id)}"
-    raw = reward(prompts, completions, references)
+    try:
+        raw = reward(prompts, completions, references)
+    except Exception as error:
+        message = f"{where} raised {type(error).__name__} while scoring {n} completion(s): {error}"
+        raise _with_context(error, message) from error
 
     # Tensors (on GPU, requiring grad, or bf16) cannot go through np.asarray directly
     if hasattr(raw, "detach") and hasattr(raw, "double"):
@@ -166,6 +172,19 @@ def score_batch(
             f"(e.g. return 0.0 for an empty completion)."
         )
     return values
+
+
+def _with_context(error: Exception, message: str) -> Exception:
+    """
+    An exception of ``error``'s type carrying ``message`` (which quotes the original); a RuntimeError for exception
+    types that cannot be built from one message. Callers that catch a reward's own type (``TimeoutError`` of
+    :class:`~sb3_textrl.rewards.human.HumanReward`) still catch it.
+    """
+    try:
+        wrapped = type(error)(message)
+    except Exception:
+        wrapped = RuntimeError(message)
+    return wrapped
 
 
 def _for_task(task_id: str) -> str:
