@@ -22,7 +22,9 @@ def test_tiny_run_prints_every_variant_against_the_generate_floor():
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "RANDOM weights of SmolLM2-135M's architecture (4 layers" in out
-    for row in ("| all layers |", "| trainable_layers=2 |", "| HF generate() (KV cache, no grad): the floor |"):
+    rows = ("| all layers |", "| all layers, as before trainable_layers (bootstrap prefill kept) |",
+            "| trainable_layers=2 |", "| HF generate() (KV cache, no grad): the floor |")
+    for row in rows:
         assert row in out, out
     assert "- trainable_layers=2: rollout" in out and "load average at start" in out
 
