@@ -82,18 +82,48 @@ def generate_samples(
     prompt_indices: Sequence[int],
     deterministic: bool = True,
     progress_bar: bool = False,
+    fast: bool = True,
 ) -> list[Sample]:
     """
-    Run one episode per prompt, ``env.num_envs`` episodes at a time (the policy's KV cache makes each step one
-    batched one-token forward); an env that finishes starts its next prompt at once.
+    Complete each prompt once, ``env.num_envs`` prompts at a time, and score the completions with the task reward.
+
+    The fast path (:func:`sb3_textrl.common.generation.generate_env_samples`) drives the policy's LM directly, as
+    ``generate()`` does: one prefill of the batch's prompts, then one batched one-token forward per token with a KV
+    cache, under the policy's sampling distribution (temperature, top-k/top-p, NLPO sets, and the env's action masks
+    for a ``MaskableTransformerLMPolicy``) and the env's stop rules; rewards are scored in one batch. Greedy decoding
+    gives the env loop's tokens. Where it does not apply (:func:`~sb3_textrl.common.generation.fast_path_unsupported`:
+    an encoder-decoder policy, a SubprocVecEnv, an env subclass or wrapper that changes steps or rewards, a KV cache
+    with other than full-attention layers) the env loop runs instead, and the reason is logged.
+
+    The env loop (``fast=False``) runs one episode per prompt through ``model.predict`` and ``env.step`` (the policy's
+    rollout KV cache makes each step one batched one-token forward); an env that finishes starts its next prompt at once.
 
     :param model: a trained SB3 model with a TransformerLMPolicy
-    :param env: a VecEnv of the task (its envs are reset to the requested prompts)
+    :param env: a VecEnv of the task (the env loop resets its envs to the requested prompts; the fast path only reads it)
     :param prompt_indices: which of the task's prompts to complete
     :param deterministic: greedy decoding (True) or sampling from the policy
     :param progress_bar: show a progress bar over prompts
+    :param fast: decode with the fast path where it applies (False: always the env loop)
     :return: one :class:`Sample` per prompt, in the order given
     """
+    if fast:
+        from sb3_textrl.common.generation import FastPathUnsupported, fast_path_unsupported, generate_env_samples
+        from sb3_textrl.envs.text_env import log_once
+
+        reason = fast_path_unsupported(model, env)
+        if reason is None:
+            try:
+                return generate_env_samples(model, env, prompt_indices, deterministic, progress_bar=progress_bar)
+            except FastPathUnsupported as error:
+                reason = str(error)
+        log_once(f"generate_samples: decoding through the env loop (model.predict + env.step, slower): {reason}")
+    return _generate_samples_env_loop(model, env, prompt_indices, deterministic, progress_bar)
+
+
+def _generate_samples_env_loop(
+    model: BaseAlgorithm, env: VecEnv, prompt_indices: Sequence[int], deterministic: bool, progress_bar: bool
+) -> list[Sample]:
+    """:func:`generate_samples` through ``model.predict`` and ``env.step``, one batched step per token."""
     order = [int(i) for i in prompt_indices]
     n_envs = env.num_envs
     # Each env works through its own queue of prompts. A VecEnv resets a finished env by itself, and that reset
@@ -146,6 +176,49 @@ def has_reference(policy: TransformerLMPolicy) -> bool:
     from peft import PeftModel
 
     return policy.ref_lm is not None or isinstance(policy.lm, PeftModel)
+
+
+def reference_identity(policy: TransformerLMPolicy) -> str | None:
+    """
+    Why the policy's weights are exactly its reference's (so every KL to it is 0), or None when they may differ.
+
+    Read off the weights, not from how the model was made: with LoRA, every ``lora_B`` matrix of the active adapter is
+    zero (fresh or untrained adapters add B·A = 0) and the adapter has no other trainable part (``modules_to_save``,
+    DoRA magnitudes, trainable tokens); with a frozen reference copy, every tensor of the LM equals the copy's.
+
+    :param policy: the policy
+    :return: the reason, or None
+    """
+    import torch as th
+    from peft import LoraConfig, PeftModel
+
+    if policy.ref_lm is not None:
+        ours, theirs = policy.lm.state_dict(), policy.ref_lm.state_dict()
+        if ours.keys() == theirs.keys() and all(th.equal(ours[key], theirs[key]) for key in ours):
+            return "the LM's weights equal its frozen reference copy's"
+        return None
+    if not isinstance(policy.lm, PeftModel):
+        return None
+    active = policy.lm.active_adapter
+    config = policy.lm.peft_config[active]
+    if not isinstance(config, LoraConfig) or config.modules_to_save or config.use_dora:
+        return None
+    if getattr(config, "trainable_token_indices", None):
+        return None
+    lora_b = [
+        parameter for name, parameter in policy.lm.named_parameters()
+        if (".lora_B." in name or ".lora_embedding_B." in name) and f".{active}" in name
+    ]
+    if lora_b and not any(bool(parameter.any()) for parameter in lora_b):
+        return "every LoRA B matrix is zero (fresh or untrained adapters)"
+    return None
+
+
+def _truncated(policy: TransformerLMPolicy) -> bool:
+    """Whether the sampling distribution is truncated (top-k, top-p, NLPO): it then differs from π_ref on equal weights."""
+    top_k = policy.top_k is not None and policy.top_k < int(policy.action_space.n)  # type: ignore[attr-defined]
+    top_p = policy.top_p is not None and policy.top_p < 1.0
+    return top_k or top_p or policy.nlpo_top_p is not None
 
 
 def kl_to_reference(
@@ -490,6 +563,13 @@ def evaluate(
     The env is made to match the model: the model's LM is the task's tokenizer and, for a saved or in-memory SB3
     model, ``max_prompt_tokens``/``max_new_tokens`` are the ones it was trained with (``env_kwargs`` override).
 
+    Completions are decoded by :func:`generate_samples`'s fast path (a batched KV-cache decode at ``generate()`` speed,
+    under the policy's own sampling distribution and the env's stop rules and action masks; the env loop where it does
+    not apply, with the reason logged). When the policy's weights equal its reference's (:func:`reference_identity`:
+    every LoRA B matrix zero, e.g. an LM directory wrapped in fresh adapters, or a full fine-tune equal to its frozen
+    copy) and its decoding is not truncated (no top-k/top-p/NLPO), the KL is reported as 0 without a KL pass, and a
+    note says why.
+
     :param model: a ``.zip`` saved by ``model.save()``, an LM name or directory (wrapped with fresh LoRA adapters,
         so its KL to the reference is 0), an SB3 model in memory, or None for the embedded LM
     :param task: a registered text task; None means :data:`DEFAULT_TASK` (``NewsSummary-v0``)
@@ -498,7 +578,7 @@ def evaluate(
     :param decoding: ``"greedy"``, ``"sample"``, ``"sample:temperature=T,top_k=K,top_p=P"``, a
         :class:`~sb3_textrl.sampling.DecodingSettings`, or a list of them (one system per decoding)
     :param baselines: names from :data:`BASELINES`; None: every baseline the task supports; ``()``: none
-    :param n_envs: prompts completed at once (one batched forward per generated token)
+    :param n_envs: prompts completed at once (the batch of the decode: one batched forward per generated token)
     :param seed: seed of the envs, of the wrapper model and of sampled decoding (the caller's torch RNG is restored)
     :param device: torch device for a model loaded here (``"auto"``: CUDA when present)
     :param env_kwargs: further keyword arguments of the task's env (``max_new_tokens``, ``data_seed``, ...)
@@ -544,7 +624,8 @@ def evaluate(
         policy = generator.policy
         if not isinstance(policy, TransformerLMPolicy):
             raise TypeError(f"{_model_label(model)} has a {type(policy).__name__}; evaluate needs a TransformerLMPolicy")
-        notes = _kl_notes(model, policy)
+        identity = reference_identity(policy) if has_reference(policy) else None
+        skipped: list[str] = []  # systems whose KL is 0 by construction (no KL pass)
         # The rollout KV cache matches rows by token ids only: keys computed before the weights last changed (a
         # caller's in-place edit) must not be reused.
         policy._rollout_cache.reset()
@@ -560,8 +641,13 @@ def evaluate(
                 samples = generate_samples(generator, env, indices, deterministic=setting.greedy, progress_bar=progress_bar)
                 timings[f"{system}/generate_s"] = time.perf_counter() - start
                 start = time.perf_counter()
-                kl = (kl_to_reference(policy, samples, env.num_envs, progress_bar) if has_reference(policy)
-                      else [None] * len(samples))
+                if not has_reference(policy):
+                    kl: Sequence[float | None] = [None] * len(samples)
+                elif identity is not None and not _truncated(policy):
+                    kl = [0.0] * len(samples)  # π = π_ref exactly: the forward passes would only measure rounding
+                    skipped.append(system)
+                else:
+                    kl = kl_to_reference(policy, samples, env.num_envs, progress_bar)
                 timings[f"{system}/kl_s"] = time.perf_counter() - start
             completions[system] = [s.completion for s in samples]
             outputs[system] = [
@@ -589,6 +675,7 @@ def evaluate(
     finally:
         env.close()
 
+    notes = _kl_notes(model, policy, identity, skipped, [f"model:{s.describe()}" for s in settings])
     has_references = all(r is not None for r in references)
     if not has_references:
         notes.append("No ROUGE: the task has no reference for every prompt.")
@@ -617,6 +704,7 @@ def evaluate(
         "env_kwargs": {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in kwargs.items()},
         "device": str(policy.device),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kl_skipped": skipped,
         "timings_s": timings | {"total_s": time.perf_counter() - started},
     }
     result = EvalResult(metrics, eval_samples, config, notes)
@@ -670,21 +758,35 @@ def _load(load_generator: Any, model: Any, env: VecEnv, device: str, seed: int, 
         ) from error
 
 
-def _kl_notes(model: str | os.PathLike | BaseAlgorithm | None, policy: TransformerLMPolicy) -> list[str]:
+def _kl_notes(
+    model: str | os.PathLike | BaseAlgorithm | None,
+    policy: TransformerLMPolicy,
+    identity: str | None,
+    skipped: Sequence[str],
+    systems: Sequence[str],
+) -> list[str]:
     if not has_reference(policy):
         return ["KL to the reference: none, the policy has no reference model (trained without LoRA and with kl_coef=0)."]
-    if model is None or (not isinstance(model, BaseAlgorithm) and not os.fspath(model).endswith(".zip")):
-        return [
-            "KL to the reference is 0 by construction: an LM directory or name is wrapped with fresh LoRA adapters, so "
-            "the policy equals its reference (what remains is float32 rounding: the policy's log-probs and the "
-            "reference's are normalised by two code paths, about 1e-5 nats per token). Evaluate a PPO model (.zip) to "
-            "measure how far training moved it."
-        ]
-    return [
-        "KL to the reference: per completion, the sum over its generated tokens of log π − log π_ref under the "
-        "distribution it was decoded from (an unbiased KL estimate for sampled decoding; the log-ratio of the greedy "
-        "completion for greedy decoding)."
-    ]
+    notes = []
+    if skipped:
+        origin = (
+            " An LM directory or name is wrapped with fresh LoRA adapters, so it is its own reference: evaluate a PPO "
+            "model (.zip) to measure how far training moved it."
+            if model is None or (not isinstance(model, BaseAlgorithm) and not os.fspath(model).endswith(".zip"))
+            else ""
+        )
+        notes.append(
+            f"KL to the reference is 0 by construction for {', '.join(skipped)}: {identity}, so the policy's distribution "
+            f"is its reference's; the KL pass was skipped.{origin}"
+        )
+    if len(skipped) < len(systems):
+        notes.append(
+            "KL to the reference: per completion, the sum over its generated tokens of log π − log π_ref under the "
+            "distribution it was decoded from (an unbiased KL estimate for sampled decoding; the log-ratio of the greedy "
+            "completion for greedy decoding)."
+            + (" Top-k/top-p/NLPO truncation makes π differ from π_ref even on equal weights." if identity else "")
+        )
+    return notes
 
 
 # ----------------------------------------------------------------------------------------------------------------
