@@ -13,6 +13,7 @@ from sb3_textrl.envs import (
     TextObservationSpace,
     TextPrompt,
     list_text_tasks,
+    make_group_vec_env,
     make_text_task_env,
     register_text_task,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "TransformerLMPolicy",
     "evaluate",
     "list_text_tasks",
+    "make_group_vec_env",
     "make_text_task_env",
     "register_text_task",
 ]
