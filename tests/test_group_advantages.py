@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
@@ -190,3 +191,15 @@ def test_rloo_learns_faster_than_gae_on_the_same_budget(tiny_lm):
     # 1.000/0.984/0.996/0.121 (seed 3 had not taken off yet; after 20 rollouts seeds 0-2 gave RLOO 0.26/0.13/0.14
     # against GAE 0.11/0.08/0.10). Untrained: 0.084. Seed 0 is asserted with a margin well under its measured +0.90.
     assert shout_share["rloo"] - shout_share["gae"] > 0.5, shout_share
+
+
+def test_prompt_order_seed_is_kept_by_reset_seeds(tiny_lm):
+    task = register_toy_task("GroupOrder-v0", tiny_lm)
+
+    def order(env_seed: int, prompt_order_seed: int | None) -> list[int]:
+        env = gym.make(task, prompt_order_seed=prompt_order_seed)
+        first = env.reset(seed=env_seed)[1]["prompt_index"]
+        return [first] + [env.reset()[1]["prompt_index"] for _ in range(9)]
+
+    assert order(0, prompt_order_seed=7) == order(1, prompt_order_seed=7)  # two passes over the 5 prompts
+    assert order(0, prompt_order_seed=None) != order(1, prompt_order_seed=None)  # seeds 0 and 1 differ (checked)
