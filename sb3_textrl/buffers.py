@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,23 @@ class TextRolloutBuffer(RolloutBuffer):
 
     Minibatches hold whole segments, so their sizes vary around ``batch_size`` steps.
 
+    **Advantages.** ``advantage="gae"`` (default) is SB3's GAE with the policy's value head. ``"rloo"`` and ``"grpo"``
+    use no critic: they compare each completion with the other completions of the same prompt (a *group*: the
+    episodes that start the same context at the same step, e.g. the k envs of
+    :func:`~sb3_textrl.envs.groups.make_group_vec_env`). With the episode's return including the KL penalty,
+
+        R_i = r_task_i − β · Σ_t (log π(a_t) − log π_ref(a_t))    (summed over the episode's tokens)
+
+    every token of completion i of a group of n gets the same advantage
+
+        rloo: A_i = R_i − (Σ_j R_j − R_i) / (n − 1)            (Ahmadian et al. 2024)
+        grpo: A_i = (R_i − mean_j R_j) / (std_j R_j + 1e-8)     (Shao et al. 2024; sample std, ddof=1, as TRL)
+
+    and ``returns = advantages + values``. An episode takes part only if it starts and ends inside this rollout and
+    every episode of its group does too, and the group has n ≥ 2; the steps of all other episodes (cut by the
+    rollout's ends, siblings unfinished, no sibling) are left out of every minibatch (zero weight, not a zero
+    advantage) and counted in ``rollout/group_dropped_steps``; ``rollout/groups`` counts the groups used.
+
     :param buffer_size: steps per env (PPO's ``n_steps``)
     :param observation_space: a text env's Dict observation space
     :param action_space: Discrete vocabulary
@@ -55,7 +73,10 @@ class TextRolloutBuffer(RolloutBuffer):
     :param gae_lambda: GAE λ
     :param gamma: discount
     :param n_envs: number of envs
+    :param advantage: ``"gae"``, ``"rloo"`` or ``"grpo"`` (pass it as ``rollout_buffer_kwargs=dict(advantage=...)``)
     """
+
+    ADVANTAGES = ("gae", "rloo", "grpo")
 
     def __init__(
         self,
@@ -66,7 +87,12 @@ class TextRolloutBuffer(RolloutBuffer):
         gae_lambda: float = 1,
         gamma: float = 0.99,
         n_envs: int = 1,
+        advantage: str = "gae",
     ):
+        if advantage not in self.ADVANTAGES:
+            raise ValueError(f"advantage must be one of {self.ADVANTAGES}, got {advantage!r}")
+        self.advantage = advantage
+        self._warned_critic = False
         if not isinstance(observation_space, spaces.Dict) or "input_ids" not in observation_space.spaces:
             raise TypeError(f"TextRolloutBuffer needs a text env's Dict observation space, got {observation_space}")
         self.width = int(observation_space["input_ids"].shape[0])
@@ -96,6 +122,8 @@ class TextRolloutBuffer(RolloutBuffer):
         self.context_masks = np.zeros((0, self.width), dtype=bool)
         self._context_rows: list[tuple[np.ndarray, np.ndarray]] = []
         self.segments: list[Segment] = []
+        # Indices of the segments that get() yields (None: all); set by the group advantages.
+        self.trained_segments: list[int] | None = None
         self._open: list[Segment | None] = [None] * self.n_envs
         # NLPO: the allowed-token set of every step, one bit per token (allocated by the first step that has one).
         self.nlpo_allowed: np.ndarray | None = None
@@ -173,13 +201,81 @@ class TextRolloutBuffer(RolloutBuffer):
             self.ref_log_probs = self._score_reference(policy)
             kl = self.log_probs - self.ref_log_probs
             self.rewards = self.task_rewards - policy.kl_controller.value * kl
-        super().compute_returns_and_advantage(last_values, dones)
-        self.metrics = self._episode_metrics(kl, dones)
+        self._check_critic(policy)
+        if self.advantage == "gae":
+            super().compute_returns_and_advantage(last_values, dones)
+            group_metrics: dict[str, float] = {}
+        else:
+            group_metrics = self._group_advantages(dones)
+        self.metrics = self._episode_metrics(kl, dones) | group_metrics
         if policy is not None:
             self.metrics["kl_coef"] = policy.kl_controller.value
             if "kl_to_ref" in self.metrics:
                 policy.kl_controller.update(self.metrics["kl_to_ref"], self.buffer_size * self.n_envs)
         self._record(self.metrics)
+
+    def _check_critic(self, policy: TransformerLMPolicy | None) -> None:
+        critic = getattr(policy, "critic", True)
+        if self.advantage == "gae" and policy is not None and not critic:
+            raise ValueError(
+                "advantage='gae' needs the value head, but the policy was built with critic=False: use "
+                "rollout_buffer_kwargs=dict(advantage='rloo') or 'grpo', or policy_kwargs=dict(critic=True)"
+            )
+        if self.advantage != "gae" and policy is not None and critic and not self._warned_critic:
+            self._warned_critic = True
+            warnings.warn(
+                f"advantage={self.advantage!r} uses no critic, but the policy's value head is trained (vf_coef > 0 fits "
+                "it to returns nothing reads): build the policy with policy_kwargs=dict(critic=False)",
+                stacklevel=3,
+            )
+
+    def _group_advantages(self, dones: np.ndarray) -> dict[str, float]:
+        """RLOO / GRPO advantages (see the class docstring); returns the group metrics."""
+        groups: dict[tuple[int, bytes], list[int]] = {}
+        cut: list[int] = []  # segments that start before or end after this rollout
+        for index, s in enumerate(self.segments):
+            starts_here = bool(self.episode_starts[s.start, s.env])
+            ends_here = s.start + s.length < self.buffer_size or bool(dones[s.env])
+            if not starts_here:
+                cut.append(index)
+                continue
+            ids, mask = self._context_rows[s.context]
+            # Siblings: episodes that start the same context (prompt, padding included) at the same step.
+            key = (s.start, ids.tobytes() + mask.tobytes())
+            groups.setdefault(key, []).append(index)
+            if not ends_here:
+                cut.append(index)
+        unfinished = set(cut)
+        self.advantages[:] = 0.0
+        trained: list[int] = []
+        for members in groups.values():
+            if len(members) < 2 or unfinished.intersection(members):
+                continue
+            returns = np.array([self._segment_sum(self.rewards, self.segments[i]) for i in members])
+            if self.advantage == "rloo":
+                advantages = returns - (returns.sum() - returns) / (len(returns) - 1)
+            else:
+                advantages = (returns - returns.mean()) / (returns.std(ddof=1) + 1e-8)
+            for i, value in zip(members, advantages):
+                s = self.segments[i]
+                self.advantages[s.start : s.start + s.length, s.env] = value
+            trained.extend(members)
+        self.trained_segments = sorted(trained)
+        self.returns = self.advantages + self.values
+        n_groups = sum(1 for m in groups.values() if len(m) >= 2 and not unfinished.intersection(m))
+        dropped = self.buffer_size * self.n_envs - sum(self.segments[i].length for i in trained)
+        if not trained:
+            warnings.warn(
+                f"advantage={self.advantage!r}: no complete group of two or more episodes of the same prompt started "
+                "in this rollout, so PPO has nothing to train on; build the VecEnv with "
+                "sb3_textrl.make_group_vec_env(..., samples_per_prompt=k) and make n_steps a few times max_new_tokens",
+                stacklevel=3,
+            )
+        return {"groups": float(n_groups), "group_dropped_steps": float(dropped)}
+
+    @staticmethod
+    def _segment_sum(array: np.ndarray, s: Segment) -> float:
+        return float(array[s.start : s.start + s.length, s.env].sum(dtype=np.float64))
 
     def _score_reference(self, policy: TransformerLMPolicy, steps_per_batch: int = 512) -> np.ndarray:
         """log π_ref of every stored action: one no-grad forward per segment, about ``steps_per_batch`` at a time."""
@@ -230,7 +326,10 @@ class TextRolloutBuffer(RolloutBuffer):
         """Minibatches of whole segments in random order, each of at least ``batch_size`` steps but the last."""
         assert self.full, "The rollout buffer is not full yet"
         self.generator_ready = True
-        order = list(np.random.permutation(len(self.segments)))
+        if self.trained_segments is None:
+            order = list(np.random.permutation(len(self.segments)))
+        else:  # group advantages: the episodes of complete groups only
+            order = [self.trained_segments[i] for i in np.random.permutation(len(self.trained_segments))]
         batch_size = batch_size or self.buffer_size * self.n_envs
         if self.minibatch_partition is not None:
             chunks: Iterable[list[Segment]] = self.minibatch_partition([self.segments[i] for i in order], batch_size)

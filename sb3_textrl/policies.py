@@ -103,6 +103,10 @@ class TransformerLMPolicy(ActorCriticPolicy):
         reference, and the hidden state entering block L−N, kept from the rollout for every token (O(tokens × hidden)
         memory in the buffer), lets the reference pass and every training epoch run only the top N blocks
         (:mod:`sb3_textrl.common.layer_split`). None (or the block count) trains every layer
+    :param critic: build a trainable value head (GAE). ``False`` for the critic-free advantages of
+        :class:`~sb3_textrl.buffers.TextRolloutBuffer` (``advantage="rloo"``/``"grpo"``): the head stays a frozen
+        zero (values 0, nothing added to the optimizer), so PPO's value loss has no gradient and ``vf_coef`` has no
+        effect (``train/value_loss`` then only reports the mean squared advantage)
     :param kwargs: further :class:`~stable_baselines3.common.policies.ActorCriticPolicy` arguments
         (``optimizer_class``, ``optimizer_kwargs``, ...); ``net_arch`` and ``ortho_init`` have no effect: there is
         no MLP, and a pretrained LM is never re-initialised
@@ -129,6 +133,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         gradient_checkpointing: bool = False,
         nlpo_top_p: float | None = None,
         trainable_layers: int | None = None,
+        critic: bool = True,
         **kwargs: Any,
     ):
         if not isinstance(action_space, spaces.Discrete):
@@ -175,6 +180,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
                 "(or pass trainable_layers=None)"
             )
         self.trainable_layers = trainable_layers
+        self.critic = critic
         # Set by TextRolloutBuffer when its last step is stored: the next predict_values() is SB3's bootstrap.
         self.bootstrap_after_rollout = False
         self._warned_per_step = False
@@ -205,6 +211,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
         self.value_net = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.value_net.weight)  # V = 0 at start: the reward scale is unknown
         nn.init.zeros_(self.value_net.bias)
+        if not self.critic:  # kept (a zero) so SB3's rollout and loss code run unchanged, but never trained
+            self.value_net.requires_grad_(False)
         self.action_dist = CategoricalDistribution(int(self.action_space.n))
         self._rollout_cache = self._make_rollout_cache()
         trainable = [p for p in self.parameters() if p.requires_grad]
@@ -313,6 +321,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
                 gradient_checkpointing=self.gradient_checkpointing,
                 nlpo_top_p=self.nlpo_top_p,
                 trainable_layers=self.trainable_layers,
+                critic=self.critic,
             )
         )
         return data

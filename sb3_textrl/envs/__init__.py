@@ -1,6 +1,7 @@
 """Text generation environments and the task registry."""
 
 from sb3_textrl.envs.batched import BatchedRewardVecEnv, make_text_vec_env
+from sb3_textrl.envs.groups import make_group_vec_env
 from sb3_textrl.envs.registry import list_text_tasks, load_prompts, make_text_task_env, register_text_task
 from sb3_textrl.envs.text_env import TextGenerationEnv, TextObservationSpace, TextPrompt
 
@@ -11,6 +12,7 @@ __all__ = [
     "TextPrompt",
     "list_text_tasks",
     "load_prompts",
+    "make_group_vec_env",
     "make_text_task_env",
     "make_text_vec_env",
     "register_text_task",

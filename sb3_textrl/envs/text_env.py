@@ -114,6 +114,9 @@ class TextGenerationEnv(gym.Env):
         :meth:`action_masks`: a callable ``(prompt_ids, generated_ids) -> bool array over the vocabulary``,
         ``"article"``, ``{"banned": [...]}``, an :class:`~sb3_textrl.envs.masks.ActionMask` or a list of these
         (see :mod:`sb3_textrl.envs.masks`); None allows every token
+    :param prompt_order_seed: seed of the prompt order alone, kept by ``reset(seed=...)``: envs given the same value
+        visit the prompts in the same order, which is how the k envs of a group sample the same prompt
+        (:func:`~sb3_textrl.envs.groups.make_group_vec_env`); None: the order follows the env's own seed
     """
 
     # render_fps is unused by text rendering; declaring it (as Gymnasium's toy-text envs do) keeps
@@ -133,6 +136,7 @@ class TextGenerationEnv(gym.Env):
         add_special_tokens: bool = True,
         render_mode: str | None = None,
         action_mask: MaskSpec = None,
+        prompt_order_seed: int | None = None,
     ):
         super().__init__()
         if max_new_tokens < 1:
@@ -165,6 +169,9 @@ class TextGenerationEnv(gym.Env):
         )
         self.action_space = spaces.Discrete(len(tokenizer))
         self._order = np.arange(len(self.prompts))
+        self.prompt_order_seed = prompt_order_seed
+        # Its own generator, so that the env's seed (make_vec_env gives seed + rank) does not change the order.
+        self._order_rng = None if prompt_order_seed is None else np.random.default_rng(prompt_order_seed)
         self._cursor = len(self.prompts)  # forces a fresh permutation at the first reset
         self._prompt_index = 0
         self._prompt_queue: list[int] = []
@@ -210,7 +217,7 @@ class TextGenerationEnv(gym.Env):
             :meth:`queue_prompts`, which also serves the VecEnvs' automatic resets)
         """
         super().reset(seed=seed)
-        if seed is not None:
+        if seed is not None and self._order_rng is None:
             self._cursor = len(self.prompts)
         if options and "prompt_index" in options:
             self._prompt_index = self._checked_index(options["prompt_index"])
@@ -218,7 +225,8 @@ class TextGenerationEnv(gym.Env):
             self._prompt_index = self._prompt_queue.pop(0)
         else:
             if self._cursor >= len(self.prompts):
-                self._order = self.np_random.permutation(len(self.prompts))
+                rng = self.np_random if self._order_rng is None else self._order_rng
+                self._order = rng.permutation(len(self.prompts))
                 self._cursor = 0
             self._prompt_index = int(self._order[self._cursor])
             self._cursor += 1
