@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
@@ -13,7 +14,10 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
+from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_textrl.nlpo import NLPO_ALLOWED, pack_allowed, unpack_allowed
@@ -74,9 +78,23 @@ class TextRolloutBuffer(RolloutBuffer):
     :param gamma: discount
     :param n_envs: number of envs
     :param advantage: ``"gae"``, ``"rloo"`` or ``"grpo"`` (pass it as ``rollout_buffer_kwargs=dict(advantage=...)``)
+    :param normalize_rewards: standardise the task reward with running statistics before the KL penalty is added:
+        the reward at each episode's last step becomes (r − mean) / std (other steps r / std), clipped to
+        ±``REWARD_CLIP``, with mean and std over the last-step rewards of every rollout so far (logged as
+        ``rollout/reward_norm_mean`` and ``rollout/reward_norm_std``; ``rollout/task_reward`` stays the raw reward).
+        The statistics live in the buffer and start afresh after ``PPO.load``
+    :param kl_warn_threshold: warn (once) when ``rollout/kl_to_ref``, the mean per-completion KL to the reference in
+        nats, exceeds this; None: never
+    :param kl_negative_tolerance: warn (once) when ``rollout/kl_to_ref`` is below −max(this, 3 standard errors of the
+        mean): the estimate's expectation is ≥ 0, so a clearly negative one means the sampling and the reference do not
+        match; None: never
+
+    ``train/explained_variance`` (SB3 computes it over every stored step) is recorded again, before it is logged, over
+    the steps that were trained (:meth:`explained_variance`); it is NaN with a frozen value head (``critic=False``).
     """
 
     ADVANTAGES = ("gae", "rloo", "grpo")
+    REWARD_CLIP = 10.0  # as VecNormalize's clip_reward: a first rollout's small std cannot blow a reward up
 
     def __init__(
         self,
@@ -88,10 +106,22 @@ class TextRolloutBuffer(RolloutBuffer):
         gamma: float = 0.99,
         n_envs: int = 1,
         advantage: str = "gae",
+        normalize_rewards: bool = False,
+        kl_warn_threshold: float | None = 20.0,
+        kl_negative_tolerance: float | None = 0.1,
     ):
         if advantage not in self.ADVANTAGES:
             raise ValueError(f"advantage must be one of {self.ADVANTAGES}, got {advantage!r}")
+        for name, value in (("kl_warn_threshold", kl_warn_threshold), ("kl_negative_tolerance", kl_negative_tolerance)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (nats per completion) or None, got {value}")
         self.advantage = advantage
+        self.normalize_rewards = normalize_rewards
+        self.reward_rms = RunningMeanStd(shape=())
+        self.kl_warn_threshold = kl_warn_threshold
+        self.kl_negative_tolerance = kl_negative_tolerance
+        self._warned_kl: set[str] = set()
+        self._completion_kls: list[float] = []
         self._warned_critic = False
         if not isinstance(observation_space, spaces.Dict) or "input_ids" not in observation_space.spaces:
             raise TypeError(f"TextRolloutBuffer needs a text env's Dict observation space, got {observation_space}")
@@ -106,6 +136,10 @@ class TextRolloutBuffer(RolloutBuffer):
         )
 
     def reset(self) -> None:
+        if getattr(self, "full", False) and self.generator_ready:
+            # The previous rollout was trained and SB3 recorded its train/explained_variance over every step: record
+            # the trained steps' value instead, before the next dump writes it.
+            self._record({"explained_variance": self.explained_variance()}, prefix="train/")
         # Per-step arrays as in RolloutBuffer, but no per-step observations.
         shape = (self.buffer_size, self.n_envs)
         self.actions = np.zeros(shape, dtype=np.int64)
@@ -148,6 +182,12 @@ class TextRolloutBuffer(RolloutBuffer):
         policy = getattr(log_prob, "textrl_policy", None)
         if policy is not None:
             self.policy = policy
+        if np.issubdtype(np.asarray(obs["input_ids"]).dtype, np.floating):
+            raise TypeError(
+                "TextRolloutBuffer got float observations of token ids: the env is probably wrapped in VecNormalize with "
+                "norm_obs=True, which turns the ids into noise. Use VecNormalize(venv, norm_obs=False, norm_reward=True) "
+                "to normalise rewards only, or rollout_buffer_kwargs=dict(normalize_rewards=True)"
+            )
         new_contexts = []
         for env in range(self.n_envs):
             segment = self._open[env]
@@ -197,21 +237,31 @@ class TextRolloutBuffer(RolloutBuffer):
         """Apply the KL penalty to the rewards, then SB3's GAE; record the rollout's text metrics."""
         kl = np.zeros_like(self.rewards)
         policy = self.policy
+        if policy is not None:
+            policy.note_rollout()
+            self._check_warmup(policy)
+        task_rewards, norm_metrics = self.task_rewards, {}
+        if self.normalize_rewards:
+            task_rewards, norm_metrics = self._normalized_task_rewards(dones)
+        self.rewards = task_rewards.copy()
         if policy is not None and policy.kl_controller.enabled:
             self.ref_log_probs = self._score_reference(policy)
             kl = self.log_probs - self.ref_log_probs
-            self.rewards = self.task_rewards - policy.kl_controller.value * kl
+            self.rewards = task_rewards - policy.kl_controller.value * kl
         self._check_critic(policy)
         if self.advantage == "gae":
             super().compute_returns_and_advantage(last_values, dones)
             group_metrics: dict[str, float] = {}
         else:
             group_metrics = self._group_advantages(dones)
-        self.metrics = self._episode_metrics(kl, dones) | group_metrics
+        self.metrics = self._episode_metrics(kl, dones) | group_metrics | norm_metrics
         if policy is not None:
             self.metrics["kl_coef"] = policy.kl_controller.value
-            if "kl_to_ref" in self.metrics:
+            # During a value-head warm-up the policy does not move: its KL says nothing about β.
+            if "kl_to_ref" in self.metrics and not policy.in_value_warmup:
                 policy.kl_controller.update(self.metrics["kl_to_ref"], self.buffer_size * self.n_envs)
+            if policy.kl_controller.enabled:
+                self._check_kl(policy)
         self._record(self.metrics)
 
     def _check_critic(self, policy: TransformerLMPolicy | None) -> None:
@@ -227,6 +277,14 @@ class TextRolloutBuffer(RolloutBuffer):
                 f"advantage={self.advantage!r} uses no critic, but the policy's value head is trained (vf_coef > 0 fits "
                 "it to returns nothing reads): build the policy with policy_kwargs=dict(critic=False)",
                 stacklevel=3,
+            )
+
+    def _check_warmup(self, policy: TransformerLMPolicy) -> None:
+        algorithm = self._algorithm()
+        if policy.in_value_warmup and getattr(algorithm, "vf_coef", None) == 0:
+            raise ValueError(
+                f"value_warmup_rollouts={policy.value_warmup_rollouts} trains the value head alone, but vf_coef=0 gives it "
+                "no loss: use vf_coef > 0 (PPO's default is 0.5) or drop value_warmup_rollouts"
             )
 
     def _group_advantages(self, dones: np.ndarray) -> dict[str, float]:
@@ -298,6 +356,7 @@ class TextRolloutBuffer(RolloutBuffer):
                 if starts_here:  # the whole episode is in this rollout
                     kl_sums.append(float(kl[steps, segment.env].sum()))
                     lengths.append(segment.length)
+        self._completion_kls = kl_sums
         metrics: dict[str, float] = {}
         if task:
             metrics["task_reward"] = float(np.mean(task))
@@ -306,8 +365,94 @@ class TextRolloutBuffer(RolloutBuffer):
             metrics["completion_len"] = float(np.mean(lengths))
         return metrics
 
+    def _normalized_task_rewards(self, dones: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """The task rewards standardised with running statistics of the episodes' last-step rewards (``normalize_rewards``)."""
+        # An episode's last step: the next step starts a new episode, or the rollout ends with a done.
+        ends = np.zeros(self.episode_starts.shape, dtype=bool)
+        ends[:-1] = self.episode_starts[1:] > 0
+        ends[-1] = np.asarray(dones).reshape(self.n_envs) > 0
+        if ends.any():
+            self.reward_rms.update(self.task_rewards[ends].astype(np.float64))
+        mean, std = float(self.reward_rms.mean), math.sqrt(float(self.reward_rms.var) + 1e-8)
+        normalized = self.task_rewards / std
+        normalized[ends] = (self.task_rewards[ends] - mean) / std
+        normalized = np.clip(normalized, -self.REWARD_CLIP, self.REWARD_CLIP).astype(np.float32)
+        return normalized, {"reward_norm_mean": mean, "reward_norm_std": std}
+
+    def _check_kl(self, policy: TransformerLMPolicy) -> None:
+        """Warn once each when the mean per-completion KL to the reference explodes or is clearly negative."""
+        kls = self._completion_kls
+        if not kls:
+            return
+        mean = float(np.mean(kls))
+        stderr = float(np.std(kls, ddof=1) / math.sqrt(len(kls))) if len(kls) > 1 else 0.0
+        beta = policy.kl_controller.value
+        where = f"rollout/kl_to_ref = {mean:.4g} nats per completion (mean of {len(kls)}, standard error {stderr:.2g})"
+        if self.kl_warn_threshold is not None and mean > self.kl_warn_threshold:
+            self._warn_kl_once(
+                "high",
+                f"{where} exceeds kl_warn_threshold={self.kl_warn_threshold:g}: the policy is moving far from the reference "
+                f"(degenerate text, reward hacking). Lower the learning rate (or n_epochs / clip_range), raise kl_coef "
+                f"(β is {beta:.4g}) or let target_kl adapt β (policy_kwargs=dict(kl_coef=..., target_kl=...)).",
+            )
+        if self.kl_negative_tolerance is not None and mean < -max(self.kl_negative_tolerance, 3 * stderr):
+            self._warn_kl_once(
+                "negative",
+                f"{where} is negative beyond noise (kl_negative_tolerance={self.kl_negative_tolerance:g}, 3 standard "
+                "errors): sampled from the policy, Σ(log π − log π_ref) has a non-negative mean, so the rollout's "
+                "log-probs and the reference's do not match. Check that the reference is the intended model (the LM with "
+                "its adapters disabled, or the frozen copy), and that nothing samples from another distribution than the "
+                "policy's (temperature / top_k / top_p in policy_kwargs, masks, an env wrapper changing actions).",
+            )
+
+    def _warn_kl_once(self, condition: str, message: str) -> None:
+        if condition in self._warned_kl:
+            return
+        self._warned_kl.add(condition)
+        warnings.warn(message, stacklevel=4)
+        algorithm = self._algorithm()
+        if algorithm is not None:
+            algorithm.logger.warn(f"Warning: {message}")
+
+    # -- explained variance over the trained steps ----------------------------------------------------------
+    def trained_steps(self) -> np.ndarray:
+        """(buffer_size, n_envs) bool: the steps that ``get()`` yields (every step with GAE; complete groups otherwise)."""
+        if self.trained_segments is None:
+            return np.ones(self.values.shape, dtype=bool)
+        mask = np.zeros(self.values.shape, dtype=bool)
+        for index in self.trained_segments:
+            s = self.segments[index]
+            mask[s.start : s.start + s.length, s.env] = True
+        return mask
+
+    def explained_variance(self) -> float:
+        """
+        Explained variance of the rollout's values about its returns over the trained steps (SB3's formula).
+
+        :return: 1 − Var[returns − values] / Var[returns]; NaN with a frozen value head (``critic=False``), with no
+            trained step, or when the returns do not vary
+        """
+        if self.policy is not None and not getattr(self.policy, "critic", True):
+            return float("nan")
+        mask = self.trained_steps()
+        if not mask.any():
+            return float("nan")
+        return float(explained_variance(self.values[mask], self.returns[mask]))
+
+    def record_train_metrics(self, logger: Logger) -> None:
+        """
+        Record this rollout's ``train/explained_variance`` (:meth:`explained_variance`) in ``logger``, over SB3's.
+
+        The buffer does it by itself when the next rollout starts; a callback that dumps the logs after the last update
+        (as :class:`~sb3_textrl.callbacks.TextEvalCallback` does) calls it first.
+
+        :param logger: the algorithm's logger
+        """
+        if self.full and self.generator_ready:
+            logger.record("train/explained_variance", self.explained_variance())
+
     @staticmethod
-    def _record(metrics: dict[str, float], max_depth: int = 6) -> None:
+    def _algorithm(max_depth: int = 8) -> BaseAlgorithm | None:
         # SB3 gives a rollout buffer no handle on the logger, but the algorithm's collect_rollouts() is our caller.
         frame = inspect.currentframe()
         try:
@@ -315,11 +460,16 @@ class TextRolloutBuffer(RolloutBuffer):
                 frame = frame.f_back if frame is not None else None
                 algorithm = frame.f_locals.get("self") if frame is not None else None
                 if isinstance(algorithm, BaseAlgorithm):
-                    for key, value in metrics.items():
-                        algorithm.logger.record(f"rollout/{key}", value)
-                    return
+                    return algorithm
+            return None
         finally:
             del frame
+
+    def _record(self, metrics: dict[str, float], prefix: str = "rollout/") -> None:
+        algorithm = self._algorithm()
+        if algorithm is not None:
+            for key, value in metrics.items():
+                algorithm.logger.record(f"{prefix}{key}", value)
 
     # -- minibatches of whole segments --------------------------------------------------------------------
     def get(self, batch_size: int | None = None) -> Generator[DictRolloutBufferSamples, None, None]:  # type: ignore[override]

@@ -303,6 +303,9 @@ class TextEvalCallback(EventCallback):
         if not self.eval_at_end or (updates is not None and updates == self._updates_at_last_eval):
             return  # the policy has not changed since the last evaluation
         self.evaluate()
+        buffer = getattr(self.model, "rollout_buffer", None)
+        if hasattr(buffer, "record_train_metrics"):  # TextRolloutBuffer: the last update's train/explained_variance
+            buffer.record_train_metrics(self.logger)
         # learn() dumps the logs before each update; after the last one nothing would write this evaluation.
         self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
         self.logger.dump(step=self.num_timesteps)

@@ -276,7 +276,7 @@ def _sync_adaptive_kl(buffer: TextRolloutBuffer, policy: BasePolicy) -> None:
         local = [kl or 0.0, float(kl is not None), float(buffer.buffer_size * buffer.n_envs)]
         kl_sum, ranks_with_kl, tokens = _all_reduce(th.tensor(local, dtype=th.float64)).tolist()
         controller.kl_coef.copy_(beta)
-        if ranks_with_kl > 0:
+        if ranks_with_kl > 0 and not getattr(policy, "in_value_warmup", False):  # β stays during a warm-up
             controller.update(kl_sum / ranks_with_kl, int(tokens))
 
     buffer.compute_returns_and_advantage = compute_returns_and_advantage  # type: ignore[method-assign]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -107,6 +108,11 @@ class TransformerLMPolicy(ActorCriticPolicy):
         :class:`~sb3_textrl.buffers.TextRolloutBuffer` (``advantage="rloo"``/``"grpo"``): the head stays a frozen
         zero (values 0, nothing added to the optimizer), so PPO's value loss has no gradient and ``vf_coef`` has no
         effect (``train/value_loss`` then only reports the mean squared advantage)
+    :param value_warmup_rollouts: value-head warm-up: the PPO updates of the first N rollouts train the value head
+        only (the LM's hidden states are computed without gradients, so the policy and entropy losses move no LM or
+        LoRA weight, and Adam skips those weights: no step, no moment). The count of rollouts seen is part of the
+        policy's state, so ``save``/``load`` continue it rather than warm up again. Needs ``critic=True``,
+        ``vf_coef > 0`` and :class:`~sb3_textrl.buffers.TextRolloutBuffer` (which counts the rollouts); 0: none
     :param kwargs: further :class:`~stable_baselines3.common.policies.ActorCriticPolicy` arguments
         (``optimizer_class``, ``optimizer_kwargs``, ...); ``net_arch`` and ``ortho_init`` have no effect: there is
         no MLP, and a pretrained LM is never re-initialised
@@ -134,6 +140,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         nlpo_top_p: float | None = None,
         trainable_layers: int | None = None,
         critic: bool = True,
+        value_warmup_rollouts: int = 0,
         **kwargs: Any,
     ):
         if not isinstance(action_space, spaces.Discrete):
@@ -181,6 +188,14 @@ class TransformerLMPolicy(ActorCriticPolicy):
             )
         self.trainable_layers = trainable_layers
         self.critic = critic
+        if isinstance(value_warmup_rollouts, bool) or not isinstance(value_warmup_rollouts, int) or value_warmup_rollouts < 0:
+            raise ValueError(f"value_warmup_rollouts must be an int >= 0 (0: no warm-up), got {value_warmup_rollouts!r}")
+        if value_warmup_rollouts and not critic:
+            raise ValueError(
+                f"value_warmup_rollouts={value_warmup_rollouts} trains the value head alone, but critic=False has no "
+                "trainable value head (advantage='rloo'/'grpo' need none): drop value_warmup_rollouts, or use critic=True"
+            )
+        self.value_warmup_rollouts = value_warmup_rollouts
         # Set by TextRolloutBuffer when its last step is stored: the next predict_values() is SB3's bootstrap.
         self.bootstrap_after_rollout = False
         self._warned_per_step = False
@@ -213,6 +228,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
         nn.init.zeros_(self.value_net.bias)
         if not self.critic:  # kept (a zero) so SB3's rollout and loss code run unchanged, but never trained
             self.value_net.requires_grad_(False)
+        # Rollouts completed so far (TextRolloutBuffer counts them): a buffer, so model.save/PPO.load keep it.
+        self.register_buffer("n_rollouts", th.zeros((), dtype=th.int64))
         self.action_dist = CategoricalDistribution(int(self.action_space.n))
         self._rollout_cache = self._make_rollout_cache()
         trainable = [p for p in self.parameters() if p.requires_grad]
@@ -322,6 +339,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
                 nlpo_top_p=self.nlpo_top_p,
                 trainable_layers=self.trainable_layers,
                 critic=self.critic,
+                value_warmup_rollouts=self.value_warmup_rollouts,
             )
         )
         return data
@@ -593,18 +611,34 @@ class TransformerLMPolicy(ActorCriticPolicy):
         self, obs: PyTorchObs, actions: th.Tensor, action_masks: Any = None
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
         assert isinstance(obs, dict)
-        if SEGMENT_LENGTHS in obs:
-            hidden = self._segment_hidden(self._hf_model(), obs)
-        else:
-            self._warn_per_step()
-            hidden = self._last_hidden_per_step(obs)
-        logits = self._logits(self._hf_model(), hidden)
-        allowed = self._allowed(obs, action_masks, logits)
-        if self.nlpo_top_p is not None and allowed is not None and NLPO_ALLOWED not in obs:
-            # NLPO sets recomputed by another forward than the rollout's: the taken action was allowed then.
-            allowed[th.arange(len(actions), device=allowed.device), actions.long().flatten()] = True
-        distribution = self._distribution(logits, allowed)
+        if SEGMENT_LENGTHS not in obs and self.value_warmup_rollouts:
+            raise ValueError(
+                "value_warmup_rollouts needs TextRolloutBuffer, which counts the rollouts: "
+                "PPO(..., rollout_buffer_class=sb3_textrl.TextRolloutBuffer)"
+            )
+        # Value-head warm-up: no graph through the LM, so only the value head gets gradients.
+        with th.no_grad() if self.in_value_warmup else contextlib.nullcontext():
+            if SEGMENT_LENGTHS in obs:
+                hidden = self._segment_hidden(self._hf_model(), obs)
+            else:
+                self._warn_per_step()
+                hidden = self._last_hidden_per_step(obs)
+            logits = self._logits(self._hf_model(), hidden)
+            allowed = self._allowed(obs, action_masks, logits)
+            if self.nlpo_top_p is not None and allowed is not None and NLPO_ALLOWED not in obs:
+                # NLPO sets recomputed by another forward than the rollout's: the taken action was allowed then.
+                allowed[th.arange(len(actions), device=allowed.device), actions.long().flatten()] = True
+            distribution = self._distribution(logits, allowed)
         return self._value(hidden), distribution.log_prob(actions), distribution.entropy()
+
+    @property
+    def in_value_warmup(self) -> bool:
+        """Whether PPO's update of the current rollout trains the value head only (see ``value_warmup_rollouts``)."""
+        return 0 < int(self.n_rollouts) <= self.value_warmup_rollouts
+
+    def note_rollout(self) -> None:
+        """Count one more completed rollout (TextRolloutBuffer calls it once its advantages are computed)."""
+        self.n_rollouts += 1
 
     @th.no_grad()
     def reference_log_probs(self, obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:
@@ -782,4 +816,9 @@ class TransformerLMPolicy(ActorCriticPolicy):
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         self._rollout_cache.reset()
         self._mask_cache.reset()
+        if "n_rollouts" not in state_dict:  # saved before the rollout count existed: keep the current count
+            metadata = getattr(state_dict, "_metadata", None)
+            state_dict = collections.OrderedDict(state_dict, n_rollouts=self.n_rollouts.clone())
+            if metadata is not None:
+                state_dict._metadata = metadata  # type: ignore[attr-defined]
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

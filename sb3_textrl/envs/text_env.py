@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +118,12 @@ class TextGenerationEnv(gym.Env):
     :param prompt_order_seed: seed of the prompt order alone, kept by ``reset(seed=...)``: envs given the same value
         visit the prompts in the same order, which is how the k envs of a group sample the same prompt
         (:func:`~sb3_textrl.envs.groups.make_group_vec_env`); None: the order follows the env's own seed
+    :param missing_eos_penalty: subtracted from the reward of a completion that reaches ``max_new_tokens`` without a
+        stop token (TRL's ``missing_eos_penalty`` of its PPO/RLOO configs, here in the env): it teaches the policy to
+        finish its completions. ``info["task_reward"]`` stays the reward function's score; ``info["reward_parts"]``
+        holds the penalty (``"missing_eos_penalty"``), and the step pays the sum of the parts. None or 0: no penalty
+    :param length_penalty: subtracted from the reward once per generated token (stop token included), at the end of the
+        episode, as ``info["reward_parts"]["length_penalty"]``; 0: none
     """
 
     # render_fps is unused by text rendering; declaring it (as Gymnasium's toy-text envs do) keeps
@@ -137,8 +144,12 @@ class TextGenerationEnv(gym.Env):
         render_mode: str | None = None,
         action_mask: MaskSpec = None,
         prompt_order_seed: int | None = None,
+        missing_eos_penalty: float | None = None,
+        length_penalty: float = 0.0,
     ):
         super().__init__()
+        self.missing_eos_penalty = self._checked_penalty("missing_eos_penalty", missing_eos_penalty, task_id)
+        self.length_penalty = self._checked_penalty("length_penalty", length_penalty, task_id)
         if max_new_tokens < 1:
             raise ValueError(f"{task_id}: max_new_tokens must be >= 1, got {max_new_tokens}")
         if max_prompt_tokens < 1:
@@ -183,6 +194,16 @@ class TextGenerationEnv(gym.Env):
         # Set by a batched scorer (BatchedRewardVecEnv) just before the step that ends the episode:
         # (token, completion text, task reward), used by that step instead of a call to the reward.
         self._preset: tuple[int, str, float] | None = None
+
+    @staticmethod
+    def _checked_penalty(name: str, value: float | None, task_id: str) -> float:
+        value = 0.0 if value is None else float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"{task_id}: {name} must be a finite number >= 0 (it is subtracted from the reward), got {value}; "
+                "use 0 or None for no penalty"
+            )
+        return value
 
     @staticmethod
     def _default_stop_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -413,16 +434,23 @@ class TextGenerationEnv(gym.Env):
         else:
             completion = self.completion_text()
             reward = float(score_batch(self.reward_fn, [prompt.text], [completion], [prompt.reference], self.task_id)[0])
+        parts = {reward_name(self.reward_fn): reward}
+        if self.missing_eos_penalty and not ended_by_stop_token:
+            parts["missing_eos_penalty"] = -self.missing_eos_penalty
+        if self.length_penalty:
+            parts["length_penalty"] = -self.length_penalty * self._n_generated
         info = {
             "prompt": prompt.text,
             "prompt_index": self._prompt_index,
             "completion": completion,
             "reference": prompt.reference,
             "task_reward": reward,
-            "reward_parts": {reward_name(self.reward_fn): reward},
+            "reward_parts": parts,
             "completion_tokens": self._n_generated,
             "ended_by_stop_token": ended_by_stop_token,
         }
         if self.action_mask is not None:
             info["masked_out_tokens"] = self._n_masked_out  # generated tokens the mask did not allow (0 with MaskablePPO)
-        return reward, info
+        # The step pays the task's score plus the penalties; info["task_reward"] keeps the score alone, as evaluation
+        # reports it.
+        return float(sum(parts.values())), info
