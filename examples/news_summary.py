@@ -27,7 +27,9 @@ from stable_baselines3.common.logger import configure
 from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy, evaluate, make_text_vec_env
 from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
 from sb3_textrl.common.options import parse_dataclass_options
+from sb3_textrl.envs.groups import make_group_vec_env
 from sb3_textrl.envs.news_data import generate_news_examples, load_summary_dataset
+from sb3_textrl.metrics.bootstrap import PairedDifference, paired_bootstrap
 from sb3_textrl.models import save_tiny_gpt2_lm
 from sb3_textrl.plotting import plot_runs
 from sb3_textrl.sft import train_sft
@@ -39,19 +41,25 @@ class Options:
 
     output_dir: str = "runs/news_summary"
     dataset: str | None = None  # JSONL/CSV of article/summary pairs; None: the built-in generated news
+    source: str | None = "cnndm"  # keep only the dataset rows whose "source" field is this (None: every row)
     lm: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    n_eval: int = 64  # held-out articles
+    n_eval: int = 32  # held-out articles: the reported evaluation, never used to choose anything
+    n_val: int = 16  # validation articles from the training part: they pick the PPO checkpoint
     sft_examples: int = 256  # at most this many training pairs for SFT
-    sft_epochs: int = 1
-    ppo_updates: int = 8  # PPO iterations (rollout + training)
+    sft_epochs: int = 2
+    ppo_updates: int = 200  # PPO iterations (rollout + training)
     n_envs: int = 8
+    samples_per_prompt: int = 4  # k completions of each article per rollout, judged against each other
+    advantage: str = "rloo"  # "rloo", "grpo" (no critic) or "gae" (value head)
     n_epochs: int = 2
     max_new_tokens: int = 48
     max_prompt_tokens: int = 320
     kl_coef: float = 0.05
-    trainable_layers: int | None = None  # train only the top N blocks, from the rollout's cached lower activations
-    learning_rate: float = 1e-4
-    reward: str = "rouge1"  # the PPO reward: a ROUGE variant
+    trainable_layers: int | None = 4  # train only the top N blocks, from the rollout's cached lower activations
+    learning_rate: float = 2e-4
+    reward: str = "rougeL"  # the PPO reward: a ROUGE variant against the reference
+    mixed_precision: str = "auto"  # PPO's autocast: "bf16", "no", or "auto" (bf16 where the CPU/GPU computes it fast)
+    eval_every: int = 10  # rollouts between validation evaluations (the learning curve and the checkpoint choice)
     tiny: bool = False
     seed: int = 0
     device: str = "auto"
@@ -61,17 +69,53 @@ def parse_options() -> Options:
     return parse_dataclass_options(Options, __doc__)
 
 
-def split_articles(options: Options, out: Path) -> tuple[Path, Path, int]:
-    """Write the seeded train / held-out split of the articles as two JSONL files."""
-    rows = load_summary_dataset(options.dataset) if options.dataset else generate_news_examples(400, seed=options.seed)
+def resolve_precision(requested: str, device: str) -> str:
+    """``auto``: bf16 on a CUDA device that supports it or a CPU with bf16 dot products (AVX512-BF16 / AMX), else no."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "no"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+
+
+def split_articles(options: Options, out: Path) -> tuple[Path, Path, Path, int]:
+    """Write the seeded train / validation / held-out split of the articles as three JSONL files."""
+    if options.dataset:
+        rows = load_summary_dataset(options.dataset)
+        if options.source is not None:
+            sources = read_sources(options.dataset)
+            if not sources:
+                raise ValueError(f"{options.dataset} has no 'source' field to filter on; pass --source None to use every row")
+            kept = [r for r in rows if sources.get(r["article"].strip()) == options.source]
+            if not kept:
+                found = ", ".join(sorted(set(sources.values())))
+                raise ValueError(f"no row of {options.dataset} has source {options.source!r} (it has: {found}); fix --source")
+            rows = kept
+    else:
+        rows = generate_news_examples(400, seed=options.seed)
     rows = [{"article": r["article"], "summary": r["summary"]} for r in rows]
     random.Random(options.seed).shuffle(rows)
-    if len(rows) < options.n_eval + 8:
-        raise ValueError(f"{len(rows)} articles are too few for {options.n_eval} held-out ones; lower --n-eval")
-    paths = out / "train.jsonl", out / "eval.jsonl"
-    for path, part in zip(paths, (rows[options.n_eval :], rows[: options.n_eval])):
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
-    return paths[0], paths[1], len(rows) - options.n_eval
+    if len(rows) < options.n_eval + options.n_val + 8:
+        raise ValueError(
+            f"{len(rows)} articles are too few for {options.n_eval} held-out and {options.n_val} validation ones and 8 "
+            "for training; lower --n-eval or --n-val"
+        )
+    if options.n_val < 1:
+        raise ValueError(f"n_val must be >= 1 (the validation articles choose the PPO checkpoint), got {options.n_val}")
+    parts = {
+        "eval.jsonl": rows[: options.n_eval],
+        "val.jsonl": rows[options.n_eval : options.n_eval + options.n_val],
+        "train.jsonl": rows[options.n_eval + options.n_val :],
+    }
+    for name, part in parts.items():
+        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+    return out / "train.jsonl", out / "val.jsonl", out / "eval.jsonl", len(parts["train.jsonl"])
 
 
 def tiny_lm(out: Path) -> str:
@@ -84,12 +128,16 @@ def main(options: Options) -> dict[str, Any]:
     if options.tiny:
         options.lm = tiny_lm(out)
         options.max_prompt_tokens, options.max_new_tokens = min(options.max_prompt_tokens, 96), min(options.max_new_tokens, 8)
-    train_file, eval_file, n_train = split_articles(options, out)
+        if options.trainable_layers is not None:  # the tiny LM has 2 blocks
+            options.trainable_layers = 1
+    precision = resolve_precision(options.mixed_precision, options.device)
+    train_file, val_file, eval_file, n_train = split_articles(options, out)
     task_kwargs = dict(max_new_tokens=options.max_new_tokens, max_prompt_tokens=options.max_prompt_tokens)
     timings: dict[str, float] = {}
     metrics: dict[str, dict[str, Any]] = {}
+    run_start = time.perf_counter()
 
-    def run_eval(label: str, model: str | None, tokenizer: str | None, baselines: tuple[str, ...] = ()) -> None:
+    def run_eval(label: str, model: Any, tokenizer: str | None, baselines: tuple[str, ...] = ()) -> None:
         start = time.perf_counter()
         result = evaluate(
             model, dataset=eval_file, n=options.n_eval, baselines=baselines, n_envs=options.n_envs, seed=options.seed,
@@ -107,57 +155,132 @@ def main(options: Options) -> dict[str, Any]:
     sft_dir = out / "sft"
     start = time.perf_counter()
     sft = train_sft(
-        options.lm, train_file, sft_dir, limit=options.sft_examples, epochs=options.sft_epochs,
+        options.lm, train_file, sft_dir, limit=options.sft_examples, epochs=options.sft_epochs, eval_data=val_file,
         max_prompt_tokens=options.max_prompt_tokens, max_target_tokens=options.max_new_tokens, seed=options.seed,
         device=options.device, overwrite=True,
     )
     timings["sft_s"] = time.perf_counter() - start
     run_eval("sft", str(sft_dir), str(sft_dir))
 
-    print("\n=== PPO (reward: ROUGE against the reference, KL penalty to the SFT model) ===")
+    print(f"\n=== PPO (reward: {options.reward} against the reference, KL penalty to the SFT model) ===")
     start = time.perf_counter()
     env_kwargs = task_kwargs | dict(dataset=str(train_file), tokenizer=str(sft_dir), reward=options.reward)
-    env = make_text_vec_env("NewsSummary-v0", n_envs=options.n_envs, seed=options.seed, env_kwargs=env_kwargs)
-    # Periodic held-out check during training: a few training-split articles the rollouts rarely reach is not
-    # held out, so the eval env reads the held-out file.
-    eval_env = make_text_vec_env("NewsSummary-v0", n_envs=min(options.n_envs, 8), seed=options.seed,
-                            env_kwargs=task_kwargs | dict(dataset=str(eval_file), tokenizer=str(sft_dir)))
+    group_advantage = options.advantage != "gae"
+    if group_advantage:
+        env = make_group_vec_env("NewsSummary-v0", n_envs=options.n_envs, samples_per_prompt=options.samples_per_prompt,
+                                 seed=options.seed, env_kwargs=env_kwargs)
+    else:
+        env = make_text_vec_env("NewsSummary-v0", n_envs=options.n_envs, seed=options.seed, env_kwargs=env_kwargs)
+    # The validation articles: the learning curve and the choice of the checkpoint (never the held-out ones).
+    val_env = make_text_vec_env("NewsSummary-v0", n_envs=min(options.n_envs, 8), seed=options.seed,
+                                env_kwargs=task_kwargs | dict(dataset=str(val_file), tokenizer=str(sft_dir)))
     model = PPO(
-        TransformerLMPolicy, env, rollout_buffer_class=TextRolloutBuffer, n_steps=options.max_new_tokens,
+        TransformerLMPolicy, env, rollout_buffer_class=TextRolloutBuffer,
+        rollout_buffer_kwargs=dict(advantage=options.advantage), n_steps=options.max_new_tokens,
         batch_size=options.n_envs * options.max_new_tokens, n_epochs=options.n_epochs,
-        learning_rate=options.learning_rate,
-        policy_kwargs=dict(lm=str(sft_dir), kl_coef=options.kl_coef, trainable_layers=options.trainable_layers),
+        learning_rate=options.learning_rate, gamma=1.0,
+        policy_kwargs=dict(lm=str(sft_dir), kl_coef=options.kl_coef, trainable_layers=options.trainable_layers,
+                           critic=not group_advantage, mixed_precision=precision),
         seed=options.seed, device=options.device,
     )
     log_dir = out / "ppo_logs"
     model.set_logger(configure(str(log_dir), ["stdout", "csv", "tensorboard"]))
-    callbacks = CallbackList([
-        TextSampleCallback(every_n_rollouts=2, n_samples=2),
-        TextEvalCallback(eval_env, prompt_indices=list(range(min(8, options.n_eval))), eval_freq_rollouts=2,
-                         best_model_save_path=out / "ppo_best"),
-    ])
+    validation = TextEvalCallback(val_env, eval_freq_rollouts=options.eval_every, best_model_save_path=out / "ppo_best",
+                                  log_path=log_dir, metric="rougeL")
+    callbacks = CallbackList([TextSampleCallback(every_n_rollouts=options.eval_every, n_samples=2), validation])
     model.learn(options.ppo_updates * options.n_envs * options.max_new_tokens, callback=callbacks, progress_bar=True)
     model.save(out / "ppo_model")
     env.close()
-    eval_env.close()
+    val_env.close()
     timings["ppo_s"] = time.perf_counter() - start
-    run_eval("sft+ppo", str(out / "ppo_model.zip"), str(sft_dir))
+    # The reported PPO model: the checkpoint with the best validation ROUGE-L, evaluated in float32 like the others.
+    best = out / "ppo_best" / "best_model.zip"
+    chosen = PPO.load(best, device=options.device, custom_objects={"policy_kwargs": model.policy_kwargs | {"mixed_precision": "no"}})
+    run_eval("sft+ppo", chosen, str(sft_dir))
+    timings["total_s"] = time.perf_counter() - run_start
 
     figures = [str(p) for p in plot_runs([log_dir], out / "plots")]
+    comparisons = paired_comparisons(out)
     summary = {
-        "options": asdict(options), "n_train_articles": n_train, "n_eval_articles": options.n_eval,
+        "options": asdict(options), "mixed_precision": precision, "n_train_articles": n_train,
+        "n_val_articles": options.n_val, "n_eval_articles": options.n_eval,
         "sft": {"eval_loss_before": sft.eval_loss_before, "eval_loss_after": sft.eval_loss_after,
                 "n_examples": sft.n_examples, "train_time_s": sft.train_time_s},
-        "metrics": metrics, "timings_s": timings, "figures": figures,
+        "ppo": {"best_validation_rougeL": validation.best_mean_reward, "validation_curve": validation_curve(log_dir)},
+        "metrics": metrics, "comparisons": {name: c.to_dict() for name, c in comparisons.items()},
+        "timings_s": timings, "figures": figures,
     }
-    by_source = per_source_metrics(out, options.dataset) if options.dataset else {}
+    by_source = per_source_metrics(out, options.dataset) if options.dataset and options.source is None else {}
     if by_source:
         summary["metrics_by_source"] = by_source
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-    report = results_table(metrics, timings) + (per_source_table(by_source) if by_source else "")
+    report = results_table(metrics, timings) + comparisons_table(comparisons)
+    report += per_source_table(by_source) if by_source else ""
     (out / "results.md").write_text(report)
     print("\n" + report)
     return summary
+
+
+# The differences the recipe reports, (baseline, system), each on the same held-out articles.
+COMPARISONS = (("zero-shot", "sft"), ("sft", "sft+ppo"), ("zero-shot", "sft+ppo"), ("lead3", "sft+ppo"))
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def per_article_scores(out: Path) -> dict[str, dict[int, dict[str, float]]]:
+    """system -> held-out article index -> its ROUGE scores, from the evaluation reports (``eval_*/eval.json``)."""
+    scores: dict[str, dict[int, dict[str, float]]] = {}
+    for report in out.glob("eval_*/eval.json"):
+        label = report.parent.name.removeprefix("eval_")
+        for sample in json.loads(report.read_text())["samples"]:
+            for system, output in sample["outputs"].items():
+                name = label if system.startswith("model") else system
+                scores.setdefault(name, {})[int(sample["prompt_index"])] = {k: float(output[k]) for k in ROUGE_KEYS}
+    return scores
+
+
+def paired_comparisons(out: Path) -> dict[str, PairedDifference]:
+    """``"B - A rougeL"`` -> the paired bootstrap 95 % interval of B's mean minus A's on the same held-out articles."""
+    scores = per_article_scores(out)
+    result = {}
+    for baseline, system in COMPARISONS:
+        if baseline not in scores or system not in scores:
+            continue
+        articles = sorted(set(scores[baseline]) & set(scores[system]))
+        for key in ROUGE_KEYS:
+            a = [scores[baseline][i][key] for i in articles]
+            b = [scores[system][i][key] for i in articles]
+            result[f"{system} - {baseline} {key}"] = paired_bootstrap(a, b)
+    return result
+
+
+def comparisons_table(comparisons: dict[str, PairedDifference]) -> str:
+    """The differences with their paired bootstrap 95 % intervals; * marks an interval that excludes 0."""
+    lines = ["", "| difference (held-out articles) | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---:|---:|---:|"]
+    pairs = dict.fromkeys(name.rsplit(" ", 1)[0] for name in comparisons)
+    for pair in pairs:
+        cells = []
+        for key in ROUGE_KEYS:
+            c = comparisons.get(f"{pair} {key}")
+            cells.append("—" if c is None else f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}]{'*' if c.significant else ''}")
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Paired bootstrap 95 % intervals (10,000 resamples of the articles); * : the interval excludes 0.")
+    return "\n".join(lines) + "\n"
+
+
+def validation_curve(log_dir: Path) -> list[dict[str, float]]:
+    """Validation ROUGE-L by generated tokens, from the PPO stage's csv log."""
+    import csv
+
+    path = log_dir / "progress.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [
+        {"timesteps": float(r["time/total_timesteps"]), "rougeL": float(r["eval/rougeL"])}
+        for r in rows if r.get("eval/rougeL") not in (None, "") and r.get("time/total_timesteps") not in (None, "")
+    ]
 
 
 def read_sources(dataset: str) -> dict[str, str]:

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -39,31 +41,43 @@ def test_rlhf_news_loop_runs_end_to_end(tmp_path):
 
 def test_news_summary_example_runs_end_to_end(tmp_path, shared_news):
     example = load_example("news_summary")
-    # A small mix of the real CNN/DM and XSum articles, so the per-source breakdown is exercised too.
+    # CNN/DM and XSum rows: the recipe keeps the CNN/DM ones (--source cnndm, the default).
     rows = [json.loads(line) for line in shared_news.read_text().splitlines()]
-    subset = [r for r in rows if r["source"] == "cnndm"][:8] + [r for r in rows if r["source"] == "xsum"][:8]
+    subset = [r for r in rows if r["source"] == "cnndm"][:16] + [r for r in rows if r["source"] == "xsum"][:8]
     dataset = tmp_path / "news.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in subset))
-    options = example.Options(output_dir=str(tmp_path / "run"), dataset=str(dataset), tiny=True, n_eval=4, sft_examples=8,
-                              ppo_updates=2, n_envs=2, n_epochs=1, device="cpu")
+    options = example.Options(output_dir=str(tmp_path / "run"), dataset=str(dataset), tiny=True, n_eval=4, n_val=2,
+                              sft_examples=8, sft_epochs=1, ppo_updates=2, n_envs=4, samples_per_prompt=2, n_epochs=1,
+                              eval_every=1, device="cpu")
     summary = example.main(options)
     run = tmp_path / "run"
     assert {"zero-shot", "lead3", "sft", "sft+ppo"} <= set(summary["metrics"])
-    assert summary["n_eval_articles"] == 4
-    # Held-out articles are not in the training split.
-    train = (run / "train.jsonl").read_text()
-    for line in (run / "eval.jsonl").read_text().splitlines():
-        assert json.loads(line)["article"] not in train
-    assert (run / "results.md").read_text().startswith("| system |")
+    assert (summary["n_eval_articles"], summary["n_val_articles"], summary["n_train_articles"]) == (4, 2, 10)
+    # The three parts are disjoint and CNN/DM only.
+    parts = {name: [json.loads(line)["article"] for line in (run / f"{name}.jsonl").read_text().splitlines()]
+             for name in ("train", "val", "eval")}
+    cnndm = {r["article"] for r in subset[:16]}
+    assert all(set(articles) <= cnndm for articles in parts.values())
+    assert not set(parts["eval"]) & (set(parts["train"]) | set(parts["val"])) and not set(parts["val"]) & set(parts["train"])
+    # Every reported difference is paired over the 4 held-out articles, with its interval.
+    comparisons = summary["comparisons"]
+    assert {"sft+ppo - sft rougeL", "sft - zero-shot rouge1", "sft+ppo - zero-shot rougeL", "sft+ppo - lead3 rouge2"} <= set(comparisons)
+    assert all(c["n"] == 4 and c["low"] <= c["difference"] <= c["high"] for c in comparisons.values())
+    report = (run / "results.md").read_text()
+    assert report.startswith("| system |") and "| sft+ppo - sft |" in report
+    assert summary["ppo"]["validation_curve"] and (run / "ppo_best" / "best_model.zip").is_file()
     assert summary["figures"] and all(Path(f).stat().st_size > 0 for f in summary["figures"])
     assert (run / "ppo_logs" / "progress.csv").is_file()
-    # Every system's held-out articles are counted once, under their source.
-    by_source = summary["metrics_by_source"]
-    assert set(by_source) == {"zero-shot", "lead3", "sft", "sft+ppo"}
-    for per_source in by_source.values():
-        assert set(per_source) <= {"cnndm", "xsum"}
-        assert sum(row["n"] for row in per_source.values()) == 4
-    assert "| source |" in (run / "results.md").read_text()
+
+
+def test_news_summary_split_refuses_a_missing_source(tmp_path, shared_news):
+    example = load_example("news_summary")
+    options = example.Options(output_dir=str(tmp_path), dataset=str(shared_news), source="cnn")
+    with pytest.raises(ValueError, match="has source 'cnn'.*cnndm, xsum"):
+        example.split_articles(options, tmp_path)
+    options.source = None  # every row: 351 articles
+    _, _, _, n_train = example.split_articles(options, tmp_path)
+    assert n_train == 351 - options.n_eval - options.n_val
 
 
 def test_custom_task_example_runs_end_to_end(tmp_path):

@@ -42,3 +42,19 @@ def test_bad_values_and_skipped_fields_are_refused(capsys):
         parse_dataclass_options(Options, "doc", skip=("splits",), args=["--splits", "x"])
     with pytest.raises(TypeError, match="needs a dataclass"):
         parse_dataclass_options(dict, "doc")
+
+
+@dataclass
+class RecipeOptions:
+    trainable_layers: int | None = 4
+    source: str | None = "cnndm"
+    n_envs: int = 8
+
+
+def test_none_is_accepted_where_the_annotation_allows_it(capsys):
+    options = parse_dataclass_options(RecipeOptions, "doc", args=["--trainable-layers", "none", "--source", "None"])
+    assert options.trainable_layers is None and options.source is None
+    assert parse_dataclass_options(RecipeOptions, "doc", args=["--trainable-layers", "2"]).trainable_layers == 2
+    with pytest.raises(SystemExit):  # an int field without None in its annotation still wants an int
+        parse_dataclass_options(RecipeOptions, "doc", args=["--n-envs", "none"])
+    assert "invalid int value" in capsys.readouterr().err

@@ -35,7 +35,10 @@ def parse_dataclass_options(options_class: type[T], description: str | None, ski
         if isinstance(value, bool):
             parser.add_argument(flag, action="store_true")
         else:
-            parser.add_argument(flag, type=type(value) if value is not None else _optional_type(field.type), default=value)
+            parse = type(value) if value is not None else _optional_type(field.type)
+            if _accepts_none(field.type):
+                parse = _none_or(parse)
+            parser.add_argument(flag, type=parse, default=value)
     return options_class(**vars(parser.parse_args(args)))
 
 
@@ -44,3 +47,16 @@ def _optional_type(annotation: Any) -> type:
     text = annotation if isinstance(annotation, str) else repr(annotation)  # annotations are strings here (PEP 563)
     names = {part.strip() for part in text.replace("Optional[", "").rstrip("]").split("|")} - {"None"}
     return {"int": int, "float": float}.get(names.pop(), str) if len(names) == 1 else str
+
+
+def _accepts_none(annotation: Any) -> bool:
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return "None" in {part.strip() for part in text.replace("Optional[", "").rstrip("]").split("|")} or "Optional[" in text
+
+
+def _none_or(parse: type) -> Any:
+    def parse_or_none(text: str) -> Any:
+        return None if text.strip().lower() == "none" else parse(text)
+
+    parse_or_none.__name__ = parse.__name__  # argparse names the type in its error messages
+    return parse_or_none
