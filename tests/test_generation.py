@@ -231,6 +231,22 @@ def test_env_loop_fallback_is_automatic_and_logged(tiny_lm, caplog):
     assert any("env loop" in r.message and "DoubleReward" in r.message for r in caplog.records)
 
 
+def test_reward_batching_vec_env_keeps_the_fast_path(eos_lm):
+    """make_text_vec_env's BatchedRewardVecEnv (what evaluate() and the examples build) changes when rewards are
+    scored, not what they are: the fast path applies to it and gives the env loop's samples."""
+    from sb3_textrl import make_text_vec_env
+    from sb3_textrl.envs.batched import BatchedRewardVecEnv
+
+    env = make_text_vec_env(toy_task("GenBatched-v0", eos_lm), n_envs=3, seed=0)
+    assert isinstance(env, BatchedRewardVecEnv)
+    model = toy_ppo(env, eos_lm)
+    randomize_lora(model)
+    assert fast_path_unsupported(model, env) is None
+    assert text_env_of(env) is env.venv.envs[0].unwrapped
+    old, new = run_both(model, env)
+    assert_same_samples(old, new)
+
+
 # -- the KL pass evaluate() skips -------------------------------------------------------------------------------------
 
 

@@ -277,6 +277,7 @@ def fast_path_unsupported(model: BaseAlgorithm, env: VecEnv) -> str | None:
     policy = model.policy
     if not isinstance(policy, TransformerLMPolicy):
         return f"the policy is a {type(policy).__name__}, not a TransformerLMPolicy"
+    env = _without_reward_batching(env)
     if getattr(policy._hf_model().config, "is_encoder_decoder", False):
         return f"{type(policy).__name__} decodes with an encoder-decoder LM (the fast path drives causal LMs)"
     if type(env) is not DummyVecEnv:
@@ -298,9 +299,18 @@ def fast_path_unsupported(model: BaseAlgorithm, env: VecEnv) -> str | None:
     return None
 
 
+def _without_reward_batching(env: VecEnv) -> VecEnv:
+    """The VecEnv under any BatchedRewardVecEnv: batching changes when rewards are computed, not what they are."""
+    from sb3_textrl.envs.batched import BatchedRewardVecEnv
+
+    while isinstance(env, BatchedRewardVecEnv):
+        env = env.venv
+    return env
+
+
 def text_env_of(env: VecEnv) -> TextGenerationEnv:
-    """The first env of a DummyVecEnv, unwrapped (its envs share prompts, tokenizer, reward and limits)."""
-    return env.envs[0].unwrapped  # type: ignore[attr-defined,return-value]
+    """The first env of a DummyVecEnv (under reward batching), unwrapped (its envs share prompts, tokenizer, reward and limits)."""
+    return _without_reward_batching(env).envs[0].unwrapped  # type: ignore[attr-defined,return-value]
 
 
 def generate_env_samples(
