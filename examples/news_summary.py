@@ -32,6 +32,7 @@ from sb3_textrl.envs.news_data import generate_news_examples, load_summary_datas
 from sb3_textrl.metrics.bootstrap import PairedDifference, paired_bootstrap
 from sb3_textrl.models import save_tiny_gpt2_lm
 from sb3_textrl.plotting import plot_runs
+from sb3_textrl.policies import fast_mixed_precision
 from sb3_textrl.sft import train_sft
 
 
@@ -58,7 +59,7 @@ class Options:
     trainable_layers: int | None = 4  # train only the top N blocks, from the rollout's cached lower activations
     learning_rate: float = 2e-4
     reward: str = "rougeL"  # the PPO reward: a ROUGE variant against the reference
-    mixed_precision: str = "auto"  # PPO's autocast: "bf16", "no", or "auto" (bf16 where the CPU/GPU computes it fast)
+    mixed_precision: str = "auto"  # SFT's and PPO's autocast: "bf16", "no", or "auto" (bf16 where it is fast)
     eval_every: int = 10  # rollouts between validation evaluations (the learning curve and the checkpoint choice)
     tiny: bool = False
     seed: int = 0
@@ -67,21 +68,6 @@ class Options:
 
 def parse_options() -> Options:
     return parse_dataclass_options(Options, __doc__)
-
-
-def resolve_precision(requested: str, device: str) -> str:
-    """``auto``: bf16 on a CUDA device that supports it or a CPU with bf16 dot products (AVX512-BF16 / AMX), else no."""
-    if requested != "auto":
-        return requested
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "no"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
 
 
 def split_articles(options: Options, out: Path) -> tuple[Path, Path, Path, int]:
@@ -130,7 +116,7 @@ def main(options: Options) -> dict[str, Any]:
         options.max_prompt_tokens, options.max_new_tokens = min(options.max_prompt_tokens, 96), min(options.max_new_tokens, 8)
         if options.trainable_layers is not None:  # the tiny LM has 2 blocks
             options.trainable_layers = 1
-    precision = resolve_precision(options.mixed_precision, options.device)
+    precision = fast_mixed_precision(options.device) if options.mixed_precision == "auto" else options.mixed_precision
     train_file, val_file, eval_file, n_train = split_articles(options, out)
     task_kwargs = dict(max_new_tokens=options.max_new_tokens, max_prompt_tokens=options.max_prompt_tokens)
     timings: dict[str, float] = {}
@@ -157,7 +143,7 @@ def main(options: Options) -> dict[str, Any]:
     sft = train_sft(
         options.lm, train_file, sft_dir, limit=options.sft_examples, epochs=options.sft_epochs, eval_data=val_file,
         max_prompt_tokens=options.max_prompt_tokens, max_target_tokens=options.max_new_tokens, seed=options.seed,
-        device=options.device, overwrite=True,
+        device=options.device, overwrite=True, bf16=precision == "bf16",
     )
     timings["sft_s"] = time.perf_counter() - start
     run_eval("sft", str(sft_dir), str(sft_dir))
@@ -195,7 +181,8 @@ def main(options: Options) -> dict[str, Any]:
     timings["ppo_s"] = time.perf_counter() - start
     # The reported PPO model: the checkpoint with the best validation ROUGE-L, evaluated in float32 like the others.
     best = out / "ppo_best" / "best_model.zip"
-    chosen = PPO.load(best, device=options.device, custom_objects={"policy_kwargs": model.policy_kwargs | {"mixed_precision": "no"}})
+    float32 = {"policy_kwargs": model.policy_kwargs | {"mixed_precision": "no"}}
+    chosen = PPO.load(best, device=options.device, custom_objects=float32)
     run_eval("sft+ppo", chosen, str(sft_dir))
     timings["total_s"] = time.perf_counter() - run_start
 
@@ -261,7 +248,8 @@ def comparisons_table(comparisons: dict[str, PairedDifference]) -> str:
         cells = []
         for key in ROUGE_KEYS:
             c = comparisons.get(f"{pair} {key}")
-            cells.append("—" if c is None else f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}]{'*' if c.significant else ''}")
+            mark = "*" if c is not None and c.significant else ""
+            cells.append("—" if c is None else f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}]{mark}")
         lines.append(f"| {pair} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Paired bootstrap 95 % intervals (10,000 resamples of the articles); * : the interval excludes 0.")

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
 from stable_baselines3.common.logger import configure
@@ -16,8 +15,10 @@ from stable_baselines3.common.logger import configure
 from sb3_textrl.buffers import TextRolloutBuffer
 from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
 from sb3_textrl.envs.batched import make_text_vec_env
+from sb3_textrl.envs.groups import make_group_vec_env
 from sb3_textrl.evaluation import Sample, generate_samples
-from sb3_textrl.policies import TransformerLMPolicy
+from sb3_textrl.metrics.bootstrap import format_interval, mean_interval, paired_bootstrap
+from sb3_textrl.policies import TransformerLMPolicy, fast_mixed_precision
 from sb3_textrl.rewards.base import reward_name
 
 
@@ -28,15 +29,19 @@ class DemoConfig:
     lm: str | None = None  # LM name or path; None: the embedded SmolLM2-135M-Instruct
     dataset: str | None = None  # JSONL/CSV of article/summary pairs; None: the built-in generated news
     reward_model: str | None = None  # a directory written by `sb3-textrl train-rm`: PPO on the learned reward
-    n_envs: int = 4  # parallel episodes per rollout
+    n_envs: int = 8  # parallel episodes per rollout
+    samples_per_prompt: int = 4  # k summaries of each article per rollout, each judged against the others (RLOO)
     n_steps: int = 32  # tokens per env per rollout (= max_new_tokens: one summary per env per rollout)
-    updates: int = 4  # PPO iterations (rollout + training)
+    updates: int = 24  # PPO iterations (rollout + training)
     n_epochs: int = 2  # passes over each rollout
     learning_rate: float = 3e-4  # LoRA adapters tolerate SB3's default learning rate
     kl_coef: float = 0.05  # β of the KL penalty to the untuned model
+    trainable_layers: int | None = 4  # LoRA in the top 4 blocks only, trained from the rollout's cached activations
     max_prompt_tokens: int = 320
-    n_samples: int = 4  # held-out articles shown before and after, and evaluated during training
-    eval_every: int = 2  # rollouts between evaluations on the held-out articles (and one after the last update)
+    n_eval: int = 16  # held-out articles scored before and after (greedy), with bootstrap intervals
+    n_samples: int = 4  # of those, shown before and after
+    eval_every: int = 8  # rollouts between evaluations on the held-out articles (and one after the last update)
+    mixed_precision: str = "auto"  # "bf16", "no", or "auto": bf16 where the CPU/GPU computes it fast
     output_dir: str = "runs/news_demo"
     seed: int = 0
     device: str = "auto"
@@ -62,6 +67,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     :return: mean reward of the held-out samples before and after, the training time and the reward's name
     """
     config = config or DemoConfig()
+    if config.n_samples > config.n_eval:
+        raise ValueError(f"n_samples={config.n_samples} shows more articles than n_eval={config.n_eval} evaluates; lower it")
     out = Path(config.output_dir)
     env_kwargs = dict(tokenizer=config.lm, max_new_tokens=config.n_steps, max_prompt_tokens=config.max_prompt_tokens)
     if config.dataset is not None:
@@ -70,23 +77,32 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         from sb3_textrl.rewards.learned import LearnedRewardModel
 
         env_kwargs["reward"] = LearnedRewardModel(config.reward_model, device=config.device)
-    env = make_text_vec_env("NewsSummary-v0", n_envs=config.n_envs, seed=config.seed, env_kwargs=env_kwargs)
+    # k envs per article: each summary's advantage is its reward minus the mean of its siblings' (RLOO), so the
+    # update learns what makes a summary better, not which articles are easy.
+    env = make_group_vec_env("NewsSummary-v0", n_envs=config.n_envs, samples_per_prompt=config.samples_per_prompt,
+                             seed=config.seed, env_kwargs=env_kwargs)
     # Held-out articles: the built-in generator with another seed (or the dataset's last rows).
     eval_kwargs = env_kwargs | ({"data_seed": 1000} if config.dataset is None else {})
-    eval_env = make_text_vec_env("NewsSummary-v0", n_envs=config.n_samples, seed=config.seed + 1, env_kwargs=eval_kwargs)
+    eval_env = make_text_vec_env("NewsSummary-v0", n_envs=min(config.n_eval, 8), seed=config.seed + 1,
+                                 env_kwargs=eval_kwargs)
     n_eval_prompts = len(eval_env.get_attr("prompts", [0])[0])
-    held_out = list(range(n_eval_prompts - config.n_samples, n_eval_prompts))
+    if n_eval_prompts < config.n_eval:
+        raise ValueError(f"the eval data has {n_eval_prompts} articles, fewer than n_eval={config.n_eval}; lower n_eval")
+    held_out = list(range(n_eval_prompts - config.n_eval, n_eval_prompts))
+    precision = fast_mixed_precision(config.device) if config.mixed_precision == "auto" else config.mixed_precision
 
     model = PPO(
         TransformerLMPolicy,
         env,
         rollout_buffer_class=TextRolloutBuffer,
+        rollout_buffer_kwargs=dict(advantage="rloo"),
         n_steps=config.n_steps,
         batch_size=config.n_steps * config.n_envs // 2,
         n_epochs=config.n_epochs,
         learning_rate=config.learning_rate,
         gamma=1.0,  # the reward comes at the end of the summary; do not discount it
-        policy_kwargs=dict(lm=config.lm, kl_coef=config.kl_coef),
+        policy_kwargs=dict(lm=config.lm, kl_coef=config.kl_coef, critic=False, trainable_layers=config.trainable_layers,
+                           mixed_precision=precision),
         seed=config.seed,
         device=config.device,
         verbose=1,
@@ -94,7 +110,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     model.set_logger(configure(str(out / "logs"), ["stdout", "csv"]))
 
     before = generate_samples(model, eval_env, held_out)
-    _print_samples("Before PPO (greedy)", before)
+    _print_samples("Before PPO (greedy)", before[: config.n_samples])
     start = time.perf_counter()
     # Samples of every rollout in the log (and logs/samples.md); greedy ROUGE on the held-out articles under eval/.
     evaluation = TextEvalCallback(
@@ -111,18 +127,26 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
     # The callback's last evaluation ran after the final update, on the same articles: those are the "after" samples.
     after = evaluation.last_samples
-    _print_samples(f"After {config.updates} PPO updates (greedy)", after)
+    _print_samples(f"After {config.updates} PPO updates (greedy)", after[: config.n_samples])
     model.save(out / "model")
 
+    rewards_before, rewards_after = [s.reward for s in before], [s.reward for s in after]
+    gain = paired_bootstrap(rewards_before, rewards_after, seed=config.seed)
     result = {
-        "reward_before": float(np.mean([s.reward for s in before])),
-        "reward_after": float(np.mean([s.reward for s in after])),
+        "reward_before": gain.mean_a,
+        "reward_after": gain.mean_b,
+        "reward_before_ci": mean_interval(rewards_before, seed=config.seed)[1:],
+        "reward_after_ci": mean_interval(rewards_after, seed=config.seed)[1:],
+        "gain": gain.to_dict(),
+        "n_eval": len(held_out),
         "train_seconds": train_seconds,
         "reward": reward_name(env.get_attr("reward_fn", [0])[0]),
     }
     print(
-        f"\nMean reward on {len(held_out)} held-out articles: {result['reward_before']:.3f} before, "
-        f"{result['reward_after']:.3f} after ({config.updates} updates, {train_seconds:.0f} s of training and evaluation). "
+        f"\nMean reward on {len(held_out)} held-out articles (greedy, 95 % bootstrap intervals): "
+        f"{format_interval(gain.mean_a, *result['reward_before_ci'])} before, "
+        f"{format_interval(gain.mean_b, *result['reward_after_ci'])} after {config.updates} updates; "
+        f"paired difference {gain} ({train_seconds:.0f} s of training and evaluation). "
         f"Model saved to {out / 'model.zip'}; logs in {out / 'logs'} (plot them: sb3-textrl plot {out})."
     )
     return result

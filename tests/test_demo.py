@@ -4,22 +4,37 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sb3_textrl.demo import DemoConfig, run_demo
 from sb3_textrl.reward_model import train_reward_model
 
 
 def tiny_config(tmp_path, lm: str, **overrides) -> DemoConfig:
-    return DemoConfig(lm=lm, n_envs=2, n_steps=4, updates=1, n_epochs=1, n_samples=2, eval_every=1,
-                      max_prompt_tokens=64, output_dir=str(tmp_path / "demo"), device="cpu", **overrides)
+    settings = dict(lm=lm, n_envs=4, samples_per_prompt=2, n_steps=4, updates=2, n_epochs=1, n_eval=3, n_samples=2,
+                    eval_every=1, trainable_layers=1, max_prompt_tokens=64, output_dir=str(tmp_path / "demo"),
+                    device="cpu")
+    return DemoConfig(**(settings | overrides))
 
 
 def test_demo_runs_and_saves_model_and_logs(tmp_path, tiny_lm):
     result = run_demo(tiny_config(tmp_path, tiny_lm))
     assert 0.0 <= result["reward_before"] <= 1.0 and 0.0 <= result["reward_after"] <= 1.0
-    assert result["reward"] == "rouge1"
+    assert result["reward"] == "rouge1" and result["n_eval"] == 3
+    # Before and after are paired over the same held-out articles, each with its interval.
+    gain = result["gain"]
+    assert gain["n"] == 3 and gain["low"] <= gain["difference"] <= gain["high"]
+    assert gain["difference"] == pytest.approx(result["reward_after"] - result["reward_before"])
+    low, high = result["reward_before_ci"]
+    assert low <= result["reward_before"] <= high
     assert (tmp_path / "demo" / "model.zip").is_file()
     header = (tmp_path / "demo" / "logs" / "progress.csv").read_text().splitlines()[0]
-    assert "eval/task_reward" in header and "rollout/kl_to_ref" in header
+    assert "eval/task_reward" in header and "rollout/kl_to_ref" in header and "rollout/groups" in header
+
+
+def test_demo_refuses_showing_more_articles_than_it_evaluates(tmp_path, tiny_lm):
+    with pytest.raises(ValueError, match="n_samples=5 shows more articles than n_eval=3"):
+        run_demo(tiny_config(tmp_path, tiny_lm, n_samples=5))
 
 
 def test_demo_with_a_learned_reward_model(tmp_path, tiny_lm):

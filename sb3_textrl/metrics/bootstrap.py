@@ -82,7 +82,9 @@ def paired_bootstrap(
     )
 
 
-def mean_interval(values: Sequence[float], n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def mean_interval(
+    values: Sequence[float], n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """
     The mean of ``values`` with a percentile bootstrap confidence interval.
 
