@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", help="JSONL/CSV of article/summary pairs (default: built-in generated news)")
     demo.add_argument("--reward-model", help="directory written by train-rm: PPO on that learned reward (default: ROUGE-1)")
     for name in ("n_envs", "samples_per_prompt", "n_steps", "updates", "n_epochs", "n_eval", "n_samples", "eval_every",
-                 "seed", "max_prompt_tokens"):
+                 "eval_data_seed", "seed", "max_prompt_tokens"):
         demo.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {defaults[name]}")
     demo.add_argument("--trainable-layers", type=_int_or_none,
                       help=f"train the top N blocks only, 'none' for all (default {defaults['trainable_layers']})")

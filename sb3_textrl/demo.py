@@ -40,6 +40,7 @@ class DemoConfig:
     max_prompt_tokens: int = 320
     n_eval: int = 16  # held-out articles scored before and after (greedy), with bootstrap intervals
     n_samples: int = 4  # of those, shown before and after
+    eval_data_seed: int = 1000  # seed of the held-out generated articles (training uses data_seed 0)
     eval_every: int = 8  # rollouts between evaluations on the held-out articles (and one after the last update)
     mixed_precision: str = "auto"  # "bf16", "no", or "auto": bf16 where the CPU/GPU computes it fast
     output_dir: str = "runs/news_demo"
@@ -82,7 +83,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     env = make_group_vec_env("NewsSummary-v0", n_envs=config.n_envs, samples_per_prompt=config.samples_per_prompt,
                              seed=config.seed, env_kwargs=env_kwargs)
     # Held-out articles: the built-in generator with another seed (or the dataset's last rows).
-    eval_kwargs = env_kwargs | ({"data_seed": 1000} if config.dataset is None else {})
+    eval_kwargs = env_kwargs | ({"data_seed": config.eval_data_seed} if config.dataset is None else {})
     eval_env = make_text_vec_env("NewsSummary-v0", n_envs=min(config.n_eval, 8), seed=config.seed + 1,
                                  env_kwargs=eval_kwargs)
     n_eval_prompts = len(eval_env.get_attr("prompts", [0])[0])
