@@ -309,7 +309,7 @@ def _without_reward_batching(env: VecEnv) -> VecEnv:
 
 
 def text_env_of(env: VecEnv) -> TextGenerationEnv:
-    """The first env of a DummyVecEnv (under reward batching), unwrapped (its envs share prompts, tokenizer, reward and limits)."""
+    """The first env of a DummyVecEnv (under reward batching), unwrapped: its envs share prompts, tokenizer and reward."""
     return _without_reward_batching(env).envs[0].unwrapped  # type: ignore[attr-defined,return-value]
 
 
