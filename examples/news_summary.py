@@ -60,6 +60,7 @@ class Options:
     learning_rate: float = 2e-4
     reward: str = "rougeL"  # the PPO reward: a ROUGE variant against the reference
     mixed_precision: str = "auto"  # SFT's and PPO's autocast: "bf16", "no", or "auto" (bf16 where it is fast)
+    train_stop_tokens: bool = False  # let rollout summaries end at EOS (evaluation always does)
     eval_every: int = 10  # rollouts between validation evaluations (the learning curve and the checkpoint choice)
     tiny: bool = False
     seed: int = 0
@@ -151,6 +152,11 @@ def main(options: Options) -> dict[str, Any]:
     print(f"\n=== PPO (reward: {options.reward} against the reference, KL penalty to the SFT model) ===")
     start = time.perf_counter()
     env_kwargs = task_kwargs | dict(dataset=str(train_file), tokenizer=str(sft_dir), reward=options.reward)
+    if not options.train_stop_tokens:
+        # Rollout summaries run to max_new_tokens: a group's k members then end together, so that RLOO/GRPO can
+        # compare them (a member that stopped early would start its next article out of step with its siblings),
+        # and CNN/DM highlights (~65 tokens) are longer than the 48-token budget anyway (3 % stop early, greedy).
+        env_kwargs["stop_token_ids"] = [-1]
     group_advantage = options.advantage != "gae"
     if group_advantage:
         env = make_group_vec_env("NewsSummary-v0", n_envs=options.n_envs, samples_per_prompt=options.samples_per_prompt,
@@ -171,8 +177,8 @@ def main(options: Options) -> dict[str, Any]:
     )
     log_dir = out / "ppo_logs"
     model.set_logger(configure(str(log_dir), ["stdout", "csv", "tensorboard"]))
-    validation = TextEvalCallback(val_env, eval_freq_rollouts=options.eval_every, best_model_save_path=out / "ppo_best",
-                                  log_path=log_dir, metric="rougeL")
+    validation = TextEvalCallback(val_env, eval_freq_rollouts=options.eval_every, eval_at_start=True,
+                                  best_model_save_path=out / "ppo_best", log_path=log_dir, metric="rougeL")
     callbacks = CallbackList([TextSampleCallback(every_n_rollouts=options.eval_every, n_samples=2), validation])
     model.learn(options.ppo_updates * options.n_envs * options.max_new_tokens, callback=callbacks, progress_bar=True)
     model.save(out / "ppo_model")
@@ -257,18 +263,12 @@ def comparisons_table(comparisons: dict[str, PairedDifference]) -> str:
 
 
 def validation_curve(log_dir: Path) -> list[dict[str, float]]:
-    """Validation ROUGE-L by generated tokens, from the PPO stage's csv log."""
-    import csv
-
-    path = log_dir / "progress.csv"
+    """Validation ROUGE-L by generated tokens (0: the SFT model), from TextEvalCallback's ``evaluations.jsonl``."""
+    path = log_dir / "evaluations.jsonl"
     if not path.is_file():
         return []
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return [
-        {"timesteps": float(r["time/total_timesteps"]), "rougeL": float(r["eval/rougeL"])}
-        for r in rows if r.get("eval/rougeL") not in (None, "") and r.get("time/total_timesteps") not in (None, "")
-    ]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{"timesteps": float(r["timesteps"]), "rougeL": float(r["metrics"]["rougeL"])} for r in records]
 
 
 def read_sources(dataset: str) -> dict[str, str]:

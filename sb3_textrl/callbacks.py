@@ -177,6 +177,8 @@ class TextEvalCallback(EventCallback):
     :param prompt_indices: which of the eval env's prompts to complete; None: all of them
     :param eval_freq_rollouts: evaluate every n-th rollout
     :param eval_at_end: evaluate once more after the last PPO update
+    :param eval_at_start: also evaluate before the first rollout: the starting point of the curve, and the model
+        ``best_model_save_path`` keeps if no update beats it
     :param best_model_save_path: folder for ``best_model.zip`` (saved when ``metric`` improves); None saves nothing
     :param log_path: folder for ``evaluations.jsonl`` (metrics and samples of every evaluation); None writes nothing
     :param deterministic: greedy decoding (True) or sampling from the policy
@@ -196,6 +198,7 @@ class TextEvalCallback(EventCallback):
         prompt_indices: Sequence[int] | None = None,
         eval_freq_rollouts: int = 1,
         eval_at_end: bool = True,
+        eval_at_start: bool = False,
         best_model_save_path: str | os.PathLike | None = None,
         log_path: str | os.PathLike | None = None,
         deterministic: bool = True,
@@ -242,6 +245,7 @@ class TextEvalCallback(EventCallback):
             )
         self.eval_freq_rollouts = eval_freq_rollouts
         self.eval_at_end = eval_at_end
+        self.eval_at_start = eval_at_start
         self.best_model_save_path = None if best_model_save_path is None else Path(best_model_save_path)
         self.log_path = None if log_path is None else Path(log_path)
         self.deterministic = deterministic
@@ -292,6 +296,10 @@ class TextEvalCallback(EventCallback):
     def _on_step(self) -> bool:
         # on_rollout_end cannot stop training; a stop asked for by a child callback takes effect here.
         return self._continue_training
+
+    def _on_training_start(self) -> None:
+        if self.eval_at_start and self.n_rollouts == 0:
+            self.evaluate()
 
     def _on_rollout_end(self) -> None:
         self.n_rollouts += 1
