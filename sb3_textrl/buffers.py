@@ -70,6 +70,16 @@ class TextRolloutBuffer(RolloutBuffer):
     rollout's ends, siblings unfinished, no sibling) are left out of every minibatch (zero weight, not a zero
     advantage) and counted in ``rollout/group_dropped_steps``; ``rollout/groups`` counts the groups used.
 
+    **Waiting steps.** Under :func:`~sb3_textrl.envs.groups.make_group_vec_env`'s lock-step a member that finished
+    early holds its next prompt until its siblings finish; SB3 gives a buffer no ``infos``, so the buffer recognises
+    those steps from the observations: an observation without generated tokens begins an episode, and when the next
+    step of the same env shows it again without an episode start, the env generated nothing, it waited. The real
+    episode starts at the *last* of such a run of prompt-only observations, which is the step its group key uses, so
+    siblings that waited for different numbers of steps still form one group. Waiting steps are idle: in no segment
+    (never trained, never scored by the reference), no KL penalty, in no metric; ``rollout/group_wait_steps`` counts
+    them, apart from ``rollout/group_dropped_steps``. (Whether the rollout's very last step waited shows only in the
+    observation after it, read from the calling algorithm; without one, that step counts as a cut episode's start.)
+
     :param buffer_size: steps per env (PPO's ``n_steps``)
     :param observation_space: a text env's Dict observation space
     :param action_space: Discrete vocabulary
@@ -126,6 +136,8 @@ class TextRolloutBuffer(RolloutBuffer):
         if not isinstance(observation_space, spaces.Dict) or "input_ids" not in observation_space.spaces:
             raise TypeError(f"TextRolloutBuffer needs a text env's Dict observation space, got {observation_space}")
         self.width = int(observation_space["input_ids"].shape[0])
+        # Columns of the prompt (TextObservationSpace); None: no prompt region known, so no waiting steps recognised.
+        self.prompt_width: int | None = getattr(observation_space, "max_prompt_tokens", None)
         self.policy: TransformerLMPolicy | None = None
         self.metrics: dict[str, float] = {}
         # How get() splits the shuffled segments into minibatches: (segments, batch_size) -> groups of segments.
@@ -151,6 +163,7 @@ class TextRolloutBuffer(RolloutBuffer):
         self.log_probs = np.zeros(shape, dtype=np.float32)
         self.ref_log_probs = np.zeros(shape, dtype=np.float32)
         self.advantages = np.zeros(shape, dtype=np.float32)
+        self.waits = np.zeros(shape, dtype=bool)  # steps in which an env waited for its group (see the class docstring)
         # Contexts: token ids fit int32 for any vocabulary; masks are contiguous, kept as bool.
         self.contexts = np.zeros((0, self.width), dtype=np.int32)
         self.context_masks = np.zeros((0, self.width), dtype=bool)
@@ -159,6 +172,7 @@ class TextRolloutBuffer(RolloutBuffer):
         # Indices of the segments that get() yields (None: all); set by the group advantages.
         self.trained_segments: list[int] | None = None
         self._open: list[Segment | None] = [None] * self.n_envs
+        self._at_prompt = np.zeros(self.n_envs, dtype=bool)  # each env's previous step showed its prompt alone
         # NLPO: the allowed-token set of every step, one bit per token (allocated by the first step that has one).
         self.nlpo_allowed: np.ndarray | None = None
         # trainable_layers: hidden states entering the first trainable block (allocated by the first step that has one):
@@ -188,22 +202,38 @@ class TextRolloutBuffer(RolloutBuffer):
                 "norm_obs=True, which turns the ids into noise. Use VecNormalize(venv, norm_obs=False, norm_reward=True) "
                 "to normalise rewards only, or rollout_buffer_kwargs=dict(normalize_rewards=True)"
             )
+        at_prompt = self._prompt_only(obs)
+        after_done = np.asarray(episode_start).astype(bool).reshape(self.n_envs)
+        # An observation without generated tokens begins an episode, whatever SB3's episode_start says (after a wait).
+        begins = after_done | at_prompt
         new_contexts = []
         for env in range(self.n_envs):
             segment = self._open[env]
-            if segment is None or episode_start[env]:
-                self._context_rows.append((obs["input_ids"][env].astype(np.int32), obs["attention_mask"][env].astype(bool)))
+            ids, mask = obs["input_ids"][env].astype(np.int32), obs["attention_mask"][env].astype(bool)
+            if segment is not None and at_prompt[env] and self._at_prompt[env] and not after_done[env]:
+                # The prompt again, no token generated and no episode ended: the previous step waited for the group.
+                self.waits[segment.start, env] = True
+                segment.start = self.pos  # the episode (of length 1 so far) starts here instead
+                held_ids, held_mask = self._context_rows[segment.context]
+                if not (np.array_equal(ids, held_ids) and np.array_equal(mask, held_mask)):
+                    self._context_rows.append((ids, mask))
+                    segment.context = len(self._context_rows) - 1
+                    new_contexts.append(env)
+                continue
+            if segment is None or begins[env]:
+                self._context_rows.append((ids, mask))
                 segment = Segment(env, self.pos, 0, len(self._context_rows) - 1)
                 self.segments.append(segment)
                 self._open[env] = segment
                 new_contexts.append(env)
             segment.length += 1
+        self._at_prompt = at_prompt
         if policy is not None and policy.layer_split is not None:
             self._keep_split_hidden(policy, obs, new_contexts)
         self.actions[self.pos] = np.asarray(action).reshape(self.n_envs)
         self.rewards[self.pos] = np.asarray(reward)
         self.task_rewards[self.pos] = np.asarray(reward)
-        self.episode_starts[self.pos] = np.asarray(episode_start)
+        self.episode_starts[self.pos] = begins
         self.values[self.pos] = value.clone().cpu().numpy().flatten()
         self.log_probs[self.pos] = log_prob.clone().cpu().numpy().flatten()
         allowed = getattr(log_prob, "nlpo_allowed", None)
@@ -220,6 +250,30 @@ class TextRolloutBuffer(RolloutBuffer):
             self.contexts = np.stack([ids for ids, _ in self._context_rows])
             self.context_masks = np.stack([mask for _, mask in self._context_rows])
 
+    def _prompt_only(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """(n_envs,) bool: observations without a generated token (an episode's first step, or a wait for the group)."""
+        if self.prompt_width is None:
+            return np.zeros(self.n_envs, dtype=bool)
+        return ~np.asarray(obs["attention_mask"])[:, self.prompt_width :].astype(bool).any(axis=1)
+
+    def _mark_final_waits(self, dones: np.ndarray) -> None:
+        """Tell whether the rollout's last step waited too: the observation after it shows the same prompt alone."""
+        algorithm = self._algorithm()
+        if self.prompt_width is None or getattr(algorithm, "rollout_buffer", None) is not self:
+            return  # no prompt region, or not filled by an algorithm's collect_rollouts(): the last step stays a start
+        next_obs = getattr(algorithm, "_last_obs", None)  # collect_rollouts() sets it to the observation after the rollout
+        if not isinstance(next_obs, dict) or np.shape(next_obs.get("attention_mask")) != (self.n_envs, self.width):
+            return
+        waited = self._at_prompt & self._prompt_only(next_obs) & ~np.asarray(dones).astype(bool).reshape(self.n_envs)
+        if not waited.any():
+            return
+        last = self.buffer_size - 1
+        self.waits[last, waited] = True
+        idle = {id(self._open[env]) for env in np.flatnonzero(waited)}
+        self.segments = [s for s in self.segments if id(s) not in idle]
+        for env in np.flatnonzero(waited):
+            self._open[env] = None
+
     def _keep_split_hidden(self, policy: TransformerLMPolicy, obs: dict[str, np.ndarray], new_contexts: list[int]) -> None:
         """Keep the step's hidden states at the first trainable block: whole contexts of new segments, else the last token."""
         ids = th.as_tensor(obs["input_ids"], device=self.device).long()
@@ -235,6 +289,7 @@ class TextRolloutBuffer(RolloutBuffer):
     # -- KL penalty, advantages, metrics -------------------------------------------------------------------
     def compute_returns_and_advantage(self, last_values: th.Tensor, dones: np.ndarray) -> None:
         """Apply the KL penalty to the rewards, then SB3's GAE; record the rollout's text metrics."""
+        self._mark_final_waits(dones)
         kl = np.zeros_like(self.rewards)
         policy = self.policy
         if policy is not None:
@@ -246,7 +301,7 @@ class TextRolloutBuffer(RolloutBuffer):
         self.rewards = task_rewards.copy()
         if policy is not None and policy.kl_controller.enabled:
             self.ref_log_probs = self._score_reference(policy)
-            kl = self.log_probs - self.ref_log_probs
+            kl = np.where(self.waits, 0.0, self.log_probs - self.ref_log_probs).astype(np.float32)  # a wait samples nothing
             self.rewards = task_rewards - policy.kl_controller.value * kl
         self._check_critic(policy)
         if self.advantage == "gae":
@@ -255,11 +310,13 @@ class TextRolloutBuffer(RolloutBuffer):
         else:
             group_metrics = self._group_advantages(dones)
         self.metrics = self._episode_metrics(kl, dones) | group_metrics | norm_metrics
+        if self.advantage == "gae" and self.waits.any():  # e.g. GAE on a lock-step VecEnv: waits are idle there too
+            self.metrics["group_wait_steps"] = float(self.waits.sum())
         if policy is not None:
             self.metrics["kl_coef"] = policy.kl_controller.value
             # During a value-head warm-up the policy does not move: its KL says nothing about β.
             if "kl_to_ref" in self.metrics and not policy.in_value_warmup:
-                policy.kl_controller.update(self.metrics["kl_to_ref"], self.buffer_size * self.n_envs)
+                policy.kl_controller.update(self.metrics["kl_to_ref"], int(self.waits.size - self.waits.sum()))
             if policy.kl_controller.enabled:
                 self._check_kl(policy)
         self._record(self.metrics)
@@ -298,7 +355,8 @@ class TextRolloutBuffer(RolloutBuffer):
                 cut.append(index)
                 continue
             ids, mask = self._context_rows[s.context]
-            # Siblings: episodes that start the same context (prompt, padding included) at the same step.
+            # Siblings: episodes that start the same context (prompt, padding included) at the same step (after any
+            # waits, so members that waited for different numbers of steps meet).
             key = (s.start, ids.tobytes() + mask.tobytes())
             groups.setdefault(key, []).append(index)
             if not ends_here:
@@ -321,7 +379,8 @@ class TextRolloutBuffer(RolloutBuffer):
         self.trained_segments = sorted(trained)
         self.returns = self.advantages + self.values
         n_groups = sum(1 for m in groups.values() if len(m) >= 2 and not unfinished.intersection(m))
-        dropped = self.buffer_size * self.n_envs - sum(self.segments[i].length for i in trained)
+        waits = int(self.waits.sum())
+        dropped = self.buffer_size * self.n_envs - waits - sum(self.segments[i].length for i in trained)
         if not trained:
             warnings.warn(
                 f"advantage={self.advantage!r}: no complete group of two or more episodes of the same prompt started "
@@ -329,7 +388,7 @@ class TextRolloutBuffer(RolloutBuffer):
                 "sb3_textrl.make_group_vec_env(..., samples_per_prompt=k) and make n_steps a few times max_new_tokens",
                 stacklevel=3,
             )
-        return {"groups": float(n_groups), "group_dropped_steps": float(dropped)}
+        return {"groups": float(n_groups), "group_dropped_steps": float(dropped), "group_wait_steps": float(waits)}
 
     @staticmethod
     def _segment_sum(array: np.ndarray, s: Segment) -> float:

@@ -17,18 +17,29 @@ SPACE = TextObservationSpace(vocab_size=10, max_prompt_tokens=PROMPT_WIDTH, max_
 PROMPT_A, PROMPT_B = [1, 2], [3, 4]
 
 
-def fill(buffer: TextRolloutBuffer, episodes: list[list[tuple[list[int] | None, list[float]]]]) -> None:
+def fill(
+    buffer: TextRolloutBuffer,
+    episodes: list[list[tuple[list[int] | None, list[float]] | tuple[list[int], list[float], int]]],
+    dones: np.ndarray | None = None,
+) -> None:
     """
     Store hand-made episodes: ``episodes[env]`` is that env's list of (prompt, per-step rewards), back to back;
-    a prompt of None continues an episode begun before the rollout (no episode start at its first step).
+    a prompt of None continues an episode begun before the rollout (no episode start, tokens already generated).
+    A third entry, (prompt, rewards, waits), puts ``waits`` lock-step waiting steps before the episode: the env shows
+    the prompt alone (SB3's episode start only at the first of them, after the previous episode's done), reward 0.
     """
     n_envs, steps = buffer.n_envs, buffer.buffer_size
-    plan = []  # per env: per step (prompt, episode_start, position in the episode, reward)
+    plan = []  # per env: per step (prompt, episode_start, tokens generated so far, reward)
     for env_episodes in episodes:
         row = []
-        for prompt, rewards in env_episodes:
+        for prompt, rewards, *waits in env_episodes:
+            n_waits = waits[0] if waits else 0
+            row += [(prompt, j == 0, 0, 0.0) for j in range(n_waits)]
             for t, reward in enumerate(rewards):
-                row.append((prompt or PROMPT_B[::-1], t == 0 and prompt is not None, t, reward))
+                if prompt is None:  # generated 1 + t tokens already
+                    row.append((PROMPT_B[::-1], False, 1 + t, reward))
+                else:
+                    row.append((prompt, t == 0 and n_waits == 0, t, reward))
         assert len(row) == steps, row
         plan.append(row)
     for pos in range(steps):
@@ -47,6 +58,8 @@ def fill(buffer: TextRolloutBuffer, episodes: list[list[tuple[list[int] | None, 
             th.zeros(n_envs, 1),
             th.zeros(n_envs),
         )
+    if dones is not None:
+        buffer.compute_returns_and_advantage(th.zeros(n_envs), dones)
 
 
 def trained_steps(buffer: TextRolloutBuffer) -> int:
@@ -64,8 +77,8 @@ def ragged_rollout(advantage: str) -> TextRolloutBuffer:
             [(PROMPT_A, [0.5, 0.5, 2.0, 3.0])],  # per-step rewards (where the KL penalty lands) all count
             [(None, [4.0]), (PROMPT_A, [0, 0, 9.0])],
         ],
+        dones=np.ones(4),
     )
-    buffer.compute_returns_and_advantage(th.zeros(4), np.ones(4))
     return buffer
 
 
@@ -99,6 +112,64 @@ def test_group_with_an_unfinished_member_is_left_out():
         buffer.compute_returns_and_advantage(th.zeros(2), np.zeros(2))
     assert trained_steps(buffer) == 0
     assert buffer.metrics["group_dropped_steps"] == 8 and buffer.metrics["groups"] == 0
+
+
+def lockstep_rollout(advantage: str) -> TextRolloutBuffer:
+    """
+    Groups (0, 1) and (2, 3) under the lock-step: a member that ends first waits at the next prompt for its sibling.
+
+    env 0: A (2 steps), waits 2, B (3), A from step 7 (unfinished); env 1: A (4), B (3), A from step 7 (unfinished)
+    env 2: the end of an earlier episode, waits 1, A (2), waits 2, B from step 6 (unfinished)
+    env 3: the end of an earlier episode (2), A (4), B from step 6 (unfinished)
+    """
+    buffer = TextRolloutBuffer(8, SPACE, Discrete(10), "cpu", n_envs=4, advantage=advantage)
+    fill(
+        buffer,
+        [
+            [(PROMPT_A, [0, 1.0]), (PROMPT_B, [0, 0, 2.0], 2), (PROMPT_A, [0])],
+            [(PROMPT_A, [0, 0, 0, 3.0]), (PROMPT_B, [0.5, 0, 1.0]), (PROMPT_A, [0])],
+            [(None, [4.0]), (PROMPT_A, [0, 2.0], 1), (PROMPT_B, [0, 0], 2)],
+            [(None, [0, 5.0]), (PROMPT_A, [0, 0, 0, 1.0]), (PROMPT_B, [0, 0])],
+        ],
+        dones=np.zeros(4),
+    )
+    return buffer
+
+
+WAITS = [(2, 0), (3, 0), (1, 2), (4, 2), (5, 2)]  # (step, env)
+
+
+def test_lockstep_waits_are_idle_and_groups_meet_after_them():
+    buffer = lockstep_rollout("rloo")
+    # Group returns: (0, 1) A 1 vs 3, B 2 vs 1.5; (2, 3) A 2 vs 1; RLOO with n = 2 is half of +-(difference) doubled.
+    np.testing.assert_allclose(buffer.advantages[:, 0], [-2, -2, 0, 0, 0.5, 0.5, 0.5, 0])
+    np.testing.assert_allclose(buffer.advantages[:, 1], [2, 2, 2, 2, -0.5, -0.5, -0.5, 0])
+    np.testing.assert_allclose(buffer.advantages[:, 2], [0, 0, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_allclose(buffer.advantages[:, 3], [0, 0, -1, -1, -1, -1, 0, 0])
+    assert sorted(zip(*np.nonzero(buffer.waits))) == sorted(WAITS)
+    # Waiting steps are in no segment, so in no minibatch; the episodes after them start where the waiting ended.
+    covered = {(s.start + t, s.env) for s in buffer.segments for t in range(s.length)}
+    assert covered.isdisjoint(WAITS) and len(covered) == 32 - len(WAITS)
+    trained = [buffer.segments[i] for i in buffer.trained_segments]
+    assert sorted((s.env, s.start, s.length) for s in trained) == [
+        (0, 0, 2), (0, 4, 3), (1, 0, 4), (1, 4, 3), (2, 2, 2), (3, 2, 4)
+    ]
+    assert trained_steps(buffer) == 18
+    assert buffer.metrics["groups"] == 3
+    assert buffer.metrics["group_wait_steps"] == 5
+    assert buffer.metrics["group_dropped_steps"] == 32 - 18 - 5  # cut by the rollout's ends or an unfinished sibling
+    assert buffer.metrics["completion_len"] == 3.0  # (2 + 4 + 3 + 3 + 2 + 4) / 6: no waiting step counts
+    assert buffer.metrics["task_reward"] == (1 + 3 + 2 + 1.5 + 4 + 2 + 5 + 1) / 8
+
+
+def test_lockstep_grpo_advantages():
+    buffer = lockstep_rollout("grpo")
+    unit = 1 / np.sqrt(2)  # two returns a, b: (a - mean) / sample std = +-1/sqrt(2)
+    np.testing.assert_allclose(buffer.advantages[[0, 4], 0], [-unit, unit], rtol=1e-6)
+    np.testing.assert_allclose(buffer.advantages[[0, 4], 1], [unit, -unit], rtol=1e-6)
+    np.testing.assert_allclose(buffer.advantages[2, [2, 3]], [unit, -unit], rtol=1e-6)
+    assert not buffer.advantages[buffer.waits].any()
+    assert trained_steps(buffer) == 18
 
 
 def test_gae_unchanged_and_every_step_trained():

@@ -15,7 +15,10 @@ Besides keys and values the cache can keep per-token features that the trunk fun
 that every token of an episode keeps its features however its row was filled.
 
 Envs that start the same prompt in the same step (k samples per prompt) share one prefill: identical rows are
-encoded once and their keys copied.
+encoded once and their keys copied. A row whose observation did not change since the last step (an env waiting for
+its group) costs no forward at all, and a row whose new observation another row already holds copies that row's keys
+instead of a prefill: with :func:`~sb3_textrl.envs.groups.make_group_vec_env`'s lock-step, a group of k envs encodes
+each of its prompts once.
 """
 
 from __future__ import annotations
@@ -133,27 +136,90 @@ class RolloutKVCache:
         batch = ids.shape[0]
         if self.tokens is not None and (self.tokens.shape != ids.shape or self.tokens.device != ids.device):
             self.reset()
+        held = th.zeros(batch, dtype=th.bool, device=ids.device)
         if self.tokens is None:
             rebuild = th.ones(batch, dtype=th.bool, device=ids.device)
         else:
-            if th.equal(ids, self.tokens):  # the same observation again (e.g. predict_values after forward)
-                assert self.last_hidden is not None
-                return self.last_hidden
-            rebuild = ~self._extends_by_one(ids, attention_mask)
+            assert self.token_mask is not None and self.last_hidden is not None
+            if th.equal(ids, self.tokens) and th.equal(attention_mask, self.token_mask):
+                return self.last_hidden  # the same observations again (e.g. predict_values after forward)
+            extends = self._extends_by_one(ids, attention_mask)
+            held = self._reuse_held(ids, attention_mask, ~extends)
+            rebuild = ~held & ~extends
 
         if bool(rebuild.any()):
             self._prefill(ids[rebuild], attention_mask[rebuild], rebuild)
-        # Every row now holds all of its observation but the last token: feed that token to all rows at once.
-        last_token = th.gather(ids, 1, last_valid_index(attention_mask).unsqueeze(1))  # (B, 1)
         assert self.mask is not None
-        step_mask = th.cat([self.mask, th.ones_like(last_token)], dim=1)
+        if bool(held.all()):
+            self.tokens, self.token_mask = ids.clone(), attention_mask.clone()
+            assert self.last_hidden is not None
+            return self.last_hidden
+        # Every other row now holds all of its observation but the last token: feed that token to all rows at once.
+        # Held rows already hold theirs: they take a masked-out column (no key) and keep their hidden state.
+        last_token = th.gather(ids, 1, last_valid_index(attention_mask).unsqueeze(1))  # (B, 1)
+        step_mask = th.cat([self.mask, (~held).to(self.mask.dtype).unsqueeze(1)], dim=1)
         position = self.mask.sum(dim=1, keepdim=True)
         hidden, self.past, features = self.trunk(last_token, step_mask, position, self.past)
         self.mask = step_mask
         self.features = None if features is None or self.features is None else th.cat([self.features, features], dim=1)
+        last_hidden = hidden[:, -1]
+        if bool(held.any()):
+            assert self.last_hidden is not None
+            last_hidden = th.where(held.unsqueeze(1), self.last_hidden, last_hidden)
+            self._realign(held)
         self.tokens, self.token_mask = ids.clone(), attention_mask.clone()
-        self.last_hidden = hidden[:, -1]
+        self.last_hidden = last_hidden
         return self.last_hidden
+
+    def _reuse_held(self, ids: th.Tensor, attention_mask: th.Tensor, may_copy: th.Tensor) -> th.Tensor:
+        """
+        Rows whose whole observation the cache already holds: unchanged rows (an env waiting for its group, see
+        :func:`~sb3_textrl.envs.groups.make_group_vec_env`), and rows whose new observation another row holds, whose
+        keys, features and hidden state are copied over (a group member meeting a prompt a sibling already encoded).
+
+        :param ids: (B, L) observation ids (zero on padding)
+        :param attention_mask: (B, L) 0/1 mask
+        :param may_copy: (B,) bool, rows that may take another row's copy (not those that extend their own by one token)
+        :return: (B,) bool, the rows that need no forward in this step
+        """
+        assert self.tokens is not None and self.token_mask is not None and self.last_hidden is not None
+        assert self.past is not None and self.mask is not None
+        held = (ids == self.tokens).all(dim=1) & (attention_mask == self.token_mask).all(dim=1)
+        # Only rows that would otherwise be prefilled look for a copy: (R, B, L) comparisons, R is small.
+        candidates = (~held & may_copy).nonzero().squeeze(1)
+        if len(candidates) == 0:
+            return held
+        same = (ids[candidates, None] == self.tokens[None]).all(dim=-1)  # (R, B)
+        same &= (attention_mask[candidates, None] == self.token_mask[None]).all(dim=-1)
+        found = same.any(dim=1)
+        if not bool(found.any()):
+            return held
+        targets, sources = candidates[found], same[found].float().argmax(dim=1)
+        # Every row of the cache is right-aligned in the same columns, so a whole row copies as it is.
+        for layer in self.past.layers:
+            layer.keys[targets] = layer.keys[sources]
+            layer.values[targets] = layer.values[sources]
+        self.mask[targets] = self.mask[sources]
+        if self.features is not None:
+            self.features[targets] = self.features[sources]
+        self.last_hidden = self.last_hidden.clone()  # the caller may still hold the previous step's tensor
+        self.last_hidden[targets] = self.last_hidden[sources]
+        held[targets] = True
+        return held
+
+    def _realign(self, rows: th.Tensor) -> None:
+        """Move the given rows' newest (masked-out) column to the front, so that their valid tokens end the cache again."""
+        assert self.past is not None and self.mask is not None
+        for layer in self.past.layers:  # (B, heads, C, D)
+            layer.keys[rows] = layer.keys[rows].roll(1, dims=2)
+            layer.values[rows] = layer.values[rows].roll(1, dims=2)
+            layer.keys[rows, :, 0] = 0.0  # masked out; zeroed so that no stray value can ever leak through attention
+            layer.values[rows, :, 0] = 0.0
+        self.mask[rows] = self.mask[rows].roll(1, dims=1)
+        if self.features is not None:  # (B, C, F)
+            self.features[rows] = self.features[rows].roll(1, dims=1)
+            self.features[rows, 0] = 0.0
+        self._trim()
 
     def features_of(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor] | None:
         """

@@ -184,8 +184,20 @@ def make_text_vec_env(
         env_kwargs=env_kwargs, vec_env_cls=vec_env_cls, vec_env_kwargs=vec_env_kwargs, monitor_kwargs=monitor_kwargs,
         wrapper_kwargs=wrapper_kwargs,
     )
-    if not batched_rewards:
-        return venv
+    return with_batched_rewards(venv, env_id, env_kwargs) if batched_rewards else venv
+
+
+def with_batched_rewards(
+    venv: VecEnv, env_id: str | Callable[..., gym.Env], env_kwargs: dict[str, Any] | None = None
+) -> VecEnv:
+    """
+    ``venv`` under :class:`BatchedRewardVecEnv`, or ``venv`` itself when its reward declares ``batched_scoring = False``.
+
+    :param venv: a VecEnv of text envs made from ``env_id``
+    :param env_id: the task or factory the envs were made from (to find the reward object of this process)
+    :param env_kwargs: the keyword arguments the envs were made with
+    :return: the VecEnv that scores in batches (``venv`` is closed if wrapping it fails)
+    """
     reward = _main_process_reward(env_id, env_kwargs or {}) if isinstance(venv, SubprocVecEnv) else None
     if reward is None:
         reward = venv.get_attr("reward_fn", [0])[0]  # read once: from a worker it is a fresh copy (a model reload)
