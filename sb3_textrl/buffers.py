@@ -538,6 +538,14 @@ class TextRolloutBuffer(RolloutBuffer):
         if self.trained_segments is None:
             order = list(np.random.permutation(len(self.segments)))
         else:  # group advantages: the episodes of complete groups only
+            if not self.trained_segments:
+                # SB3's train() would fail on its first minibatch-free epoch with an UnboundLocalError on `loss`.
+                raise RuntimeError(
+                    f"advantage={self.advantage!r}: this rollout holds no complete group of two or more episodes of the "
+                    "same prompt, so PPO has nothing to train on. Build the VecEnv with sb3_textrl.make_group_vec_env("
+                    "..., samples_per_prompt=k) (lock-step keeps groups together) and make n_steps at least "
+                    "max_new_tokens; rollout/group_dropped_steps shows what was left out"
+                )
             order = [self.trained_segments[i] for i in np.random.permutation(len(self.trained_segments))]
         batch_size = batch_size or self.buffer_size * self.n_envs
         if self.minibatch_partition is not None:
