@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trainable-layers", type=_int_or_none,
                       help=f"train the top N blocks only, 'none' for all (default {defaults['trainable_layers']})")
     demo.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), help=f"default {defaults['mixed_precision']}")
-    for name in ("learning_rate", "kl_coef"):
+    for name in ("learning_rate", "kl_coef", "temperature"):
         demo.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"default {defaults[name]}")
     demo.add_argument("--output-dir", help=f"default {defaults['output_dir']}")
     demo.add_argument("--device", help="auto (CUDA when present), cpu or cuda")

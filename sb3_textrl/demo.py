@@ -32,16 +32,17 @@ class DemoConfig:
     n_envs: int = 8  # parallel episodes per rollout
     samples_per_prompt: int = 4  # k summaries of each article per rollout, each judged against the others (RLOO)
     n_steps: int = 32  # tokens per env per rollout (= max_new_tokens: one summary per env per rollout)
-    updates: int = 24  # PPO iterations (rollout + training)
+    updates: int = 20  # PPO iterations (rollout + training); the validation gain came within 20 (docs/results.md, demo)
     n_epochs: int = 2  # passes over each rollout
-    learning_rate: float = 3e-4  # LoRA adapters tolerate SB3's default learning rate
+    learning_rate: float = 1e-3  # LoRA in the top 4 blocks; chosen on validation articles
     kl_coef: float = 0.05  # β of the KL penalty to the untuned model
+    temperature: float = 0.7  # of the rollouts' sampling (and of the log-probs PPO trains); evaluation is greedy
     trainable_layers: int | None = 4  # LoRA in the top 4 blocks only, trained from the rollout's cached activations
     max_prompt_tokens: int = 320
-    n_eval: int = 16  # held-out articles scored before and after (greedy), with bootstrap intervals
+    n_eval: int = 32  # held-out articles scored before and after (greedy), with bootstrap intervals
     n_samples: int = 4  # of those, shown before and after
     eval_data_seed: int = 1000  # seed of the held-out generated articles (training uses data_seed 0)
-    eval_every: int = 8  # rollouts between evaluations on the held-out articles (and one after the last update)
+    eval_every: int = 10  # rollouts between evaluations on the held-out articles (and one after the last update)
     mixed_precision: str = "auto"  # "bf16", "no", or "auto": bf16 where the CPU/GPU computes it fast
     output_dir: str = "runs/news_demo"
     seed: int = 0
@@ -103,7 +104,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         learning_rate=config.learning_rate,
         gamma=1.0,  # the reward comes at the end of the summary; do not discount it
         policy_kwargs=dict(lm=config.lm, kl_coef=config.kl_coef, critic=False, trainable_layers=config.trainable_layers,
-                           mixed_precision=precision),
+                           mixed_precision=precision, temperature=config.temperature),
         seed=config.seed,
         device=config.device,
         verbose=1,
