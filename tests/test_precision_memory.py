@@ -165,7 +165,10 @@ def filled_buffer(width: int, steps: int, episode: int = 8, n_envs: int = 4, voc
 
 def test_rollout_buffer_memory_grows_with_tokens_not_with_context_width():
     small, double = filled_buffer(width=64, steps=64), filled_buffer(width=64, steps=128)
-    assert double.size_in_bytes()["total"] == 2 * small.size_in_bytes()["total"]  # linear in tokens
+    # Linear in tokens, besides the lock-step's one flag per env (does its previous step show the prompt alone?).
+    per_env = small.size_in_bytes()["_at_prompt"]
+    assert per_env == double.size_in_bytes()["_at_prompt"] == 4
+    assert double.size_in_bytes()["total"] - per_env == 2 * (small.size_in_bytes()["total"] - per_env)
 
     narrow, wide = filled_buffer(width=64, steps=64), filled_buffer(width=1024, steps=64)
     assert len(wide.segments) == len(narrow.segments) == 4 * 64 // 8
