@@ -218,29 +218,32 @@ COMPARISONS = (("zero-shot", "sft"), ("sft", "sft+ppo"), ("zero-shot", "sft+ppo"
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 
-def per_article_scores(out: Path) -> dict[str, dict[int, dict[str, float]]]:
-    """system -> held-out article index -> its ROUGE scores, from the evaluation reports (``eval_*/eval.json``)."""
-    scores: dict[str, dict[int, dict[str, float]]] = {}
-    for report in out.glob("eval_*/eval.json"):
+def per_article_outputs(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """
+    system -> held-out article index -> its scores (ROUGE, length...), from the evaluation reports
+    (``eval_*/eval.json``), systems in stage order.
+    """
+    outputs: dict[str, dict[int, dict[str, Any]]] = {}
+    for report in sorted(out.glob("eval_*/eval.json"), key=lambda p: p.stat().st_mtime):
         label = report.parent.name.removeprefix("eval_")
         for sample in json.loads(report.read_text())["samples"]:
             for system, output in sample["outputs"].items():
                 name = label if system.startswith("model") else system
-                scores.setdefault(name, {})[int(sample["prompt_index"])] = {k: float(output[k]) for k in ROUGE_KEYS}
-    return scores
+                outputs.setdefault(name, {})[int(sample["prompt_index"])] = output
+    return outputs
 
 
 def paired_comparisons(out: Path) -> dict[str, PairedDifference]:
     """``"B - A rougeL"`` -> the paired bootstrap 95 % interval of B's mean minus A's on the same held-out articles."""
-    scores = per_article_scores(out)
+    scores = per_article_outputs(out)
     result = {}
     for baseline, system in COMPARISONS:
         if baseline not in scores or system not in scores:
             continue
         articles = sorted(set(scores[baseline]) & set(scores[system]))
         for key in ROUGE_KEYS:
-            a = [scores[baseline][i][key] for i in articles]
-            b = [scores[system][i][key] for i in articles]
+            a = [float(scores[baseline][i][key]) for i in articles]
+            b = [float(scores[system][i][key]) for i in articles]
             result[f"{system} - {baseline} {key}"] = paired_bootstrap(a, b)
     return result
 
@@ -296,14 +299,11 @@ def per_source_metrics(out: Path, dataset: str) -> dict[str, dict[str, dict[str,
     if not sources:
         return {}
     eval_rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    scores: dict[str, dict[str, list[dict[str, float]]]] = {}
-    for report in sorted(out.glob("eval_*/eval.json"), key=lambda p: p.stat().st_mtime):  # stage order
-        label = report.parent.name.removeprefix("eval_")
-        for sample in json.loads(report.read_text())["samples"]:
-            source = sources.get(eval_rows[int(sample["prompt_index"])]["article"].strip(), "unknown")
-            for system, output in sample["outputs"].items():
-                name = label if system.startswith("model") else system
-                scores.setdefault(name, {}).setdefault(source, []).append(output)
+    scores: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for system, by_article in per_article_outputs(out).items():
+        for index, output in by_article.items():
+            source = sources.get(eval_rows[index]["article"].strip(), "unknown")
+            scores.setdefault(system, {}).setdefault(source, []).append(output)
     keys = ("rouge1", "rouge2", "rougeL", "length_words")
     return {
         system: {

@@ -209,6 +209,9 @@ class TextRolloutBuffer(RolloutBuffer):
         new_contexts = []
         for env in range(self.n_envs):
             segment = self._open[env]
+            if segment is not None and not begins[env]:
+                segment.length += 1  # the common case: one more token of an open episode, no context to store
+                continue
             ids, mask = obs["input_ids"][env].astype(np.int32), obs["attention_mask"][env].astype(bool)
             if segment is not None and at_prompt[env] and self._at_prompt[env] and not after_done[env]:
                 # The prompt again, no token generated and no episode ended: the previous step waited for the group.
@@ -220,13 +223,12 @@ class TextRolloutBuffer(RolloutBuffer):
                     segment.context = len(self._context_rows) - 1
                     new_contexts.append(env)
                 continue
-            if segment is None or begins[env]:
-                self._context_rows.append((ids, mask))
-                segment = Segment(env, self.pos, 0, len(self._context_rows) - 1)
-                self.segments.append(segment)
-                self._open[env] = segment
-                new_contexts.append(env)
-            segment.length += 1
+            # A new episode starts here: its context is stored once, its later steps are its own actions.
+            self._context_rows.append((ids, mask))
+            segment = Segment(env, self.pos, 1, len(self._context_rows) - 1)
+            self.segments.append(segment)
+            self._open[env] = segment
+            new_contexts.append(env)
         self._at_prompt = at_prompt
         if policy is not None and policy.layer_split is not None:
             self._keep_split_hidden(policy, obs, new_contexts)
@@ -364,9 +366,11 @@ class TextRolloutBuffer(RolloutBuffer):
         unfinished = set(cut)
         self.advantages[:] = 0.0
         trained: list[int] = []
+        n_groups = 0
         for members in groups.values():
             if len(members) < 2 or unfinished.intersection(members):
                 continue
+            n_groups += 1
             returns = np.array([self._segment_sum(self.rewards, self.segments[i]) for i in members])
             if self.advantage == "rloo":
                 advantages = returns - (returns.sum() - returns) / (len(returns) - 1)
@@ -378,7 +382,6 @@ class TextRolloutBuffer(RolloutBuffer):
             trained.extend(members)
         self.trained_segments = sorted(trained)
         self.returns = self.advantages + self.values
-        n_groups = sum(1 for m in groups.values() if len(m) >= 2 and not unfinished.intersection(m))
         waits = int(self.waits.sum())
         dropped = self.buffer_size * self.n_envs - waits - sum(self.segments[i].length for i in trained)
         if not trained:
