@@ -162,11 +162,12 @@ class TextEvalCallback(EventCallback):
     Periodic evaluation on held-out prompts, logged under ``eval/``; saves the best model.
 
     Every ``eval_freq_rollouts`` rollouts (at the rollout's end, before the PPO update, like SB3's rollout metrics
-    of the same row) and once more when training ends, it completes the chosen prompts of a separate eval env and
-    records ``eval/task_reward``, ``eval/completion_len``, ``eval/kl_to_ref`` (mean per completion, as
-    ``rollout/kl_to_ref``) and, when every prompt has a reference, ``eval/rouge1``, ``eval/rouge2`` and ``eval/rougeL``
-    (F-measure). The evaluation restores the policy's training mode and the global
-    RNGs, so PPO's run continues exactly as without it (the policy's KV cache checks the tokens it holds).
+    of the same row; after the last rollout, the evaluation at the end replaces it) and once more when training
+    ends, it completes the chosen prompts of a separate eval env and records ``eval/task_reward``,
+    ``eval/completion_len``, ``eval/kl_to_ref`` (mean per completion, as ``rollout/kl_to_ref``) and, when every
+    prompt has a reference, ``eval/rouge1``, ``eval/rouge2`` and ``eval/rougeL`` (F-measure). The evaluation
+    restores the policy's training mode and the global RNGs, so PPO's run continues exactly as without it (the
+    policy's KV cache checks the tokens it holds).
 
     The final evaluation is dumped to the logger right away (with ``time/total_timesteps``), since no later
     ``dump`` would write it. Like SB3's ``EvalCallback``, it exposes ``best_mean_reward``/``last_mean_reward`` (of
@@ -303,8 +304,14 @@ class TextEvalCallback(EventCallback):
 
     def _on_rollout_end(self) -> None:
         self.n_rollouts += 1
-        if self.n_rollouts % self.eval_freq_rollouts == 0:
+        if self.n_rollouts % self.eval_freq_rollouts == 0 and not self._final_evaluation_follows():
             self.evaluate()
+
+    def _final_evaluation_follows(self) -> bool:
+        # After the last rollout one more PPO update runs and then _on_training_end evaluates: an evaluation here
+        # would score a policy that is about to change, and cost as much as the one that counts.
+        total = getattr(self.model, "_total_timesteps", None)
+        return self.eval_at_end and total is not None and self.num_timesteps >= total
 
     def _on_training_end(self) -> None:
         updates = getattr(self.model, "_n_updates", None)
