@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Generator, Iterable
@@ -12,7 +11,6 @@ from typing import Any
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.running_mean_std import RunningMeanStd
@@ -20,6 +18,7 @@ from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
 from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecNormalize
 
+from sb3_textrl.common.sb3_bridge import find_algorithm, record_metrics, rollout_extras
 from sb3_textrl.nlpo import NLPO_ALLOWED, pack_allowed, unpack_allowed
 from sb3_textrl.policies import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, TransformerLMPolicy
 
@@ -45,7 +44,8 @@ class TextRolloutBuffer(RolloutBuffer):
     - Before computing advantages it adds the per-token KL penalty −β·(log π − log π_ref) to the rewards, scoring
       the reference model once per segment, adapts β when the policy's controller has a target, and records
       ``rollout/task_reward``, ``rollout/kl_to_ref``, ``rollout/kl_coef`` and ``rollout/completion_len`` in the
-      algorithm's logger.
+      algorithm's logger. SB3 hands a buffer neither the policy nor the algorithm: both come through
+      :mod:`sb3_textrl.common.sb3_bridge`.
 
     - With a policy built with ``trainable_layers``, it also keeps the hidden state entering the first trainable block
       at every token of every segment (from the rollout's KV cache: 4·H bytes a token in float32, context included),
@@ -151,7 +151,7 @@ class TextRolloutBuffer(RolloutBuffer):
         if getattr(self, "full", False) and self.generator_ready:
             # The previous rollout was trained and SB3 recorded its train/explained_variance over every step: record
             # the trained steps' value instead, before the next dump writes it.
-            self._record({"explained_variance": self.explained_variance()}, prefix="train/")
+            record_metrics({"explained_variance": self.explained_variance()}, prefix="train/")
         # Per-step arrays as in RolloutBuffer, but no per-step observations.
         shape = (self.buffer_size, self.n_envs)
         self.actions = np.zeros(shape, dtype=np.int64)
@@ -193,7 +193,8 @@ class TextRolloutBuffer(RolloutBuffer):
         log_prob: th.Tensor,
     ) -> None:
         """Store one step of every env (same arguments as SB3's RolloutBuffer.add)."""
-        policy = getattr(log_prob, "textrl_policy", None)
+        extras = rollout_extras(log_prob)  # the policy and NLPO's sets, from the policy's forward (see sb3_bridge)
+        policy = extras.policy
         if policy is not None:
             self.policy = policy
         if np.issubdtype(np.asarray(obs["input_ids"]).dtype, np.floating):
@@ -238,9 +239,8 @@ class TextRolloutBuffer(RolloutBuffer):
         self.episode_starts[self.pos] = begins
         self.values[self.pos] = value.clone().cpu().numpy().flatten()
         self.log_probs[self.pos] = log_prob.clone().cpu().numpy().flatten()
-        allowed = getattr(log_prob, "nlpo_allowed", None)
-        if allowed is not None:
-            packed = pack_allowed(allowed)  # (n_envs, ceil(V / 8))
+        if extras.nlpo_allowed is not None:
+            packed = pack_allowed(extras.nlpo_allowed)  # (n_envs, ceil(V / 8))
             if self.nlpo_allowed is None:
                 self.nlpo_allowed = np.zeros((self.buffer_size, *packed.shape), dtype=np.uint8)
             self.nlpo_allowed[self.pos] = packed
@@ -260,7 +260,7 @@ class TextRolloutBuffer(RolloutBuffer):
 
     def _mark_final_waits(self, dones: np.ndarray) -> None:
         """Tell whether the rollout's last step waited too: the observation after it shows the same prompt alone."""
-        algorithm = self._algorithm()
+        algorithm = find_algorithm()
         if self.prompt_width is None or getattr(algorithm, "rollout_buffer", None) is not self:
             return  # no prompt region, or not filled by an algorithm's collect_rollouts(): the last step stays a start
         next_obs = getattr(algorithm, "_last_obs", None)  # collect_rollouts() sets it to the observation after the rollout
@@ -321,7 +321,7 @@ class TextRolloutBuffer(RolloutBuffer):
                 policy.kl_controller.update(self.metrics["kl_to_ref"], int(self.waits.size - self.waits.sum()))
             if policy.kl_controller.enabled:
                 self._check_kl(policy)
-        self._record(self.metrics)
+        record_metrics(self.metrics)
 
     def _check_critic(self, policy: TransformerLMPolicy | None) -> None:
         critic = getattr(policy, "critic", True)
@@ -339,7 +339,7 @@ class TextRolloutBuffer(RolloutBuffer):
             )
 
     def _check_warmup(self, policy: TransformerLMPolicy) -> None:
-        algorithm = self._algorithm()
+        algorithm = find_algorithm()
         if policy.in_value_warmup and getattr(algorithm, "vf_coef", None) == 0:
             raise ValueError(
                 f"value_warmup_rollouts={policy.value_warmup_rollouts} trains the value head alone, but vf_coef=0 gives it "
@@ -472,7 +472,7 @@ class TextRolloutBuffer(RolloutBuffer):
             return
         self._warned_kl.add(condition)
         warnings.warn(message, stacklevel=4)
-        algorithm = self._algorithm()
+        algorithm = find_algorithm()
         if algorithm is not None:
             algorithm.logger.warn(f"Warning: {message}")
 
@@ -512,26 +512,6 @@ class TextRolloutBuffer(RolloutBuffer):
         """
         if self.full and self.generator_ready:
             logger.record("train/explained_variance", self.explained_variance())
-
-    @staticmethod
-    def _algorithm(max_depth: int = 8) -> BaseAlgorithm | None:
-        # SB3 gives a rollout buffer no handle on the logger, but the algorithm's collect_rollouts() is our caller.
-        frame = inspect.currentframe()
-        try:
-            for _ in range(max_depth):
-                frame = frame.f_back if frame is not None else None
-                algorithm = frame.f_locals.get("self") if frame is not None else None
-                if isinstance(algorithm, BaseAlgorithm):
-                    return algorithm
-            return None
-        finally:
-            del frame
-
-    def _record(self, metrics: dict[str, float], prefix: str = "rollout/") -> None:
-        algorithm = self._algorithm()
-        if algorithm is not None:
-            for key, value in metrics.items():
-                algorithm.logger.record(f"{prefix}{key}", value)
 
     # -- minibatches of whole segments --------------------------------------------------------------------
     def get(self, batch_size: int | None = None) -> Generator[DictRolloutBufferSamples, None, None]:  # type: ignore[override]

@@ -24,6 +24,7 @@ from transformers import DynamicCache, PreTrainedModel
 from sb3_textrl.common.kl_controller import KLController
 from sb3_textrl.common.kv_cache import RolloutKVCache, last_valid_index, longest_extensions, positions_from_mask
 from sb3_textrl.common.layer_split import LayerSplit
+from sb3_textrl.common.sb3_bridge import attach_rollout_extras
 from sb3_textrl.envs.text_env import TextObservationSpace, tokenizer_fingerprint
 from sb3_textrl.models import load_causal_lm, load_tokenizer
 from sb3_textrl.nlpo import NLPO_ADAPTER, NLPO_ALLOWED, top_p_allowed
@@ -558,8 +559,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
         :param obs: batch of text observations
         :param deterministic: greedy decoding instead of sampling
         :return: actions (B,), values (B, 1), log-probs (B,) of the sampling distribution. The log-prob tensor
-            carries the policy as ``textrl_policy`` so that TextRolloutBuffer can score the reference and apply the
-            KL penalty.
+            carries the policy (and NLPO's sets) to TextRolloutBuffer, which scores the reference and applies the KL
+            penalty (:func:`~sb3_textrl.common.sb3_bridge.attach_rollout_extras`).
         """
         return self._sample_step(obs, deterministic)
 
@@ -572,9 +573,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
         distribution = self._distribution(logits, allowed)
         actions = distribution.get_actions(deterministic=deterministic)
         log_prob = distribution.log_prob(actions)
-        log_prob.textrl_policy = self  # type: ignore[attr-defined]
-        if self.nlpo_top_p is not None:  # TextRolloutBuffer stores NLPO's sets, so training sees the rollout's exactly
-            log_prob.nlpo_allowed = allowed  # type: ignore[attr-defined]
+        # TextRolloutBuffer needs the policy, and stores NLPO's sets so that training sees the rollout's exactly.
+        attach_rollout_extras(log_prob, policy=self, nlpo_allowed=allowed if self.nlpo_top_p is not None else None)
         return actions, self._value(hidden), log_prob
 
     def get_distribution(self, obs: PyTorchObs) -> Distribution:
