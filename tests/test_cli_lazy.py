@@ -39,6 +39,7 @@ print(json.dumps({{
     "registered": [task for task in ("NewsSummary-v0", "sb3_textrl/NewsSummary-v0") if task in gym.registry],
     "tasks": sb3_textrl.list_text_tasks(),
     "missing_from_dir": {{p: sorted(set(sys.modules[p].__all__) - set(dir(sys.modules[p]))) for p in {PACKAGES!r}}},
+    "submodules": [sb3_textrl.demo_config.__name__, sb3_textrl.envs.news_data.__name__],  # as when imported eagerly
     "heavy_after_list_text_tasks": [name for name in {HEAVY!r} if name in sys.modules],
 }}))
 """)
@@ -46,6 +47,7 @@ print(json.dumps({{
     assert found["registered"] == ["NewsSummary-v0", "sb3_textrl/NewsSummary-v0"]
     assert {"NewsSummary-v0", "sb3_textrl/NewsSummary-v0"} <= set(found["tasks"])
     assert found["missing_from_dir"] == {package: [] for package in PACKAGES}
+    assert found["submodules"] == ["sb3_textrl.demo_config", "sb3_textrl.envs.news_data"]
     assert found["heavy_after_list_text_tasks"] == []
 
 

@@ -7,6 +7,7 @@ command line builds its parser without them.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -22,16 +23,18 @@ def lazy_exports(package: str, exports: Mapping[str, Sequence[str]]) -> tuple[Ca
 
     :param package: the package's ``__name__``
     :param exports: module path -> the names it provides (each name is then an attribute of the package)
-    :return: ``(__getattr__, __dir__)`` to assign at the package's top level
+    :return: ``(__getattr__, __dir__)`` to assign at the package's top level; ``__getattr__`` also imports a
+        submodule asked for by name
     """
     origin = {name: module for module, names in exports.items() for name in names}
 
     def __getattr__(name: str) -> Any:
-        try:
-            module = origin[name]
-        except KeyError:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
-        value = getattr(importlib.import_module(module), name)
+        if name not in origin:
+            # A submodule, e.g. `import sb3_textrl; sb3_textrl.policies`, worked while the package imported it eagerly.
+            if not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}") is not None:
+                return importlib.import_module(f"{package}.{name}")
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(origin[name]), name)
         setattr(sys.modules[package], name, value)  # later look-ups no longer reach __getattr__
         return value
 
