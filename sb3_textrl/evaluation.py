@@ -2,9 +2,7 @@
 
 ``evaluate(model, task, ...)`` completes the task's prompts with a saved model (or an LM directory), scores the
 completions and the baselines (lead-3, the reference itself) and returns an :class:`EvalResult` that writes a JSON
-file and a Markdown report. ``sb3-textrl eval`` is the same from the command line.
-
-The module imports only light dependencies at the top: the CLI imports it to build its parser.
+file and a Markdown report. ``sb3-textrl eval`` (:mod:`sb3_textrl.cli.evaluate`) is the same from the command line.
 """
 
 from __future__ import annotations
@@ -26,11 +24,12 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
+from sb3_textrl.common.names import DEFAULT_TASK
+
 if TYPE_CHECKING:
     from sb3_textrl.policies import TransformerLMPolicy
     from sb3_textrl.sampling import DecodingSettings
 
-DEFAULT_TASK = "NewsSummary-v0"
 BASELINES = ("lead3", "reference")
 JSON_NAME = "eval.json"
 MARKDOWN_NAME = "eval.md"
@@ -790,7 +789,7 @@ def _kl_notes(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI
+# Where the CLI writes
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -806,66 +805,3 @@ def default_output_dir(model: str | None) -> Path:
         if path.is_dir():
             return path
     return Path("runs") / "eval"
-
-
-def _parse_value(text: str) -> Any:
-    """``--env-kwarg`` values: JSON when it parses (numbers, true/false/null, lists), else the text itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _run_cli(args: Any) -> int:
-    env_kwargs: dict[str, Any] = {}
-    for item in args.env_kwarg or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--env-kwarg {item!r}: expected KEY=VALUE, e.g. --env-kwarg data_seed=1000")
-        env_kwargs[key] = _parse_value(value)
-    if args.max_new_tokens is not None:
-        env_kwargs["max_new_tokens"] = args.max_new_tokens
-    baselines: list[str] | None
-    if args.baselines == "auto":
-        baselines = None
-    elif args.baselines == "none":
-        baselines = []
-    else:
-        baselines = [name.strip() for name in args.baselines.split(",") if name.strip()]
-    output = Path(args.output) if args.output else default_output_dir(args.model)
-    result = evaluate(
-        args.model, task=args.task, dataset=args.dataset, n=args.n, decoding=args.decoding or ["greedy"],
-        baselines=baselines, n_envs=args.n_envs, seed=args.seed, device=args.device, env_kwargs=env_kwargs,
-        output_dir=output, report_samples=args.report_samples, progress_bar=not args.quiet,
-    )
-    print(result.metrics_table())
-    for note in result.notes:
-        print(f"note: {note}")
-    print(f"wrote {output / JSON_NAME} and {output / MARKDOWN_NAME}")
-    return 0
-
-
-def add_cli_command(commands: Any) -> None:
-    """Add ``sb3-textrl eval`` to the CLI's subcommands."""
-    parser = commands.add_parser(
-        "eval", help="evaluate a saved model or an LM on a task: ROUGE, reward, KL to reference, length, samples"
-    )
-    parser.add_argument("--model", help="saved model .zip (e.g. runs/news_demo/model.zip), or an LM name/dir "
-                        "(default: the embedded LM)")
-    parser.add_argument("--task", default=DEFAULT_TASK, help=f"registered text task (default {DEFAULT_TASK})")
-    parser.add_argument("--dataset", help="JSONL/CSV/JSON of article/summary pairs for a news task (default: the task's data)")
-    parser.add_argument("--n", type=int, default=32, help="evaluate the first N prompts (default 32)")
-    parser.add_argument("--decoding", action="append", help="greedy | sample[:temperature=T,top_k=K,top_p=P]; repeat to "
-                        "evaluate several (default greedy)")
-    parser.add_argument("--baselines", default="auto", help="comma-separated from lead3,reference; 'none'; or 'auto' "
-                        "(default: every baseline the task supports)")
-    parser.add_argument("--output", help="directory for eval.json and eval.md (default: next to the model)")
-    parser.add_argument("--n-envs", type=int, default=8, help="prompts completed at once (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, help="length limit of a completion (default: the model's or the task's)")
-    parser.add_argument("--env-kwarg", action="append", metavar="KEY=VALUE",
-                        help="further env argument, repeatable (e.g. data_seed=1000 for held-out generated news)")
-    parser.add_argument("--report-samples", type=int, default=8, help="prompts shown in eval.md's samples table (default 8)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(run=_run_cli)

