@@ -12,16 +12,18 @@ import shutil
 import sys
 import textwrap
 import unicodedata
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from sb3_textrl.feedback.store import FeedbackStore
-from sb3_textrl.feedback.webapp import check_rater, item_view
+from sb3_textrl.feedback.views import SCORES, check_rater, item_view
 
 PAIR_ANSWERS = {"a": "A", "1": "A", "b": "B", "2": "B", "t": "tie", "s": "skip"}
 PAIR_HELP = "a/1 = A is better, b/2 = B is better, t = tie, s = skip, u = undo, q = quit"
 SINGLE_HELP = "1 (bad) .. 5 (excellent), u = undo, q = quit"
 PAIR_PROMPT = "Which is better? [a/b/t/s, u = undo, q = quit, ? = help] > "
 SINGLE_PROMPT = "Rating? [1-5, u = undo, q = quit, ? = help] > "
+SCORE_ANSWERS = tuple(str(score) for score in SCORES)  # "1" .. "5"
 MAX_WIDTH = 100
 # Bidirectional-text overrides can make text read differently from what it is; show them like control characters.
 _BIDI_CONTROLS = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
@@ -41,8 +43,9 @@ def printable(text: str) -> str:
 
 def _wrap(text: str, width: int, indent: str = "  ") -> str:
     paragraphs = printable(text).expandtabs(4).split("\n")
-    return "\n".join(textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent) if p.strip() else ""
-                     for p in paragraphs)
+    return "\n".join(
+        textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent) if p.strip() else "" for p in paragraphs
+    )
 
 
 def format_item(item: dict[str, Any], done: int, total: int, width: int = 80) -> str:
@@ -83,66 +86,91 @@ def run_terminal_rater(
     :return: the number of judgements recorded (undos not subtracted)
     """
     rater = check_rater(rater)
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
     width = width or min(shutil.get_terminal_size().columns, MAX_WIDTH)
     owned = not isinstance(store, FeedbackStore)
     feedback = FeedbackStore(store) if owned else store
-
-    def say(text: str = "") -> None:
-        print(text, file=stdout, flush=True)
-
-    def ask(question: str) -> str | None:
-        print(question, end="", file=stdout, flush=True)
-        line = stdin.readline()
-        if line == "":  # end of input
-            print(file=stdout, flush=True)
-            return None
-        return line.strip().lower()
-
-    def undo() -> None:
-        say("Undone: your last judgement." if feedback.undo_last(rater) else "Nothing to undo.")
-
-    recorded = 0
+    session = _Session(feedback, rater, stdin or sys.stdin, stdout or sys.stdout, width)
     try:
-        say(f"Rating as {rater}. Answers: {PAIR_HELP}; single summaries: {SINGLE_HELP}.")
+        session.say(f"Rating as {rater}. Answers: {PAIR_HELP}; single summaries: {SINGLE_HELP}.")
         while True:
             item = feedback.next_item(rater)
             done, total = feedback.progress(rater)
             if item is None:
-                answer = ask(f"Nothing left to judge ({done} of {total} judged). Enter = look again, u = undo, q = quit: ")
-                if answer is None or answer == "q":
+                if not session.wait_for_items(done, total):
                     break
-                if answer == "u":
-                    undo()
-                continue
-            say(format_item(item, done, total, width))
-            is_pair = item["kind"] == "pair"
-            while True:
-                answer = ask(PAIR_PROMPT if is_pair else SINGLE_PROMPT)
-                if answer is None or answer == "q":
-                    say(f"Stopped. {recorded} judgement(s) recorded this session.")
-                    return recorded
-                if answer == "u":
-                    undo()
-                    break
-                if is_pair and answer in PAIR_ANSWERS:
-                    feedback.record_preference(item["id"], rater, PAIR_ANSWERS[answer])
-                elif not is_pair and answer in ("1", "2", "3", "4", "5"):
-                    feedback.record_rating(item["candidates"][0]["id"], rater, int(answer))
-                else:
-                    help_text = PAIR_HELP if is_pair else SINGLE_HELP
-                    wants_help = answer in ("", "?", "h", "help")
-                    say(help_text if wants_help else f"Unknown answer {answer!r}: type one of {help_text}.")
-                    continue
-                recorded += 1
-                say("Saved.")
-                break
-        say(f"Done. {recorded} judgement(s) recorded this session.")
-        return recorded
+            elif not session.judge(item, done, total):
+                session.say(f"Stopped. {session.recorded} judgement(s) recorded this session.")
+                return session.recorded
+        session.say(f"Done. {session.recorded} judgement(s) recorded this session.")
+        return session.recorded
     except KeyboardInterrupt:  # Ctrl+C is a normal way out: every judgement given so far is already committed
-        say(f"\nInterrupted. {recorded} judgement(s) recorded this session.")
-        return recorded
+        session.say(f"\nInterrupted. {session.recorded} judgement(s) recorded this session.")
+        return session.recorded
     finally:
         if owned:
             feedback.close()
+
+
+@dataclass
+class _Session:
+    """One rater at the terminal: the questions, the answers and the judgements recorded so far."""
+
+    feedback: FeedbackStore
+    rater: str
+    stdin: TextIO
+    stdout: TextIO
+    width: int
+    recorded: int = 0
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.stdout, flush=True)
+
+    def ask(self, question: str) -> str | None:
+        """The answer, stripped and lower-cased; ``None`` at the end of input."""
+        print(question, end="", file=self.stdout, flush=True)
+        line = self.stdin.readline()
+        if line == "":  # end of input
+            print(file=self.stdout, flush=True)
+            return None
+        return line.strip().lower()
+
+    def undo(self) -> None:
+        self.say("Undone: your last judgement." if self.feedback.undo_last(self.rater) else "Nothing to undo.")
+
+    def wait_for_items(self, done: int, total: int) -> bool:
+        """Nothing is left to judge: ``False`` when the rater quits, ``True`` to look again."""
+        answer = self.ask(f"Nothing left to judge ({done} of {total} judged). Enter = look again, u = undo, q = quit: ")
+        if answer is None or answer == "q":
+            return False
+        if answer == "u":
+            self.undo()
+        return True
+
+    def judge(self, item: dict[str, Any], done: int, total: int) -> bool:
+        """Show an item and ask until it is judged (or the last judgement undone): ``False`` when the rater quits."""
+        self.say(format_item(item, done, total, self.width))
+        is_pair = item["kind"] == "pair"
+        while True:
+            answer = self.ask(PAIR_PROMPT if is_pair else SINGLE_PROMPT)
+            if answer is None or answer == "q":
+                return False
+            if answer == "u":
+                self.undo()
+                return True
+            if self._record(item, is_pair, answer):
+                self.recorded += 1
+                self.say("Saved.")
+                return True
+            help_text = PAIR_HELP if is_pair else SINGLE_HELP
+            wants_help = answer in ("", "?", "h", "help")
+            self.say(help_text if wants_help else f"Unknown answer {answer!r}: type one of {help_text}.")
+
+    def _record(self, item: dict[str, Any], is_pair: bool, answer: str) -> bool:
+        """Store the answer if it is a judgement of the item; ``False`` when it is not one."""
+        if is_pair and answer in PAIR_ANSWERS:
+            self.feedback.record_preference(item["id"], self.rater, PAIR_ANSWERS[answer])
+        elif not is_pair and answer in SCORE_ANSWERS:
+            self.feedback.record_rating(item["candidates"][0]["id"], self.rater, int(answer))
+        else:
+            return False
+        return True

@@ -23,11 +23,15 @@ import os
 import secrets
 import socket
 import sys
-import unicodedata
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlencode
 
 from sb3_textrl.feedback.store import FeedbackStore, FeedbackStoreError
+
+# Shared with the terminal rater; importable from here as before.
+from sb3_textrl.feedback.views import MAX_RATER_LENGTH as MAX_RATER_LENGTH
+from sb3_textrl.feedback.views import SCORES, check_rater, item_view
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -35,60 +39,15 @@ if TYPE_CHECKING:
 TOKEN_HEADER = "X-Token"
 TOKEN_PARAM = "token"
 MIN_TOKEN_LENGTH = 16
-MAX_RATER_LENGTH = 64
 DEFAULT_PORT = 8000
 # Choices as the page and the API accept them (case-insensitive) -> the store's spelling.
 PAIR_CHOICES = {"a": "A", "b": "B", "tie": "tie", "skip": "skip"}
-SCORES = (1, 2, 3, 4, 5)
 
 # 'self' only: no inline script or style, so even text that escaped escaping could not run.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
-
-
-def check_rater(name: Any) -> str:
-    """
-    Validate a rater name and return it without surrounding spaces.
-
-    :param name: the name as typed (query parameter, JSON field or ``--rater``)
-    :return: the cleaned name
-    :raises ValueError: when the name is missing, too long or holds control characters
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError("a rater name is required: type it in the 'Rater' field, or add ?rater=NAME (--rater NAME)")
-    name = name.strip()
-    if len(name) > MAX_RATER_LENGTH:
-        raise ValueError(f"rater name is {len(name)} characters long: use at most {MAX_RATER_LENGTH}")
-    if any(unicodedata.category(c) in ("Cc", "Cf") for c in name):
-        raise ValueError("rater name holds control characters: use letters, digits, spaces or punctuation")
-    return name
-
-
-def item_view(item: dict[str, Any] | None) -> dict[str, Any] | None:
-    """
-    The fields the page and the terminal show for an item of ``FeedbackStore.next_item``.
-
-    :param item: the store's item (``None`` when nothing is pending)
-    :return: ``kind``, ``item_id``, ``prompt``, ``article`` (the article when known, else the prompt) and the candidate
-        ids/texts: ``candidate_a``/``text_a``/``candidate_b``/``text_b`` for a pair, ``candidate_id``/``text`` for a single
-    """
-    if item is None:
-        return None
-    candidates = item["candidates"]
-    view = {
-        "kind": item["kind"],
-        "item_id": item["id"],
-        "prompt": item["prompt"],
-        "article": item.get("article") or item["prompt"],
-    }
-    if item["kind"] == "pair":
-        view.update(candidate_a=candidates[0]["id"], text_a=candidates[0]["text"],
-                    candidate_b=candidates[1]["id"], text_b=candidates[1]["text"])
-    else:
-        view.update(candidate_id=candidates[0]["id"], text=candidates[0]["text"])
-    return view
 
 
 def _is_loopback(host: str) -> bool:
@@ -129,8 +88,7 @@ def create_app(store_path: str | os.PathLike, token: str, *, default_rater: str 
     :raises ValueError: for a short token or a bad default rater
     :raises FeedbackStoreError: when the database is not a (compatible) feedback store
     """
-    from flask import Flask, abort, g, jsonify, render_template, request
-    from werkzeug.exceptions import HTTPException
+    from flask import Flask
 
     if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
         raise ValueError(f"the token must be a string of at least {MIN_TOKEN_LENGTH} characters: use secrets.token_urlsafe()")
@@ -142,7 +100,17 @@ def create_app(store_path: str | os.PathLike, token: str, *, default_rater: str 
     app = Flask(__name__)  # templates/ and static/ sit next to this module
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # a judgement is a few bytes
     app.json.sort_keys = False
-    expected = token.encode()
+    store = _add_request_store(app, store_path)
+    _add_token_check(app, token.encode())
+    _add_responses(app)
+    _add_pages(app, store, token, default_rater)
+    _add_api(app, store)
+    return app
+
+
+def _add_request_store(app: Flask, store_path: str) -> Callable[[], FeedbackStore]:
+    """Give each request its own store connection, closed when the request ends; return what opens it."""
+    from flask import g
 
     def store() -> FeedbackStore:
         # One connection per request: a connection is not shared between server threads (each write is its own
@@ -157,6 +125,13 @@ def create_app(store_path: str | os.PathLike, token: str, *, default_rater: str 
         if opened is not None:
             opened.close()
 
+    return store
+
+
+def _add_token_check(app: Flask, expected: bytes) -> None:
+    """Answer 403 to every request without the token."""
+    from flask import abort, request
+
     @app.before_request
     def require_token() -> None:
         # CSRF: the token is not a cookie, so a browser never sends it on its own. A page from another site cannot read
@@ -167,8 +142,17 @@ def create_app(store_path: str | os.PathLike, token: str, *, default_rater: str 
         else:
             given = request.headers.get(TOKEN_HEADER) or request.form.get(TOKEN_PARAM)
         if not given or not secrets.compare_digest(given.encode(), expected):
-            abort(403, description="missing or wrong token: open the URL that `sb3-textrl rate` printed (it ends in "
-                                   f"?token=...); API calls send the token in the {TOKEN_HEADER} header")
+            abort(
+                403,
+                description="missing or wrong token: open the URL that `sb3-textrl rate` printed (it ends in "
+                f"?token=...); API calls send the token in the {TOKEN_HEADER} header",
+            )
+
+
+def _add_responses(app: Flask) -> None:
+    """The security headers of every response, and errors as JSON ``{"error": ...}``."""
+    from flask import jsonify
+    from werkzeug.exceptions import HTTPException
 
     @app.after_request
     def security_headers(response):
@@ -187,32 +171,10 @@ def create_app(store_path: str | os.PathLike, token: str, *, default_rater: str 
     def store_error(error: FeedbackStoreError):
         return jsonify(error=str(error)), 400
 
-    def rater_arg(value: Any) -> str:
-        try:
-            return check_rater(value)
-        except ValueError as error:
-            abort(400, description=str(error))
 
-    def json_body() -> dict[str, Any]:
-        body = request.get_json(force=True, silent=True)
-        if not isinstance(body, dict):
-            abort(400, description='the body must be a JSON object, e.g. {"rater": "ann", "kind": "pair", "pair_id": 1, '
-                                   '"choice": "A"}')
-        return body
-
-    def int_field(body: dict[str, Any], name: str) -> int:
-        value = body.get(name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            abort(400, description=f"'{name}' must be an integer id (the one shown with the item), got {value!r}")
-        return value
-
-    def progress_json(rater: str) -> dict[str, int]:
-        done, total = store().progress(rater)
-        return {"done": done, "total": total}
-
-    def item_context(rater: str) -> dict[str, Any]:
-        done, total = store().progress(rater)
-        return {"item": item_view(store().next_item(rater)), "done": done, "total": total, "rater": rater}
+def _add_pages(app: Flask, store: Callable[[], FeedbackStore], token: str, default_rater: str | None) -> None:
+    """The HTML: the rating page ``/`` and the item fragment ``/item`` its script swaps in."""
+    from flask import render_template, request
 
     @app.get("/")
     def page():
@@ -222,46 +184,103 @@ def create_app(store_path: str | os.PathLike, token: str, *, default_rater: str 
                 rater = check_rater(rater)
             except ValueError as bad:
                 rater, error = "", str(bad)
-        context = item_context(rater) if rater else {"item": None, "done": 0, "total": 0, "rater": ""}
+        context = _item_context(store(), rater) if rater else {"item": None, "done": 0, "total": 0, "rater": ""}
         return render_template("rate.html", token=token, error=error, **context)
 
     @app.get("/item")
     def item_fragment():
-        return render_template("_item.html", **item_context(rater_arg(request.args.get("rater"))))
+        rater = _rater_arg(request.args.get("rater"))
+        return render_template("_item.html", **_item_context(store(), rater))
+
+
+def _add_api(app: Flask, store: Callable[[], FeedbackStore]) -> None:
+    """The JSON API: ``GET /api/next``, ``POST /api/judge``, ``POST /api/undo``."""
+    from flask import jsonify, request
 
     @app.get("/api/next")
     def api_next():
-        rater = rater_arg(request.args.get("rater"))
-        return jsonify(item=item_view(store().next_item(rater)), progress=progress_json(rater))
+        rater = _rater_arg(request.args.get("rater"))
+        return jsonify(item=item_view(store().next_item(rater)), progress=_progress_json(store(), rater))
 
     @app.post("/api/judge")
     def api_judge():
-        body = json_body()
-        rater = rater_arg(body.get("rater"))
-        kind = body.get("kind")
-        if kind == "pair":
-            pair_id = int_field(body, "pair_id")
-            choice = body.get("choice")
-            if not isinstance(choice, str) or choice.lower() not in PAIR_CHOICES:
-                abort(400, description=f"'choice' must be one of A, B, tie, skip, got {choice!r}")
-            judgement_id = store().record_preference(pair_id, rater, PAIR_CHOICES[choice.lower()])
-        elif kind == "single":
-            candidate_id = int_field(body, "candidate_id")
-            score = body.get("score")
-            if isinstance(score, bool) or score not in SCORES:
-                abort(400, description=f"'score' must be an integer from 1 to 5, got {score!r}")
-            judgement_id = store().record_rating(candidate_id, rater, int(score))
-        else:
-            abort(400, description=f"'kind' must be 'pair' (with pair_id and choice) or 'single' (with candidate_id and "
-                                   f"score), got {kind!r}")
-        return jsonify(ok=True, judgement_id=judgement_id, progress=progress_json(rater))
+        body = _json_body()
+        rater = _rater_arg(body.get("rater"))
+        judgement_id = _record_judgement(store, body, rater)
+        return jsonify(ok=True, judgement_id=judgement_id, progress=_progress_json(store(), rater))
 
     @app.post("/api/undo")
     def api_undo():
-        rater = rater_arg(json_body().get("rater"))
-        return jsonify(undone=store().undo_last(rater), progress=progress_json(rater))
+        rater = _rater_arg(_json_body().get("rater"))
+        return jsonify(undone=store().undo_last(rater), progress=_progress_json(store(), rater))
 
-    return app
+
+def _rater_arg(value: Any) -> str:
+    """The checked rater name of a request (400 when it is bad)."""
+    from flask import abort
+
+    try:
+        return check_rater(value)
+    except ValueError as error:
+        abort(400, description=str(error))
+
+
+def _json_body() -> dict[str, Any]:
+    """The request's JSON object (400 for anything else)."""
+    from flask import abort, request
+
+    body = request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        abort(
+            400,
+            description='the body must be a JSON object, e.g. {"rater": "ann", "kind": "pair", "pair_id": 1, "choice": "A"}',
+        )
+    return body
+
+
+def _int_field(body: dict[str, Any], name: str) -> int:
+    """An integer id of the body (400 for anything else, booleans included)."""
+    from flask import abort
+
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        abort(400, description=f"'{name}' must be an integer id (the one shown with the item), got {value!r}")
+    return value
+
+
+def _record_judgement(store: Callable[[], FeedbackStore], body: dict[str, Any], rater: str) -> int:
+    """Store the judgement of a ``/api/judge`` body (400 for a bad kind, id, choice or score); return its id."""
+    from flask import abort
+
+    # store() is called only once the body is valid: a bad body gets its 400 without opening the database.
+    kind = body.get("kind")
+    if kind == "pair":
+        pair_id = _int_field(body, "pair_id")
+        choice = body.get("choice")
+        if not isinstance(choice, str) or choice.lower() not in PAIR_CHOICES:
+            abort(400, description=f"'choice' must be one of A, B, tie, skip, got {choice!r}")
+        return store().record_preference(pair_id, rater, PAIR_CHOICES[choice.lower()])
+    if kind == "single":
+        candidate_id = _int_field(body, "candidate_id")
+        score = body.get("score")
+        if isinstance(score, bool) or score not in SCORES:
+            abort(400, description=f"'score' must be an integer from 1 to 5, got {score!r}")
+        return store().record_rating(candidate_id, rater, int(score))
+    abort(
+        400,
+        description=f"'kind' must be 'pair' (with pair_id and choice) or 'single' (with candidate_id and score), got {kind!r}",
+    )
+
+
+def _progress_json(feedback: FeedbackStore, rater: str) -> dict[str, int]:
+    done, total = feedback.progress(rater)
+    return {"done": done, "total": total}
+
+
+def _item_context(feedback: FeedbackStore, rater: str) -> dict[str, Any]:
+    """What the page and the item fragment render: the rater's next item and progress."""
+    done, total = feedback.progress(rater)
+    return {"item": item_view(feedback.next_item(rater)), "done": done, "total": total, "rater": rater}
 
 
 def rating_server(

