@@ -10,6 +10,7 @@ from typing import Any
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
 from stable_baselines3.common.logger import configure
+from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_textrl.buffers import TextRolloutBuffer
 from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
@@ -17,7 +18,7 @@ from sb3_textrl.demo_config import DemoConfig
 from sb3_textrl.envs.batched import make_text_vec_env
 from sb3_textrl.envs.groups import make_group_vec_env
 from sb3_textrl.evaluation import Sample, generate_samples
-from sb3_textrl.metrics.bootstrap import format_interval, mean_interval, paired_bootstrap
+from sb3_textrl.metrics.bootstrap import PairedDifference, format_interval, mean_interval, paired_bootstrap
 from sb3_textrl.policies import TransformerLMPolicy, fast_mixed_precision
 from sb3_textrl.rewards.base import reward_name
 
@@ -30,6 +31,77 @@ def _print_samples(title: str, samples: list[Sample]) -> None:
         print(f"  summary  : {sample.completion.strip()!r}")
         print(f"  reference: {textwrap.shorten(sample.reference or '', 150)}")
         print(f"  reward: {sample.reward:.3f}")
+
+
+def _envs(config: DemoConfig) -> tuple[VecEnv, VecEnv, list[int]]:
+    """The grouped training envs, the eval env and the held-out prompt indices of the eval env."""
+    env_kwargs = dict(tokenizer=config.lm, max_new_tokens=config.n_steps, max_prompt_tokens=config.max_prompt_tokens)
+    if config.dataset is not None:
+        env_kwargs["dataset"] = config.dataset
+    if config.reward_model is not None:
+        from sb3_textrl.rewards.learned import LearnedRewardModel
+
+        env_kwargs["reward"] = LearnedRewardModel(config.reward_model, device=config.device)
+    # k envs per article: each summary's advantage is its reward minus the mean of its siblings' (RLOO), so the
+    # update learns what makes a summary better, not which articles are easy.
+    env = make_group_vec_env(
+        "NewsSummary-v0",
+        n_envs=config.n_envs,
+        samples_per_prompt=config.samples_per_prompt,
+        seed=config.seed,
+        env_kwargs=env_kwargs,
+    )
+    # Held-out articles: the built-in generator with another seed (or the dataset's last rows).
+    eval_kwargs = env_kwargs | ({"data_seed": config.eval_data_seed} if config.dataset is None else {})
+    eval_env = make_text_vec_env("NewsSummary-v0", n_envs=min(config.n_eval, 8), seed=config.seed + 1, env_kwargs=eval_kwargs)
+    n_eval_prompts = len(eval_env.get_attr("prompts", [0])[0])
+    if n_eval_prompts < config.n_eval:
+        raise ValueError(f"the eval data has {n_eval_prompts} articles, fewer than n_eval={config.n_eval}; lower n_eval")
+    return env, eval_env, list(range(n_eval_prompts - config.n_eval, n_eval_prompts))
+
+
+def _model(config: DemoConfig, env: VecEnv) -> PPO:
+    """Stock SB3 PPO with the LM policy, RLOO advantages and no critic."""
+    precision = fast_mixed_precision(config.device) if config.mixed_precision == "auto" else config.mixed_precision
+    return PPO(
+        TransformerLMPolicy,
+        env,
+        rollout_buffer_class=TextRolloutBuffer,
+        rollout_buffer_kwargs=dict(advantage="rloo"),
+        n_steps=config.n_steps,
+        batch_size=config.n_steps * config.n_envs // 2,
+        n_epochs=config.n_epochs,
+        learning_rate=config.learning_rate,
+        gamma=1.0,  # the reward comes at the end of the summary; do not discount it
+        policy_kwargs=dict(
+            lm=config.lm,
+            kl_coef=config.kl_coef,
+            critic=False,
+            trainable_layers=config.trainable_layers,
+            mixed_precision=precision,
+            temperature=config.temperature,
+        ),
+        seed=config.seed,
+        device=config.device,
+        verbose=1,
+    )
+
+
+def _summary(
+    config: DemoConfig, before: list[Sample], after: list[Sample], gain: PairedDifference, train_seconds: float, env: VecEnv
+) -> dict[str, Any]:
+    """Mean rewards before and after with bootstrap intervals, and their paired difference ``gain``."""
+    rewards_before, rewards_after = [s.reward for s in before], [s.reward for s in after]
+    return {
+        "reward_before": gain.mean_a,
+        "reward_after": gain.mean_b,
+        "reward_before_ci": mean_interval(rewards_before, seed=config.seed)[1:],
+        "reward_after_ci": mean_interval(rewards_after, seed=config.seed)[1:],
+        "gain": gain.to_dict(),
+        "n_eval": len(before),
+        "train_seconds": train_seconds,
+        "reward": reward_name(env.get_attr("reward_fn", [0])[0]),
+    }
 
 
 def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
@@ -45,43 +117,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     if config.n_samples > config.n_eval:
         raise ValueError(f"n_samples={config.n_samples} shows more articles than n_eval={config.n_eval} evaluates; lower it")
     out = Path(config.output_dir)
-    env_kwargs = dict(tokenizer=config.lm, max_new_tokens=config.n_steps, max_prompt_tokens=config.max_prompt_tokens)
-    if config.dataset is not None:
-        env_kwargs["dataset"] = config.dataset
-    if config.reward_model is not None:
-        from sb3_textrl.rewards.learned import LearnedRewardModel
-
-        env_kwargs["reward"] = LearnedRewardModel(config.reward_model, device=config.device)
-    # k envs per article: each summary's advantage is its reward minus the mean of its siblings' (RLOO), so the
-    # update learns what makes a summary better, not which articles are easy.
-    env = make_group_vec_env("NewsSummary-v0", n_envs=config.n_envs, samples_per_prompt=config.samples_per_prompt,
-                             seed=config.seed, env_kwargs=env_kwargs)
-    # Held-out articles: the built-in generator with another seed (or the dataset's last rows).
-    eval_kwargs = env_kwargs | ({"data_seed": config.eval_data_seed} if config.dataset is None else {})
-    eval_env = make_text_vec_env("NewsSummary-v0", n_envs=min(config.n_eval, 8), seed=config.seed + 1,
-                                 env_kwargs=eval_kwargs)
-    n_eval_prompts = len(eval_env.get_attr("prompts", [0])[0])
-    if n_eval_prompts < config.n_eval:
-        raise ValueError(f"the eval data has {n_eval_prompts} articles, fewer than n_eval={config.n_eval}; lower n_eval")
-    held_out = list(range(n_eval_prompts - config.n_eval, n_eval_prompts))
-    precision = fast_mixed_precision(config.device) if config.mixed_precision == "auto" else config.mixed_precision
-
-    model = PPO(
-        TransformerLMPolicy,
-        env,
-        rollout_buffer_class=TextRolloutBuffer,
-        rollout_buffer_kwargs=dict(advantage="rloo"),
-        n_steps=config.n_steps,
-        batch_size=config.n_steps * config.n_envs // 2,
-        n_epochs=config.n_epochs,
-        learning_rate=config.learning_rate,
-        gamma=1.0,  # the reward comes at the end of the summary; do not discount it
-        policy_kwargs=dict(lm=config.lm, kl_coef=config.kl_coef, critic=False, trainable_layers=config.trainable_layers,
-                           mixed_precision=precision, temperature=config.temperature),
-        seed=config.seed,
-        device=config.device,
-        verbose=1,
-    )
+    env, eval_env, held_out = _envs(config)
+    model = _model(config, env)
     model.set_logger(configure(str(out / "logs"), ["stdout", "csv"]))
 
     before = generate_samples(model, eval_env, held_out)
@@ -105,23 +142,14 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     _print_samples(f"After {config.updates} PPO updates (greedy)", after[: config.n_samples])
     model.save(out / "model")
 
-    rewards_before, rewards_after = [s.reward for s in before], [s.reward for s in after]
-    gain = paired_bootstrap(rewards_before, rewards_after, seed=config.seed)
-    result = {
-        "reward_before": gain.mean_a,
-        "reward_after": gain.mean_b,
-        "reward_before_ci": mean_interval(rewards_before, seed=config.seed)[1:],
-        "reward_after_ci": mean_interval(rewards_after, seed=config.seed)[1:],
-        "gain": gain.to_dict(),
-        "n_eval": len(held_out),
-        "train_seconds": train_seconds,
-        "reward": reward_name(env.get_attr("reward_fn", [0])[0]),
-    }
+    gain = paired_bootstrap([s.reward for s in before], [s.reward for s in after], seed=config.seed)
+    result = _summary(config, before, after, gain, train_seconds, env)
     print(
         f"\nMean reward on {len(held_out)} held-out articles (greedy, 95 % bootstrap intervals): "
-        f"{format_interval(gain.mean_a, *result['reward_before_ci'])} before, "
-        f"{format_interval(gain.mean_b, *result['reward_after_ci'])} after {config.updates} updates; "
-        f"paired difference {gain} ({train_seconds:.0f} s of training and evaluation). "
+        f"{format_interval(result['reward_before'], *result['reward_before_ci'])} before, "
+        f"{format_interval(result['reward_after'], *result['reward_after_ci'])} after {config.updates} updates; "
+        f"paired difference {gain} "
+        f"({train_seconds:.0f} s of training and evaluation). "
         f"Model saved to {out / 'model.zip'}; logs in {out / 'logs'} (plot them: sb3-textrl plot {out})."
     )
     return result
