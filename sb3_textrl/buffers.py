@@ -18,6 +18,7 @@ from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
 from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecNormalize
 
+from sb3_textrl.common.kl import KLReducer, episode_kl, mean_episode_kl, penalized_rewards, token_kl
 from sb3_textrl.common.sb3_bridge import find_algorithm, record_metrics, rollout_extras
 from sb3_textrl.nlpo import NLPO_ALLOWED, pack_allowed, unpack_allowed
 from sb3_textrl.policies import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, TransformerLMPolicy
@@ -44,8 +45,8 @@ class TextRolloutBuffer(RolloutBuffer):
     - Before computing advantages it adds the per-token KL penalty −β·(log π − log π_ref) to the rewards, scoring
       the reference model once per segment, adapts β when the policy's controller has a target, and records
       ``rollout/task_reward``, ``rollout/kl_to_ref``, ``rollout/kl_coef`` and ``rollout/completion_len`` in the
-      algorithm's logger. SB3 hands a buffer neither the policy nor the algorithm: both come through
-      :mod:`sb3_textrl.common.sb3_bridge`.
+      algorithm's logger. The estimate, the per-episode statistic and β's rule are :mod:`sb3_textrl.common.kl`'s.
+      SB3 hands a buffer neither the policy nor the algorithm: both come through :mod:`sb3_textrl.common.sb3_bridge`.
 
     - With a policy built with ``trainable_layers``, it also keeps the hidden state entering the first trainable block
       at every token of every segment (from the rollout's KV cache: 4·H bytes a token in float32, context included),
@@ -101,6 +102,16 @@ class TextRolloutBuffer(RolloutBuffer):
 
     ``train/explained_variance`` (SB3 computes it over every stored step) is recorded again, before it is logged, over
     the steps that were trained (:meth:`explained_variance`); it is NaN with a frozen value head (``critic=False``).
+
+    **Hooks** (attributes, None by default; :func:`sb3_textrl.distributed.make_data_parallel` sets both):
+
+    - ``minibatch_partition(segments, batch_size)``: how :meth:`get` splits the shuffled segments into minibatches;
+      None packs them greedily into groups of at least ``batch_size`` steps.
+    - ``kl_reducer(kl, n_tokens)`` (:data:`~sb3_textrl.common.kl.KLReducer`): what β adapts from. After recording
+      ``rollout/kl_to_ref`` the buffer calls it, every rollout, with that statistic (None when no episode lies wholly
+      in the rollout) and the rollout's sampled tokens (waiting steps excluded), and feeds the pair it returns to
+      the controller's ``update`` (a returned KL of None leaves β unchanged; so does a value-head warm-up). Without
+      one, β adapts from this buffer's own rollout.
     """
 
     ADVANTAGES = ("gae", "rloo", "grpo")
@@ -140,9 +151,11 @@ class TextRolloutBuffer(RolloutBuffer):
         self.prompt_width: int | None = getattr(observation_space, "max_prompt_tokens", None)
         self.policy: TransformerLMPolicy | None = None
         self.metrics: dict[str, float] = {}
+        # Hooks (see the class docstring); sb3_textrl.distributed sets both so that the ranks agree.
         # How get() splits the shuffled segments into minibatches: (segments, batch_size) -> groups of segments.
-        # None packs greedily; sb3_textrl.distributed sets one that yields the same count on every rank.
         self.minibatch_partition: Callable[[list[Segment], int], Iterable[list[Segment]]] | None = None
+        # What β adapts from: (this rollout's mean KL per episode or None, sampled tokens) -> (KL or None, tokens).
+        self.kl_reducer: KLReducer | None = None
         super().__init__(
             buffer_size, observation_space, action_space, device, gae_lambda=gae_lambda, gamma=gamma, n_envs=n_envs
         )
@@ -303,8 +316,8 @@ class TextRolloutBuffer(RolloutBuffer):
         self.rewards = task_rewards.copy()
         if policy is not None and policy.kl_controller.enabled:
             self.ref_log_probs = self._score_reference(policy)
-            kl = np.where(self.waits, 0.0, self.log_probs - self.ref_log_probs).astype(np.float32)  # a wait samples nothing
-            self.rewards = task_rewards - policy.kl_controller.value * kl
+            kl = token_kl(self.log_probs, self.ref_log_probs, idle=self.waits)  # a wait samples nothing
+            self.rewards = penalized_rewards(task_rewards, kl, policy.kl_controller.value)
         self._check_critic(policy)
         if self.advantage == "gae":
             super().compute_returns_and_advantage(last_values, dones)
@@ -316,12 +329,19 @@ class TextRolloutBuffer(RolloutBuffer):
             self.metrics["group_wait_steps"] = float(self.waits.sum())
         if policy is not None:
             self.metrics["kl_coef"] = policy.kl_controller.value
-            # During a value-head warm-up the policy does not move: its KL says nothing about β.
-            if "kl_to_ref" in self.metrics and not policy.in_value_warmup:
-                policy.kl_controller.update(self.metrics["kl_to_ref"], int(self.waits.size - self.waits.sum()))
-            if policy.kl_controller.enabled:
-                self._check_kl(policy)
+        self._adapt_kl_coef(policy)
+        if policy is not None and policy.kl_controller.enabled:
+            self._check_kl(policy)
         record_metrics(self.metrics)
+
+    def _adapt_kl_coef(self, policy: TransformerLMPolicy | None) -> None:
+        """Feed this rollout's ``kl_to_ref`` (through ``kl_reducer``, if set) to β's controller."""
+        observed, n_tokens = self.metrics.get("kl_to_ref"), int(self.waits.size - self.waits.sum())
+        if self.kl_reducer is not None:  # called on every rollout: under data parallel it is a collective
+            observed, n_tokens = self.kl_reducer(observed, n_tokens)
+        # During a value-head warm-up the policy does not move: its KL says nothing about β.
+        if policy is not None and observed is not None and not policy.in_value_warmup:
+            policy.kl_controller.update(observed, n_tokens)
 
     def _check_critic(self, policy: TransformerLMPolicy | None) -> None:
         critic = getattr(policy, "critic", True)
@@ -402,13 +422,16 @@ class TextRolloutBuffer(RolloutBuffer):
         ref = np.zeros_like(self.log_probs)
         for chunk in self._pack(list(range(len(self.segments))), steps_per_batch):
             actions = th.as_tensor(self._flat(self.actions, chunk), device=self.device)
-            scores = policy.reference_log_probs(self._segment_batch(chunk), actions).cpu().numpy()
-            self._scatter(ref, chunk, scores)
+            self._scatter(ref, chunk, self._reference_log_probs(policy, chunk, actions).cpu().numpy())
         return ref
 
+    def _reference_log_probs(self, policy: TransformerLMPolicy, chunk: list[Segment], actions: th.Tensor) -> th.Tensor:
+        """(N,) log π_ref of one chunk's actions, segment after segment (MaskableTextRolloutBuffer adds the masks)."""
+        return policy.reference_log_probs(self._segment_batch(chunk), actions)
+
     def _episode_metrics(self, kl: np.ndarray, dones: np.ndarray) -> dict[str, float]:
-        """Means over the episodes that ended in this rollout."""
-        task, kl_sums, lengths = [], [], []
+        """Means over the episodes that ended in this rollout (the KL and length over those wholly in it)."""
+        task, whole = [], []
         for segment in self.segments:
             steps = slice(segment.start, segment.start + segment.length)
             ends_here = segment.start + segment.length < self.buffer_size or bool(dones[segment.env])
@@ -416,16 +439,28 @@ class TextRolloutBuffer(RolloutBuffer):
             if ends_here:
                 task.append(float(self.task_rewards[steps, segment.env].sum()))
                 if starts_here:  # the whole episode is in this rollout
-                    kl_sums.append(float(kl[steps, segment.env].sum()))
-                    lengths.append(segment.length)
-        self._completion_kls = kl_sums
+                    whole.append(segment)
+        self._completion_kls = self._episode_kls(kl, whole).tolist()
         metrics: dict[str, float] = {}
         if task:
             metrics["task_reward"] = float(np.mean(task))
-        if kl_sums:
-            metrics["kl_to_ref"] = float(np.mean(kl_sums))
-            metrics["completion_len"] = float(np.mean(lengths))
+        mean_kl = mean_episode_kl(self._completion_kls)
+        if mean_kl is not None:
+            metrics["kl_to_ref"] = mean_kl
+            metrics["completion_len"] = float(np.mean([s.length for s in whole]))
         return metrics
+
+    def _episode_kls(self, kl: np.ndarray, segments: list[Segment]) -> np.ndarray:
+        """
+        The KL to the reference of each of ``segments`` (:func:`sb3_textrl.common.kl.episode_kl`).
+
+        :param kl: (buffer_size, n_envs) per-token estimates (:func:`sb3_textrl.common.kl.token_kl`)
+        :param segments: segments of this buffer
+        :return: float64 array, one sum per segment
+        """
+        if not segments:
+            return np.zeros(0, dtype=np.float64)
+        return episode_kl(self._flat(kl, segments), [s.length for s in segments])
 
     def _normalized_task_rewards(self, dones: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         """The task rewards standardised with running statistics of the episodes' last-step rewards (``normalize_rewards``)."""
@@ -444,9 +479,9 @@ class TextRolloutBuffer(RolloutBuffer):
     def _check_kl(self, policy: TransformerLMPolicy) -> None:
         """Warn once each when the mean per-completion KL to the reference explodes or is clearly negative."""
         kls = self._completion_kls
-        if not kls:
+        mean = mean_episode_kl(kls)
+        if mean is None:
             return
-        mean = float(np.mean(kls))
         stderr = float(np.std(kls, ddof=1) / math.sqrt(len(kls))) if len(kls) > 1 else 0.0
         beta = policy.kl_controller.value
         where = f"rollout/kl_to_ref = {mean:.4g} nats per completion (mean of {len(kls)}, standard error {stderr:.2g})"

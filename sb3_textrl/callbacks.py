@@ -19,6 +19,7 @@ import torch as th
 from stable_baselines3.common.callbacks import BaseCallback, EventCallback
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_textrl.common.kl import mean_episode_kl
 from sb3_textrl.envs.batched import make_text_vec_env
 from sb3_textrl.evaluation import Sample, generate_samples, has_reference, kl_to_reference
 from sb3_textrl.policies import TransformerLMPolicy
@@ -337,7 +338,9 @@ class TextEvalCallback(EventCallback):
             samples = generate_samples(self.model, self.eval_env, self.prompt_indices, self.deterministic)
         metrics = self._metrics(samples)
         if self.kl_to_ref and isinstance(policy, TransformerLMPolicy) and has_reference(policy):
-            metrics["kl_to_ref"] = float(np.mean(kl_to_reference(policy, samples)))
+            kl = mean_episode_kl(kl_to_reference(policy, samples))  # the statistic of rollout/kl_to_ref
+            if kl is not None:
+                metrics["kl_to_ref"] = kl
         policy.set_training_mode(was_training)
         self._updates_at_last_eval = getattr(self.model, "_n_updates", None)
 

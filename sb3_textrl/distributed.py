@@ -261,25 +261,23 @@ def _all_reduce(tensor: th.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.S
 # -- the adaptive KL coefficient --------------------------------------------------------------------------------
 def _sync_adaptive_kl(buffer: TextRolloutBuffer, policy: BasePolicy) -> None:
     """
-    Make the buffer adapt β from the KL of all ranks: each rank measures the mean KL of its own episodes, and a
-    rank-local β would make the ranks' rewards, hence their gradients, and finally their weights drift apart.
+    Make the buffer adapt β from the KL of all ranks (its ``kl_reducer`` hook): each rank measures the mean KL of its
+    own episodes, and a rank-local β would make the ranks' rewards, hence their gradients, and finally their weights
+    drift apart. The hook is a collective, called by every rank once per rollout; every rank then updates the same β
+    with the same KL, the mean over the ranks that finished an episode, and the ranks' steps together.
     """
     controller = getattr(policy, "kl_controller", None)
-    if controller is None or controller.target_kl is None:
+    if controller is None or not controller.adaptive:
         return
-    compute_local = buffer.compute_returns_and_advantage
 
-    def compute_returns_and_advantage(last_values: th.Tensor, dones: th.Tensor) -> None:
-        beta = controller.kl_coef.detach().clone()  # the same on every rank
-        compute_local(last_values, dones)  # penalises with β, then adapts β to this rank's KL
-        kl = buffer.metrics.get("kl_to_ref")  # absent when no episode ended in this rank's rollout
+    def kl_over_ranks(kl: float | None, n_tokens: int) -> tuple[float | None, int]:
+        # Every stored step counts, as before this hook existed; n_tokens, the buffer's own count, leaves out the
+        # steps of lock-step waits (the two differ only under make_group_vec_env's lock-step).
         local = [kl or 0.0, float(kl is not None), float(buffer.buffer_size * buffer.n_envs)]
         kl_sum, ranks_with_kl, tokens = _all_reduce(th.tensor(local, dtype=th.float64)).tolist()
-        controller.kl_coef.copy_(beta)
-        if ranks_with_kl > 0 and not getattr(policy, "in_value_warmup", False):  # β stays during a warm-up
-            controller.update(kl_sum / ranks_with_kl, int(tokens))
+        return (kl_sum / ranks_with_kl if ranks_with_kl > 0 else None), int(tokens)
 
-    buffer.compute_returns_and_advantage = compute_returns_and_advantage  # type: ignore[method-assign]
+    buffer.kl_reducer = kl_over_ranks
 
 
 # -- the model --------------------------------------------------------------------------------------------------

@@ -225,7 +225,8 @@ def kl_to_reference(
 ) -> np.ndarray:
     """
     KL to the reference of each completion: the sum over its generated tokens (a final stop token included) of
-    log π(a|s) − log π_ref(a|s), the quantity TextRolloutBuffer penalises and logs as ``rollout/kl_to_ref``.
+    log π(a|s) − log π_ref(a|s), the quantity TextRolloutBuffer penalises and logs as ``rollout/kl_to_ref`` (both
+    compute it with :func:`sb3_textrl.common.kl.token_kl` and :func:`~sb3_textrl.common.kl.episode_kl`).
 
     π is the policy's sampling distribution (its temperature, top-k and top-p: wrap the call in
     :func:`sb3_textrl.sampling.decoding` to score under other settings) and π_ref the reference at the same
@@ -242,6 +243,7 @@ def kl_to_reference(
     """
     import torch as th
 
+    from sb3_textrl.common.kl import episode_kl, token_kl
     from sb3_textrl.policies import SEGMENT_LENGTHS, SEGMENT_STARTS
 
     if not has_reference(policy):
@@ -275,8 +277,7 @@ def kl_to_reference(
         with th.no_grad():
             _, log_prob, _ = policy.evaluate_actions(obs, actions_t)  # (N,) under the sampling distribution
             ref_log_prob = policy.reference_log_probs(obs, actions_t)  # (N,)
-        diff = (log_prob - ref_log_prob).double().cpu().numpy()
-        kl[first : first + len(chunk)] = np.add.reduceat(diff, np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+        kl[first : first + len(chunk)] = episode_kl(token_kl(log_prob.cpu().numpy(), ref_log_prob.cpu().numpy()), lengths)
         bar.update(len(chunk))
     bar.close()
     return kl

@@ -30,6 +30,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_textrl.buffers import Segment, TextRolloutBuffer
+from sb3_textrl.common.kl import action_log_probs
 from sb3_textrl.policies import GROUPED_SPEEDUP, TransformerLMPolicy, _masked_fill_value
 
 MaskArray = th.Tensor | np.ndarray | None
@@ -139,8 +140,7 @@ class MaskableTransformerLMPolicy(TransformerLMPolicy, _MaskableActorCriticBase)
         env_mask = self._env_mask(action_masks, len(logits), logits.device)
         assert env_mask is not None
         logits = logits.masked_fill(~env_mask, _masked_fill_value(logits.dtype))  # as the policy's _process_logits
-        log_probs = logits - logits.logsumexp(dim=-1, keepdim=True)  # normalised as Categorical does
-        return log_probs.gather(1, actions.long().view(-1, 1)).squeeze(1)
+        return action_log_probs(logits, actions)  # normalised as Categorical does
 
     def _warn_per_step(self) -> None:
         if self._warned_per_step:
@@ -194,14 +194,9 @@ class MaskableTextRolloutBuffer(TextRolloutBuffer, MaskableDictRolloutBuffer):
         samples = super()._get_samples(chunk)
         return MaskableDictRolloutBufferSamples(*samples, action_masks=th.as_tensor(self._masks(chunk), device=self.device))
 
-    def _score_reference(self, policy: TransformerLMPolicy, steps_per_batch: int = 512) -> np.ndarray:
-        """log π_ref of every stored action under its step's mask: one no-grad forward per segment."""
+    def _reference_log_probs(self, policy: TransformerLMPolicy, chunk: list[Segment], actions: th.Tensor) -> th.Tensor:
+        """(N,) log π_ref of one chunk's actions under their steps' masks."""
         if not isinstance(policy, MaskableTransformerLMPolicy):
-            return super()._score_reference(policy, steps_per_batch)
-        ref = np.zeros_like(self.log_probs)
-        for chunk in self._pack(list(range(len(self.segments))), steps_per_batch):
-            actions = th.as_tensor(self._flat(self.actions, chunk), device=self.device)
-            masks = th.as_tensor(self._masks(chunk), device=self.device)
-            scores = policy.reference_log_probs(self._segment_batch(chunk), actions, action_masks=masks).cpu().numpy()
-            self._scatter(ref, chunk, scores)
-        return ref
+            return super()._reference_log_probs(policy, chunk, actions)
+        masks = th.as_tensor(self._masks(chunk), device=self.device)
+        return policy.reference_log_probs(self._segment_batch(chunk), actions, action_masks=masks)

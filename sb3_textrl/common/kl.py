@@ -1,0 +1,166 @@
+"""The KL penalty to the reference model π_ref: its per-token estimate, its per-episode statistic and its coefficient β.
+
+Every place that penalises, reports or adapts on the KL to the reference goes through this module:
+
+- :func:`action_log_probs` gives log π_ref(a) from the reference's logits, normalised the way torch's ``Categorical``
+  normalises the policy's, so that an untuned policy's estimate below is exactly 0 (``log_softmax`` differs by about
+  1e-5 in float32);
+- :func:`token_kl` is the per-token estimate ``log π(a_t) − log π_ref(a_t)`` of the sampled token a_t (its expectation
+  under π is KL(π‖π_ref) at that step), 0 at idle steps (a member of a lock-step group waiting for its siblings);
+- :func:`penalized_rewards` is what PPO trains on: ``r_t − β·kl_t``;
+- :func:`episode_kl` sums the estimate over each episode (one completion) and :func:`mean_episode_kl` averages those
+  sums: the statistic logged as ``rollout/kl_to_ref`` (:class:`~sb3_textrl.buffers.TextRolloutBuffer`, over the
+  rollout's whole episodes), ``eval/kl_to_ref`` (:class:`~sb3_textrl.callbacks.TextEvalCallback`) and, per completion,
+  by :func:`sb3_textrl.evaluation.evaluate`; in nats per completion;
+- :class:`KLController` holds β and adapts it from an observed mean KL per episode.
+
+Who calls what: the buffer scores the reference at the end of a rollout, penalises the rewards with the current β,
+records ``rollout/kl_to_ref`` and then feeds that statistic to :meth:`KLController.update` — through its optional
+``kl_reducer`` hook (:data:`KLReducer`), which :func:`sb3_textrl.distributed.make_data_parallel` sets to an average over
+the ranks so that every rank adapts β alike. :func:`sb3_textrl.evaluation.kl_to_reference` scores finished
+completions with the same two functions (:func:`token_kl`, :func:`episode_kl`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch as th
+from torch import nn
+
+# The buffer's hook between the KL it measured and β's update: (mean KL per episode of this rollout, or None when no
+# episode lies wholly in it; tokens sampled) -> (the KL and token count to adapt β from; None: leave β as it is).
+KLReducer = Callable[[float | None, int], tuple[float | None, int]]
+
+
+def action_log_probs(logits: th.Tensor, actions: th.Tensor) -> th.Tensor:
+    """
+    Log-probs of ``actions`` under the distribution of ``logits``, normalised exactly as torch's ``Categorical`` does
+    (logits − logsumexp), so that a reference whose logits equal the policy's gives log π_ref = log π bit for bit.
+
+    :param logits: (N, V) logits (the reference's: temperature and any mask already applied)
+    :param actions: (N,) token ids
+    :return: (N,) log-probs
+    """
+    log_probs = logits - logits.logsumexp(dim=-1, keepdim=True)
+    return log_probs.gather(1, actions.long().view(-1, 1)).squeeze(1)
+
+
+def token_kl(log_probs: np.ndarray, ref_log_probs: np.ndarray, idle: np.ndarray | None = None) -> np.ndarray:
+    """
+    The per-token KL estimate log π(a_t) − log π_ref(a_t) of the sampled tokens.
+
+    :param log_probs: log π of each sampled token (float32, any shape)
+    :param ref_log_probs: log π_ref of the same tokens, same shape
+    :param idle: bool mask of the same shape, True where nothing was sampled (waiting steps): their estimate is 0
+    :return: float32 array of the same shape
+    """
+    kl = np.asarray(log_probs) - np.asarray(ref_log_probs)
+    if idle is not None:
+        kl = np.where(idle, 0.0, kl)
+    return kl.astype(np.float32)
+
+
+def penalized_rewards(rewards: np.ndarray, kl: np.ndarray, beta: float) -> np.ndarray:
+    """
+    The rewards with the per-token KL penalty: r_t − β·kl_t.
+
+    :param rewards: task rewards, any shape (float32)
+    :param kl: :func:`token_kl` of the same steps
+    :param beta: the coefficient β (:attr:`KLController.value`)
+    :return: the penalised rewards, the shape and dtype of ``rewards``
+    """
+    return rewards - beta * kl
+
+
+def episode_kl(kl: np.ndarray, lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    """
+    The KL of each episode: the sum of its tokens' estimates, accumulated in float64.
+
+    :param kl: (sum(lengths),) :func:`token_kl` of the episodes' tokens, episode after episode
+    :param lengths: tokens of each episode (0 gives a KL of 0)
+    :return: float64 array, one sum per episode
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    kl = np.asarray(kl, dtype=np.float64).reshape(-1)
+    if len(kl) != int(lengths.sum()):
+        raise ValueError(f"{len(kl)} token estimates for episodes of {int(lengths.sum())} tokens in all")
+    sums = np.zeros(len(lengths), dtype=np.float64)
+    nonempty = lengths > 0
+    if nonempty.any():
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        sums[nonempty] = np.add.reduceat(kl, starts[nonempty])
+    return sums
+
+
+def mean_episode_kl(episode_kls: Sequence[float] | np.ndarray) -> float | None:
+    """
+    The reported statistic (``rollout/kl_to_ref``, ``eval/kl_to_ref``): the mean KL per episode, in nats.
+
+    :param episode_kls: :func:`episode_kl` of the episodes
+    :return: their mean, or None without an episode
+    """
+    if len(episode_kls) == 0:
+        return None
+    return float(np.mean(episode_kls))
+
+
+class KLController(nn.Module):
+    """
+    Holds β and, when ``target_kl`` is given, adapts it after every rollout.
+
+    The adaptive rule is the proportional controller of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
+    Preferences", §2.2): β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon), with KL the mean per-episode sum of
+    the per-token estimate (:func:`mean_episode_kl`) and n the number of tokens in the batch. β lives in a buffer so
+    that ``model.save``/``PPO.load`` keep its current value.
+
+    :param kl_coef: initial β; 0 disables the penalty (and the reference forward passes)
+    :param target_kl: target mean KL per episode, in nats; None keeps β fixed
+    :param horizon: number of tokens over which β may change by at most a factor of about e^0.2
+    """
+
+    def __init__(self, kl_coef: float = 0.05, target_kl: float | None = None, horizon: int = 10_000):
+        super().__init__()
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        if target_kl is not None and target_kl <= 0:
+            raise ValueError(f"target_kl must be > 0 (or None for a fixed kl_coef), got {target_kl}")
+        if target_kl is not None and kl_coef == 0:
+            raise ValueError("An adaptive KL controller (target_kl) needs kl_coef > 0 to start from")
+        if horizon <= 0:
+            raise ValueError(f"horizon must be > 0, got {horizon}")
+        self.target_kl = target_kl
+        self.horizon = horizon
+        self.register_buffer("kl_coef", th.tensor(float(kl_coef), dtype=th.float64))
+
+    @property
+    def value(self) -> float:
+        """Current β."""
+        return float(self.kl_coef.item())
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the penalty is applied at all."""
+        return self.value > 0
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether β follows a target KL (else it stays at ``kl_coef``)."""
+        return self.target_kl is not None
+
+    def update(self, mean_episode_kl: float, n_tokens: int) -> float:
+        """
+        Adapt β to the KL measured in the last rollout (no-op for a fixed β).
+
+        :param mean_episode_kl: mean over episodes of the summed per-token KL estimate
+        :param n_tokens: tokens in the rollout
+        :return: the new β
+        """
+        if self.target_kl is not None and n_tokens > 0:
+            error = min(max(mean_episode_kl / self.target_kl - 1.0, -0.2), 0.2)
+            self.kl_coef.mul_(1.0 + error * n_tokens / self.horizon)
+        return self.value
+
+    def extra_repr(self) -> str:
+        return f"kl_coef={self.value:.4g}, target_kl={self.target_kl}, horizon={self.horizon}"
