@@ -271,9 +271,8 @@ def _sync_adaptive_kl(buffer: TextRolloutBuffer, policy: BasePolicy) -> None:
         return
 
     def kl_over_ranks(kl: float | None, n_tokens: int) -> tuple[float | None, int]:
-        # Every stored step counts, as before this hook existed; n_tokens, the buffer's own count, leaves out the
-        # steps of lock-step waits (the two differ only under make_group_vec_env's lock-step).
-        local = [kl or 0.0, float(kl is not None), float(buffer.buffer_size * buffer.n_envs)]
+        # The ranks' sampled tokens (lock-step waits left out), as a single process counts its own.
+        local = [kl or 0.0, float(kl is not None), float(n_tokens)]
         kl_sum, ranks_with_kl, tokens = _all_reduce(th.tensor(local, dtype=th.float64)).tolist()
         return (kl_sum / ranks_with_kl if ranks_with_kl > 0 else None), int(tokens)
 
