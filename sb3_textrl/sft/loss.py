@@ -11,6 +11,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from sb3_textrl.common.deprecation import renamed_kwargs
 from sb3_textrl.common.kv_cache import positions_from_mask
 from sb3_textrl.sft.data import IGNORE_INDEX, SFTExample, collate_sft
 
@@ -47,6 +48,7 @@ def _to_device(batch: dict[str, Any], device: th.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, th.Tensor) else v for k, v in batch.items()}
 
 
+@renamed_kwargs(progress="progress_bar")
 @th.no_grad()
 def evaluate_sft_loss(
     model: PreTrainedModel | PeftModel,
@@ -55,7 +57,7 @@ def evaluate_sft_loss(
     batch_size: int = 8,
     device: th.device | str = "cpu",
     bf16: bool = False,
-    progress: bool = False,
+    progress_bar: bool = False,
 ) -> float:
     """
     Mean loss per target token (nats) of ``examples``, in eval mode.
@@ -66,7 +68,7 @@ def evaluate_sft_loss(
     :param batch_size: examples per forward pass
     :param device: the model's device
     :param bf16: run under bfloat16 autocast (CUDA)
-    :param progress: show a progress bar
+    :param progress_bar: show a progress bar (``progress``: its deprecated name)
     :return: the mean NLL per target token
     """
     was_training = model.training
@@ -74,7 +76,7 @@ def evaluate_sft_loss(
     device = th.device(device)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].target_ids))
     total, count = 0.0, 0
-    for start in tqdm(range(0, len(order), batch_size), desc="SFT eval", leave=False, disable=not progress):
+    for start in tqdm(range(0, len(order), batch_size), desc="SFT eval", leave=False, disable=not progress_bar):
         batch = _to_device(collate_sft([examples[i] for i in order[start : start + batch_size]], pad_token_id), device)
         with th.autocast(device.type, dtype=th.bfloat16, enabled=bf16):
             nll, n = target_nll(model, batch)

@@ -16,6 +16,8 @@ import torch as th
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 RESULT_FILE = "sft_result.json"
+SAVED_NAMES = {"progress_bar": "progress"}
+"""Arguments that sft_result.json records under their earlier names (the file's keys stay as they were)."""
 
 
 @dataclass

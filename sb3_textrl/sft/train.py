@@ -25,10 +25,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
+from sb3_textrl.common.deprecation import renamed_kwargs
 from sb3_textrl.models import _quiet_progress, load_causal_lm, load_tokenizer
 from sb3_textrl.sft.data import IGNORE_INDEX, SftData, SFTExample, _batches, _groups, _split, collate_sft, load_sft_examples
 from sb3_textrl.sft.loss import _hf_model, _to_device, evaluate_sft_loss, target_nll
-from sb3_textrl.sft.output import SFTResult, _check_output_dir, _describe, _save
+from sb3_textrl.sft.output import SAVED_NAMES, SFTResult, _check_output_dir, _describe, _save
 
 
 def lora_kwargs(model: PreTrainedModel, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -104,12 +105,12 @@ def _load_model(
     use_lora: bool,
     lora_config: dict[str, Any] | None,
     gradient_checkpointing: bool,
-    progress: bool,
+    progress_bar: bool,
 ) -> PreTrainedModel | PeftModel:
     """Step 2: the LM on ``device``, with LoRA adapters (seeded) and gradient checkpointing when asked."""
     with th.random.fork_rng(devices=[]):  # seeded LoRA init without touching the caller's RNG
         th.manual_seed(seed)
-        with _quiet_progress(progress):
+        with _quiet_progress(progress_bar):
             model = load_causal_lm(lm)
         if use_lora:
             with warnings.catch_warnings():  # peft calls a transformers method that transformers 5 deprecates
@@ -167,12 +168,12 @@ class _Trainer:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         return losses
 
-    def fit(self, train: Sequence[SFTExample], rng: random.Random, progress: bool) -> tuple[list[float], float]:
+    def fit(self, train: Sequence[SFTExample], rng: random.Random, progress_bar: bool) -> tuple[list[float], float]:
         """Every epoch; returns the loss of each optimizer step and the seconds spent (evaluation excluded)."""
         losses: list[float] = []
         start = time.perf_counter()
         self.model.train()
-        bar = tqdm(total=self.total_steps, desc="SFT", unit="step", disable=not progress)
+        bar = tqdm(total=self.total_steps, desc="SFT", unit="step", disable=not progress_bar)
         for _ in range(self.optim.epochs):
             losses += self.epoch(train, rng, bar)
         bar.close()
@@ -194,6 +195,7 @@ def _plain_model(model: PreTrainedModel | PeftModel, gradient_checkpointing: boo
     return model
 
 
+@renamed_kwargs(progress="progress_bar")
 def train_sft(
     lm: str | os.PathLike | None,
     data: SftData,
@@ -223,7 +225,7 @@ def train_sft(
     seed: int = 0,
     device: str | th.device = "auto",
     overwrite: bool = False,
-    progress: bool = True,
+    progress_bar: bool = True,
 ) -> SFTResult:
     """
     Fine-tune a causal LM on (prompt, summary) pairs and save it as a plain Hugging Face model directory.
@@ -265,10 +267,11 @@ def train_sft(
     :param seed: seed of the split, the batch order and the LoRA initialization
     :param device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``...
     :param overwrite: replace ``output_dir`` if it exists and is not empty
-    :param progress: show progress bars
+    :param progress_bar: show progress bars (``progress``: its deprecated name)
     :return: the held-out loss before and after, timings and counts
     """
-    config = {k: _describe(v) for k, v in locals().items()}  # the arguments, recorded in sft_result.json
+    # The arguments, recorded in sft_result.json (under the names the file has always used: SAVED_NAMES).
+    config = {SAVED_NAMES.get(k, k): _describe(v) for k, v in locals().items()}
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, overwrite)  # before any work: a run must not fail at the end
     learning_rate = (2e-4 if use_lora else 5e-5) if learning_rate is None else learning_rate
@@ -296,12 +299,12 @@ def train_sft(
         task_kwargs=task_kwargs,
     )
     tokenizer, train, held_out, counts = _load_data(lm, data, eval_data, eval_fraction, rng, limit, load)
-    model = _load_model(lm, torch_device, seed, use_lora, lora_config, gradient_checkpointing, progress)
+    model = _load_model(lm, torch_device, seed, use_lora, lora_config, gradient_checkpointing, progress_bar)
     pad_id = int(tokenizer.pad_token_id)
-    evaluate = dict(pad_token_id=pad_id, batch_size=batch_size, device=torch_device, bf16=use_bf16, progress=progress)
+    evaluate = dict(pad_token_id=pad_id, batch_size=batch_size, device=torch_device, bf16=use_bf16, progress_bar=progress_bar)
     loss_before = _held_out_loss(model, held_out, **evaluate)
     trainer = _Trainer(model, optim, optim.total_steps(len(train)), pad_id, torch_device, use_bf16)
-    losses, train_time = trainer.fit(train, rng, progress)
+    losses, train_time = trainer.fit(train, rng, progress_bar)
     loss_after = _held_out_loss(model, held_out, **evaluate)
 
     model = _plain_model(model, gradient_checkpointing)
@@ -319,6 +322,6 @@ def train_sft(
         train_losses=losses,
         config=config,
     )
-    with _quiet_progress(progress):
+    with _quiet_progress(progress_bar):
         _save(model.to("cpu"), tokenizer, output_dir, result)
     return result
