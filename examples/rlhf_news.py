@@ -196,7 +196,7 @@ def main(options: Options) -> dict[str, Any]:
     rm_dir = out / "reward_model"
     start = stage("4. train-rm")
     rm = train_reward_model(db, rm_dir, backbone=options.rm_backbone, epochs=options.rm_epochs, seed=options.seed,
-                            device=options.device, **({"lr": 1e-3} if options.tiny else {}))
+                            device=options.device, **({"learning_rate": 1e-3} if options.tiny else {}))
     timings["train_rm_s"] = time.perf_counter() - start
     rm_metrics = {k: rm.metrics.get(k) for k in ("n_train_pairs", "n_eval_pairs", "train_accuracy", "eval_accuracy")}
     print(f"reward model: {rm_metrics}")

@@ -41,7 +41,9 @@ def test_demo_with_a_learned_reward_model(tmp_path, tiny_lm):
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"article {i}", "chosen": "the council approved the budget", "rejected": "zzz qqq"} for i in range(16)]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train_reward_model(pairs, tmp_path / "rm", backbone=tiny_lm, epochs=1, lr=1e-3, device="cpu", progress=False)
+    train_reward_model(
+        pairs, tmp_path / "rm", backbone=tiny_lm, epochs=1, learning_rate=1e-3, device="cpu", progress_bar=False
+    )
     result = run_demo(tiny_config(tmp_path, tiny_lm, reward_model=str(tmp_path / "rm")))
     assert result["reward"] == "learned_rm"  # the env scored episodes with the reward model, not ROUGE
     assert (tmp_path / "demo" / "model.zip").is_file()

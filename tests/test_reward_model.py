@@ -104,8 +104,8 @@ def city_rm(tmp_path_factory, city_backbone):
     """A reward model trained on the city rule: (result, training pairs)."""
     pairs = city_pairs(1000, seed=0)
     out = tmp_path_factory.mktemp("city-rm") / "rm"
-    result = train_reward_model(pairs, out, backbone=city_backbone, epochs=8, lr=1e-3, batch_size=32, eval_fraction=0.2,
-                                seed=0, device="cpu", progress=False)
+    result = train_reward_model(pairs, out, backbone=city_backbone, epochs=8, learning_rate=1e-3, batch_size=32,
+                                eval_fraction=0.2, seed=0, device="cpu", progress_bar=False)
     return result, pairs
 
 
@@ -233,8 +233,8 @@ def test_ppo_raises_a_learned_reward(tmp_path):
     articles = [r["article"] for r in generate_news_examples(200)]
     rm_backbone = tiny_bert_backbone(tmp_path / "rm-backbone", articles + [a.upper() for a in articles], vocab_size=400)
     rm = train_reward_model(upper_case_pairs(" ".join(articles).split(), 600, seed=0), tmp_path / "rm",
-                            backbone=rm_backbone, epochs=4, lr=1e-3, batch_size=32, max_length=64, progress=False,
-                            device="cpu")
+                            backbone=rm_backbone, epochs=4, learning_rate=1e-3, batch_size=32, max_length=64,
+                            progress_bar=False, device="cpu")
     assert rm.metrics["eval_accuracy"] > 0.8
 
     tokenizer = train_small_tokenizer(articles, vocab_size=400)  # the policy's byte-level BPE, not the RM's WordPiece
@@ -302,7 +302,7 @@ def test_trains_from_a_feedback_database(tmp_path, city_backbone):
     good_text, bad_text, worse_text = "Oslo: police cut bus fares.", "Lima: police cut bus fares.", "Bus fares."
     # Two A/B choices (the tie and the skip carry no preference) and one pair from the two ratings.
     assert sorted((p.chosen, p.rejected) for p in pairs) == sorted([(good_text, bad_text)] * 2 + [(good_text, worse_text)])
-    result = train_reward_model(db, tmp_path / "rm", backbone=city_backbone, epochs=1, eval_fraction=0.0, progress=False)
+    result = train_reward_model(db, tmp_path / "rm", backbone=city_backbone, epochs=1, eval_fraction=0.0, progress_bar=False)
     assert result.metrics["n_train_pairs"] == 3 and result.metrics["n_eval_pairs"] == 0
 
     ties = tmp_path / "ties.db"
@@ -349,7 +349,7 @@ def test_missing_minilm_asset_names_the_install_command(tmp_path, monkeypatch):
 
 def test_bad_input_fails_with_a_message_that_names_the_fix(tmp_path, city_backbone, capsys):
     def train(data, **kwargs):
-        return train_reward_model(data, tmp_path / "out", **({"backbone": city_backbone, "progress": False} | kwargs))
+        return train_reward_model(data, tmp_path / "out", **({"backbone": city_backbone, "progress_bar": False} | kwargs))
 
     with pytest.raises(ValueError, match="no preference pair.*Ties, skips and equal ratings carry no preference"):
         train([])
@@ -380,8 +380,8 @@ def test_bad_input_fails_with_a_message_that_names_the_fix(tmp_path, city_backbo
         train(good, backbone="./no/such/dir")
     with pytest.raises(ValueError, match=r"eval_fraction must be in \[0, 1\)"):
         train(good, eval_fraction=1.0)
-    with pytest.raises(ValueError, match=r"epochs=0 \(use 1 or more\).*lr=-1"):
-        train(good, epochs=0, lr=-1.0)
+    with pytest.raises(ValueError, match=r"epochs=0 \(use 1 or more\).*learning_rate=-1"):
+        train(good, epochs=0, learning_rate=-1.0)
     with pytest.raises(TypeError, match="Unknown reward-model settings \\['epoch'\\]"):
         train(good, epoch=2)
     (tmp_path / "busy").mkdir()

@@ -30,7 +30,7 @@ from sb3_textrl.sft import (
 NAMES = ["Alice", "Bob", "Carol", "Dmitri", "Erin", "Farah", "Gus", "Hana"]
 ITEMS = ["apples", "bikes", "books", "lamps", "chairs", "kites"]
 CITIES = ["Leeds", "Oslo", "Lyon", "Porto", "Kyoto"]
-FAST = dict(max_prompt_tokens=64, device="cpu", progress=False)
+FAST = dict(max_prompt_tokens=64, device="cpu", progress_bar=False)
 
 
 def market_rows(n: int, seed: int) -> list[dict[str, str]]:
@@ -197,7 +197,7 @@ def test_registered_task_with_references(tiny_lm, gpt2_tokenizer, tmp_path):
     eos = gpt2_tokenizer.eos_token_id
     assert examples[5].target_ids == gpt2_tokenizer(" 3", add_special_tokens=False)["input_ids"] + [eos]
     result = train_sft(tiny_lm, None, tmp_path / "add", task="SftAdd-v0", eval_fraction=0.25, learning_rate=3e-3, epochs=3,
-                       batch_size=3, device="cpu", progress=False)
+                       batch_size=3, device="cpu", progress_bar=False)
     assert (result.n_examples, result.n_eval_examples) == (9, 3)
     assert result.eval_loss_after < result.eval_loss_before
 

@@ -23,7 +23,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", required=True, help="directory to save the reward model in (new or empty)")
     parser.add_argument("--backbone", help=f"HF model directory or hub name (default: offline {MINILM_NAME})")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"default {defaults.lr}")
+    # The flags keep their names (--lr, --no-progress); they set learning_rate and progress_bar.
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help=f"default {defaults.learning_rate}")
     parser.add_argument(
         "--eval-fraction", type=float, default=defaults.eval_fraction, help=f"default {defaults.eval_fraction}"
     )
@@ -46,13 +47,13 @@ def run(args: argparse.Namespace) -> int:
     config = RewardModelConfig(
         backbone=args.backbone,
         epochs=args.epochs,
-        lr=args.lr,
+        learning_rate=args.lr,
         batch_size=args.batch_size,
         eval_fraction=args.eval_fraction,
         max_length=args.max_length,
         seed=args.seed,
         device=args.device,
-        progress=not args.no_progress,
+        progress_bar=not args.no_progress,
     )
     try:
         result = train_reward_model(args.data, args.output, config)

@@ -94,7 +94,8 @@ class FeedbackStoreError(ValueError):
 @dataclass(frozen=True)
 class PreferencePair:
     """
-    One preference for reward-model training.
+    One preference for reward-model training, as the store returns it (with where it came from); the trainer reads
+    it into a :class:`~sb3_textrl.reward_model.Preference`, the three texts alone.
 
     :param prompt: the prompt both completions answer
     :param chosen: the preferred completion

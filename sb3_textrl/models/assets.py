@@ -38,6 +38,7 @@ from transformers import (
 )
 from transformers import __version__ as transformers_version
 
+from sb3_textrl.common.deprecation import renamed_kwargs
 from sb3_textrl.common.names import MINILM_NAME
 
 EMBEDDED_LM_NAME = "SmolLM2-135M-Instruct"
@@ -313,7 +314,8 @@ def _convert_embedded_lm(out_dir: Path, gguf_path: Path) -> dict[str, Any]:
     }
 
 
-def embedded_lm_dir(progress: bool = True) -> Path:
+@renamed_kwargs(progress="progress_bar")
+def embedded_lm_dir(progress_bar: bool = True) -> Path:
     """
     The embedded default LM (SmolLM2-135M-Instruct) as a Hugging Face model directory.
 
@@ -321,7 +323,7 @@ def embedded_lm_dir(progress: bool = True) -> Path:
     safetensors, 538 MB; about 45 s on 2 CPU cores) into ``cache_dir() / "SmolLM2-135M-Instruct"``;
     later calls only return the path.
 
-    :param progress: print a line and progress bars while converting
+    :param progress_bar: print a line and progress bars while converting (``progress``: its deprecated name)
     :return: the directory, loadable with ``from_pretrained``
     """
     target = cache_dir() / EMBEDDED_LM_NAME
@@ -331,14 +333,14 @@ def embedded_lm_dir(progress: bool = True) -> Path:
     gguf_path = embedded_gguf_path()  # fail early, with MissingAssetError, before any lock or temp dir
 
     def build(out_dir: Path) -> dict[str, Any]:
-        if progress:
+        if progress_bar:
             print(
                 f"sb3_textrl: converting the embedded {EMBEDDED_LM_NAME} (GGUF) once for this machine into {target} "
                 "(takes under a minute)...",
                 file=sys.stderr,
                 flush=True,
             )
-        with _quiet_progress(progress):
+        with _quiet_progress(progress_bar):
             return _convert_embedded_lm(out_dir, gguf_path)
 
     return _build_dir(target, source, build)

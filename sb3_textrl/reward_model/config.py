@@ -5,14 +5,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sb3_textrl.common.deprecation import renamed_fields
 
+RENAMED_FIELDS = {"lr": "learning_rate", "progress": "progress_bar"}
+"""Deprecated field names of :class:`RewardModelConfig` -> their new names (the old ones warn)."""
+
+
+@renamed_fields(**RENAMED_FIELDS)
 @dataclass
 class RewardModelConfig:
-    """Settings of a reward-model training run (``train-rm`` flags map onto these fields)."""
+    """
+    Settings of a reward-model training run (``train-rm`` flags map onto these fields).
+
+    ``lr`` and ``progress`` are the deprecated names of ``learning_rate`` and ``progress_bar`` (they still work, with a
+    ``DeprecationWarning``).
+    """
 
     backbone: str | None = None  # HF model dir or hub name; None: the offline all-MiniLM-L6-v2
     epochs: int = 3  # passes over the training pairs
-    lr: float = 5e-5  # AdamW peak learning rate (fine-tuning a pretrained encoder); ~1e-3 for tiny models from scratch
+    learning_rate: float = 5e-5  # AdamW peak rate (fine-tuning a pretrained encoder); ~1e-3 for tiny models from scratch
     batch_size: int = 16  # preference pairs per step (2x sequences per forward: chosen and rejected)
     eval_fraction: float = 0.1  # share of pairs held out (whole prompts where possible) for accuracy and loss
     max_length: int = 256  # tokens per (prompt, completion) pair; MiniLM was trained on at most 256
@@ -21,15 +32,15 @@ class RewardModelConfig:
     max_grad_norm: float = 1.0  # gradient clipping
     seed: int = 0  # split, head initialisation, shuffling and dropout
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", ...
-    progress: bool = True  # tqdm progress bars
+    progress_bar: bool = True  # tqdm progress bars
 
     def check(self) -> None:
         """Fail early, with the fix, on settings that cannot work."""
         problems = []
         if self.epochs < 1:
             problems.append(f"epochs={self.epochs} (use 1 or more)")
-        if not self.lr > 0:
-            problems.append(f"lr={self.lr} (use a positive learning rate, e.g. 5e-5)")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate={self.learning_rate} (use a positive learning rate, e.g. 5e-5)")
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size} (use 1 or more)")
         if not 0.0 <= self.warmup_fraction < 1.0:

@@ -28,7 +28,13 @@ records (objects with those attributes, like :class:`~sb3_textrl.feedback.Prefer
 
 
 class Preference(NamedTuple):
-    """One preference: for ``prompt``, the completion ``chosen`` is better than ``rejected``."""
+    """
+    One preference: for ``prompt``, the completion ``chosen`` is better than ``rejected``.
+
+    The trainer's form of a pair, whatever it was read from: the three texts, as a tuple.
+    :class:`~sb3_textrl.feedback.PreferencePair` (what the feedback store returns) also records where a pair came from
+    (an A/B choice or two ratings); :func:`load_preferences` reads those, like any record with the three fields.
+    """
 
     prompt: str
     chosen: str

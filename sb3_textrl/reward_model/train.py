@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sb3_textrl.common.deprecation import rename_kwargs, renamed_kwargs
 from sb3_textrl.common.names import MINILM_NAME
 from sb3_textrl.models.assets import minilm_dir
-from sb3_textrl.reward_model.config import RewardModelConfig
+from sb3_textrl.reward_model.config import RENAMED_FIELDS, RewardModelConfig
 from sb3_textrl.reward_model.data import Preference, PreferenceSource, load_preferences, split_preferences
 from sb3_textrl.reward_model.encoding import (
     PairEncoder,
@@ -52,6 +53,9 @@ REWARD_MODEL_FILE = "reward_model.json"
 FORMAT_NAME = "sb3_textrl.reward_model"
 FORMAT_VERSION = 1
 _DEFAULT_ALIASES = ("default", "minilm", MINILM_NAME, f"sentence-transformers/{MINILM_NAME}")
+# reward_model.json (format version 1) records the settings under the names they had when it was defined.
+_SAVED_NAMES = {"learning_rate": "lr"}
+_NOT_SAVED = ("progress_bar", "device")  # how a run was shown and where it ran, not what it trained
 
 
 @dataclass
@@ -104,15 +108,16 @@ def resolve_backbone(backbone: str | os.PathLike | None) -> str:
 
 
 @contextmanager
-def quiet_transformers(progress: bool = False) -> Iterator[None]:
-    """Silence transformers' warnings (and its progress bars unless ``progress``) while loading a model."""
+@renamed_kwargs(progress="progress_bar")
+def quiet_transformers(progress_bar: bool = False) -> Iterator[None]:
+    """Silence transformers' warnings (and its progress bars unless ``progress_bar``) while loading a model."""
     # A backbone without a scalar head makes transformers log a "newly initialized" report: expected here.
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
-    if not progress:
+    if not progress_bar:
         hf_logging.disable_progress_bar()
     try:
         yield
@@ -122,19 +127,20 @@ def quiet_transformers(progress: bool = False) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@renamed_kwargs(progress="progress_bar")
 def load_backbone(
-    backbone: str | os.PathLike | None, progress: bool = False
+    backbone: str | os.PathLike | None, progress_bar: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """
     A sequence-classification model with one output (a new scalar head unless the checkpoint has one) and its tokenizer.
 
     :param backbone: see :func:`resolve_backbone`
-    :param progress: show transformers' loading progress bar
+    :param progress_bar: show transformers' loading progress bar (``progress``: its deprecated name)
     :return: (model in float32, tokenizer with a pad token)
     """
     path = resolve_backbone(backbone)
     try:
-        with quiet_transformers(progress):
+        with quiet_transformers(progress_bar):
             tokenizer = AutoTokenizer.from_pretrained(path)
             # ignore_mismatched_sizes: a checkpoint with a classifier of another size gets a fresh scalar head.
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -200,9 +206,11 @@ def train_reward_model(
         sequence of pairs (objects with those attributes, e.g. ``FeedbackStore.preference_pairs()``, or dicts)
     :param output_dir: where the reward model is saved (a new or empty directory, or an earlier reward model's)
     :param config: the settings (default :class:`RewardModelConfig`)
-    :param overrides: fields of :class:`RewardModelConfig` to override, e.g. ``epochs=1, lr=1e-4``
+    :param overrides: fields of :class:`RewardModelConfig` to override, e.g. ``epochs=1, learning_rate=1e-4``
+        (the deprecated ``lr`` and ``progress`` still work, with a ``DeprecationWarning``)
     :return: the saved directory, the metrics, and the trained model and tokenizer
     """
+    overrides = rename_kwargs(overrides, RENAMED_FIELDS, "train_reward_model()")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(RewardModelConfig)}
     if unknown:
         raise TypeError(f"Unknown reward-model settings {sorted(unknown)}; see RewardModelConfig for the valid ones")
@@ -218,7 +226,7 @@ def train_reward_model(
     # A private RNG stream: the seed fixes the head's initialisation, shuffling and dropout without touching the caller's.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model, tokenizer = load_backbone(cfg.backbone, progress=cfg.progress)
+        model, tokenizer = load_backbone(cfg.backbone, progress_bar=cfg.progress_bar)
         model.to(device)
         positions = max_positions(model)
         max_length = min(cfg.max_length, positions) if positions else cfg.max_length
@@ -240,13 +248,13 @@ def train_reward_model(
         "max_length": max_length,
         "normalization": norm,
         "metrics": metrics,
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "device")},
+        "config": {_SAVED_NAMES.get(k, k): v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_SAVED},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sb3_textrl_version": _package_version(),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / REWARD_MODEL_FILE).unlink(missing_ok=True)  # an earlier model's: stale until the new one is saved
-    with quiet_transformers(cfg.progress):
+    with quiet_transformers(cfg.progress_bar):
         model.save_pretrained(str(output_dir))
         tokenizer.save_pretrained(str(output_dir))
     # Written last: a directory with reward_model.json is complete.
@@ -271,12 +279,12 @@ def _fit(
     truncations = counts_c + counts_r + counts_ec + counts_er
     log_truncations(truncations, 2 * (len(train_pairs) + len(eval_pairs)), encoder.max_length, "texts (prompt + completion)")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     scheduler = _linear_schedule(optimizer, total, warmup=int(cfg.warmup_fraction * total))
     history: list[dict[str, Any]] = []
-    bar = tqdm(total=total, desc="train-rm", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc="train-rm", unit="step", disable=not cfg.progress_bar, dynamic_ncols=True)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = torch.randperm(len(train_pairs)).tolist()

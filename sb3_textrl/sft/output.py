@@ -1,0 +1,108 @@
+"""What an SFT run writes: :class:`SFTResult` and the model directory, swapped in whole (never half-written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch as th
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+RESULT_FILE = "sft_result.json"
+SAVED_NAMES = {"progress_bar": "progress"}
+"""Arguments that sft_result.json records under their earlier names (the file's keys stay as they were)."""
+
+
+@dataclass
+class SFTResult:
+    """
+    What :func:`train_sft` did.
+
+    :param output_dir: the directory holding the fine-tuned model and tokenizer
+    :param eval_loss_before: mean held-out loss per summary token (nats) before training; None without a held-out set
+    :param eval_loss_after: the same after training
+    :param train_time_s: seconds spent in the training loop (evaluation and saving excluded)
+    :param n_examples: number of training examples
+    :param n_eval_examples: number of held-out examples
+    :param n_train_tokens: summary tokens (EOS included) per epoch
+    :param optimizer_steps: optimizer updates made
+    :param n_prompts_truncated: articles cut to fit ``max_prompt_tokens`` (train and held-out)
+    :param n_targets_truncated: summaries cut to ``max_target_tokens`` (trained without EOS)
+    :param train_losses: mean loss per summary token of each optimizer step
+    :param config: the settings used
+    """
+
+    output_dir: Path
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    train_time_s: float
+    n_examples: int
+    n_eval_examples: int
+    n_train_tokens: int
+    optimizer_steps: int
+    n_prompts_truncated: int = 0
+    n_targets_truncated: int = 0
+    train_losses: list[float] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-serializable data."""
+        data = asdict(self)
+        data["output_dir"] = str(self.output_dir)
+        return data
+
+
+def _describe(value: Any) -> Any:
+    # JSON-friendly: paths and devices as text, lists of rows by their size.
+    if isinstance(value, (os.PathLike, th.device)):
+        return str(value)
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return f"<{len(value)} rows>"
+    return value
+
+
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"Output path {output_dir} exists and is a file; choose a directory path for the model.")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"Output directory {output_dir} exists and is not empty. Choose a new directory, or pass overwrite=True "
+                "(CLI: --overwrite) to replace it."
+            )
+        # Replacing deletes the directory: never a folder that holds the working directory or the home directory.
+        resolved = output_dir.resolve()
+        protected = {Path.cwd().resolve(), *Path.cwd().resolve().parents, Path.home().resolve()}
+        if resolved in protected:
+            raise ValueError(f"Refusing to replace {resolved}: it holds the working or home directory. Choose a subdirectory.")
+
+
+def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: Path, result: SFTResult) -> None:
+    """Write model, tokenizer and result to a temporary sibling, then swap it in: no half-written model dir."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A plain mkdir (mkdtemp would make it private to this user): the model dir gets the umask's permissions.
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        # default=repr: task_kwargs may hold objects (a reward) that JSON cannot write
+        (tmp / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=repr) + "\n")
+        file_mode = (tmp / RESULT_FILE).stat().st_mode & 0o777
+        for path in tmp.iterdir():  # safetensors writes private (0600) files
+            if path.is_file():
+                path.chmod(file_mode)
+        if output_dir.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            os.replace(output_dir, stale / output_dir.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
