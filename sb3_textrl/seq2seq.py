@@ -253,6 +253,13 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
                 "Seq2SeqLMPolicy does not support trainable_layers yet (the cached lower-block activations are built "
                 "for causal LMs' decoder blocks): pass trainable_layers=None, or use_lora=True to keep updates small"
             )
+        if kwargs.get("nlpo_top_p") is not None:
+            raise ValueError(
+                "Seq2SeqLMPolicy does not support nlpo_top_p yet: NLPO's masking policy scores observations with the "
+                "causal-LM forwards (one decoder-only pass over prompt and completion, and a decoder-only KV cache), "
+                "which an encoder-decoder LM cannot run. Pass nlpo_top_p=None, or use TransformerLMPolicy with a "
+                "causal LM for NLPO masking."
+            )
         self.prompt_width = int(prompt_width)
         super().__init__(observation_space, action_space, lr_schedule, lm=lm, **kwargs)
 
