@@ -25,7 +25,7 @@ from sb3_textrl.common.kl_controller import KLController
 from sb3_textrl.common.kv_cache import RolloutKVCache
 from sb3_textrl.common.sb3_bridge import attach_rollout_extras
 from sb3_textrl.lm import lora, precision
-from sb3_textrl.lm.arguments import check_arguments, check_spaces, check_vocabulary
+from sb3_textrl.lm.arguments import check_arguments, check_spaces, check_vocabulary, kl_target_argument
 from sb3_textrl.lm.forward import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, LMForwards
 from sb3_textrl.lm.forward import cache_kwarg as _cache_kwarg
 from sb3_textrl.lm.heads import action_log_probs, make_value_head
@@ -43,7 +43,7 @@ __all__ += ["GROUPED_SPEEDUP", "MIXED_PRECISION_OPTIONS", "_cache_kwarg", "_mask
 GROUPED_SPEEDUP = "about 40x"
 
 # The policy's arguments that _get_constructor_parameters saves under their own names (``lm`` is ``lm_name``).
-_SAVED_ARGUMENTS = ("kl_coef", "target_kl", "kl_horizon", "use_lora", "lora_config", "temperature", "top_k", "top_p")
+_SAVED_ARGUMENTS = ("kl_coef", "kl_target", "kl_horizon", "use_lora", "lora_config", "temperature", "top_k", "top_p")
 _SAVED_ARGUMENTS += ("use_kv_cache", "share_prefixes", "check_tokenizer", "mixed_precision", "gradient_checkpointing")
 _SAVED_ARGUMENTS += ("nlpo_top_p", "trainable_layers", "critic", "value_warmup_rollouts")
 
@@ -63,7 +63,8 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
     :param lr_schedule: learning-rate schedule (from the algorithm)
     :param lm: causal LM name or local path; None: the embedded SmolLM2-135M-Instruct
     :param kl_coef: β of the KL penalty to the reference model (0 turns it off)
-    :param target_kl: target mean KL per episode (nats) for an adaptive β; None keeps β fixed
+    :param kl_target: target mean KL per episode (nats) for an adaptive β; None keeps β fixed. (Its old name
+        ``target_kl`` still works, with a DeprecationWarning: it collided with PPO's own ``target_kl``, an early stop.)
     :param kl_horizon: horizon (tokens) of the adaptive β controller
     :param use_lora: train LoRA adapters (peft) instead of all weights; the reference is then the same model with
         the adapters disabled
@@ -114,7 +115,7 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         lr_schedule: Schedule,
         lm: str | None = None,
         kl_coef: float = 0.05,
-        target_kl: float | None = None,
+        kl_target: float | None = None,
         kl_horizon: int = 10_000,
         use_lora: bool = True,
         lora_config: dict[str, Any] | None = None,
@@ -135,7 +136,7 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         check_spaces(observation_space, action_space)
         self.lm_name = lm
         self.kl_coef = kl_coef
-        self.target_kl = target_kl
+        self.kl_target = kl_target_argument(kl_target, kwargs)  # also from target_kl=, its deprecated name
         self.kl_horizon = kl_horizon
         self.use_lora = use_lora
         self.lora_config = dict(lora_config or {})
@@ -170,7 +171,7 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         elif self.layer_split is not None:
             self.layer_split.freeze_lower(model)
         self.lm: PreTrainedModel | PeftModel = model
-        self.kl_controller = KLController(self.kl_coef, self.target_kl, self.kl_horizon)
+        self.kl_controller = KLController(self.kl_coef, self.kl_target, self.kl_horizon)
         # Without LoRA the reference must be a separate frozen copy of the initial weights.
         self.ref_lm: PreTrainedModel | None = None
         if not self.use_lora and self.kl_controller.enabled:
@@ -203,6 +204,12 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         data = super()._get_constructor_parameters()
         data.update(lm=self.lm_name, **{name: getattr(self, name) for name in _SAVED_ARGUMENTS})
         return data
+
+    @property
+    def target_kl(self) -> float | None:
+        """Deprecated name of :attr:`kl_target` (the adaptive β's target; PPO's own ``target_kl`` is an early stop)."""
+        warnings.warn("TransformerLMPolicy.target_kl is deprecated: read kl_target", DeprecationWarning, stacklevel=2)
+        return self.kl_target
 
     # -- the LM and its reference -----------------------------------------------------------------------
     @contextlib.contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Any
 
 from gymnasium import spaces
@@ -51,6 +53,44 @@ def check_arguments(policy: Any) -> None:
             f"value_warmup_rollouts={value_warmup_rollouts} trains the value head alone, but critic=False has no "
             "trainable value head (advantage='rloo'/'grpo' need none): drop value_warmup_rollouts, or use critic=True"
         )
+
+
+def kl_target_argument(kl_target: float | None, kwargs: dict[str, Any]) -> float | None:
+    """
+    The adaptive β's target, from ``kl_target`` or from the deprecated ``target_kl`` in ``kwargs`` (removed from it).
+
+    ``target_kl`` was the policy's name until it was renamed for colliding with SB3 PPO's own ``target_kl`` (the early
+    stop of an epoch): it still works, with a DeprecationWarning; saved models whose policy_kwargs hold it load.
+    """
+    if "target_kl" not in kwargs:
+        return kl_target
+    target_kl = kwargs.pop("target_kl")
+    if kl_target is not None:
+        raise ValueError(
+            f"policy_kwargs has both kl_target={kl_target} and target_kl={target_kl}: they are the same setting (the "
+            "adaptive KL penalty's target), target_kl its deprecated name. Pass kl_target only."
+        )
+    warnings.warn(
+        "The policy's target_kl= is deprecated (renamed for colliding with PPO's own target_kl=, the early stop of an "
+        f"epoch): use policy_kwargs=dict(kl_target={target_kl}) for the adaptive KL penalty's target.",
+        DeprecationWarning,
+        stacklevel=_user_stacklevel(),
+    )
+    return target_kl
+
+
+def _user_stacklevel(internal: tuple[str, ...] = ("sb3_textrl.", "stable_baselines3.", "sb3_contrib.")) -> int:
+    """The ``stacklevel`` that attributes a warning of the caller to the first frame outside ``internal`` packages
+    (the user's ``PPO(...)`` or ``PPO.load(...)``), so that Python's default filters show a DeprecationWarning there."""
+    frame, level = inspect.currentframe(), 0
+    try:
+        while frame is not None and frame.f_back is not None:
+            frame, level = frame.f_back, level + 1
+            if not str(frame.f_globals.get("__name__", "")).startswith(internal):
+                return level
+        return level
+    finally:
+        del frame
 
 
 def check_vocabulary(
