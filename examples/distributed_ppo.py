@@ -83,7 +83,7 @@ def main(options: Options) -> dict[str, Any]:
         n_steps=options.max_new_tokens, batch_size=options.batch_size, n_epochs=options.n_epochs, gamma=1.0,
         learning_rate=options.learning_rate, seed=seed, verbose=int(ctx.is_main),
         device=ctx.device if options.device == "auto" else options.device,
-        policy_kwargs=dict(lm=options.lm, kl_coef=options.kl_coef, target_kl=options.kl_target or None),
+        policy_kwargs=dict(lm=options.lm, kl_coef=options.kl_coef, kl_target=options.kl_target or None),
     )
     if ctx.is_main:
         model.set_logger(configure(str(out / "logs"), ["stdout", "csv"]))

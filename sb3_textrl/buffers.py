@@ -490,7 +490,7 @@ class TextRolloutBuffer(RolloutBuffer):
                 "high",
                 f"{where} exceeds kl_warn_threshold={self.kl_warn_threshold:g}: the policy is moving far from the reference "
                 f"(degenerate text, reward hacking). Lower the learning rate (or n_epochs / clip_range), raise kl_coef "
-                f"(β is {beta:.4g}) or let target_kl adapt β (policy_kwargs=dict(kl_coef=..., target_kl=...)).",
+                f"(β is {beta:.4g}) or let kl_target adapt β (policy_kwargs=dict(kl_coef=..., kl_target=...)).",
             )
         if self.kl_negative_tolerance is not None and mean < -max(self.kl_negative_tolerance, 3 * stderr):
             self._warn_kl_once(

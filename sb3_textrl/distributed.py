@@ -322,7 +322,7 @@ def make_data_parallel(model: OnPolicyAlgorithm, context: DistributedContext | N
         raise ValueError(
             f"PPO(target_kl={model.target_kl}) stops an epoch when this rank's approximate KL is too high; the ranks "
             "would decide differently and wait for each other forever. Build PPO with target_kl=None under "
-            "data parallel (the policy's own policy_kwargs=dict(target_kl=...), the adaptive KL penalty, is supported)."
+            "data parallel (the policy's own policy_kwargs=dict(kl_target=...), the adaptive KL penalty, is supported)."
         )
     policy = model.policy
     if policy in _SYNCS:

@@ -31,7 +31,8 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_textrl.buffers import Segment, TextRolloutBuffer
 from sb3_textrl.common.kl import action_log_probs
-from sb3_textrl.policies import GROUPED_SPEEDUP, TransformerLMPolicy, _masked_fill_value
+from sb3_textrl.lm.heads import masked_fill_value
+from sb3_textrl.policies import GROUPED_SPEEDUP, TransformerLMPolicy
 
 MaskArray = th.Tensor | np.ndarray | None
 
@@ -139,7 +140,7 @@ class MaskableTransformerLMPolicy(TransformerLMPolicy, _MaskableActorCriticBase)
             logits = self._logits(ref, hidden) / self.temperature
         env_mask = self._env_mask(action_masks, len(logits), logits.device)
         assert env_mask is not None
-        logits = logits.masked_fill(~env_mask, _masked_fill_value(logits.dtype))  # as the policy's _process_logits
+        logits = logits.masked_fill(~env_mask, masked_fill_value(logits.dtype))  # as the policy's _process_logits
         return action_log_probs(logits, actions)  # normalised as Categorical does
 
     def _warn_per_step(self) -> None:

@@ -1,95 +1,54 @@
-"""TransformerLMPolicy: an SB3 actor-critic policy whose actor is a Hugging Face causal LM."""
+"""TransformerLMPolicy: an SB3 actor-critic policy whose actor is a Hugging Face causal LM.
+
+The parts that need no policy live in :mod:`sb3_textrl.lm` (argument checks, precision, LoRA, forwards, heads) and
+NLPO's masking in :mod:`sb3_textrl.nlpo`; the names other modules import from here are re-exported.
+"""
 
 from __future__ import annotations
 
 import collections
 import contextlib
 import copy
-import functools
-import inspect
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch as th
 from gymnasium import spaces
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
-from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from sb3_textrl.common.kl_controller import KLController
-from sb3_textrl.common.kv_cache import RolloutKVCache, last_valid_index, longest_extensions, positions_from_mask
-from sb3_textrl.common.layer_split import LayerSplit
+from sb3_textrl.common.kl import KLController, action_log_probs
+from sb3_textrl.common.kv_cache import RolloutKVCache
 from sb3_textrl.common.sb3_bridge import attach_rollout_extras
-from sb3_textrl.envs.text_env import TextObservationSpace, tokenizer_fingerprint
-from sb3_textrl.models import load_causal_lm, load_tokenizer
-from sb3_textrl.nlpo import NLPO_ADAPTER, NLPO_ALLOWED, top_p_allowed
+from sb3_textrl.lm import lora, precision
+from sb3_textrl.lm.arguments import check_arguments, check_spaces, check_vocabulary, kl_target_argument
+from sb3_textrl.lm.forward import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, LMForwards
+from sb3_textrl.lm.forward import cache_kwarg as _cache_kwarg
+from sb3_textrl.lm.heads import make_value_head
+from sb3_textrl.lm.heads import masked_fill_value as _masked_fill_value
+from sb3_textrl.lm.precision import MIXED_PRECISION_OPTIONS, cpu_has_fast_bf16, fast_mixed_precision
+from sb3_textrl.models import load_causal_lm
+from sb3_textrl.nlpo import NLPOMasking, check_nlpo_top_p, renamed_state_keys
 
-# Keys of the observations that TextRolloutBuffer yields: whole episode segments instead of single steps.
-SEGMENT_STARTS = "segment_starts"  # (S,) column of the hidden state that predicts the segment's first action
-SEGMENT_LENGTHS = "segment_lengths"  # (S,) number of actions in the segment
-# With trainable_layers: (S, W, H) hidden states entering the first trainable block, in the columns of input_ids.
-SPLIT_HIDDEN = "split_hidden"
+# Imported from here by other modules (and so re-exported) though now defined in sb3_textrl.lm.
+__all__ = ["SEGMENT_LENGTHS", "SEGMENT_STARTS", "SPLIT_HIDDEN", "TransformerLMPolicy", "fast_mixed_precision"]
+__all__ += ["GROUPED_SPEEDUP", "MIXED_PRECISION_OPTIONS", "_cache_kwarg", "_masked_fill_value", "cpu_has_fast_bf16"]
 
 # Throughput measured by benchmarks/ppo_throughput.py (see docs/benchmarks.md): grouped buffer + KV cache
 # against SB3's default buffer with one full forward per token, end to end in PPO.learn (43x on 2 CPU cores).
 GROUPED_SPEEDUP = "about 40x"
 
-
-@functools.cache
-def _cache_kwarg(trunk_class: type) -> str:
-    # transformers 5.2x renamed ``past_key_values`` to ``cache``; accept both generations of models.
-    return "cache" if "cache" in inspect.signature(trunk_class.forward).parameters else "past_key_values"
-
-
-def _masked_fill_value(dtype: th.dtype) -> float:
-    return th.finfo(dtype).min
+# The policy's arguments that _get_constructor_parameters saves under their own names (``lm`` is ``lm_name``).
+_SAVED_ARGUMENTS = ("kl_coef", "kl_target", "kl_horizon", "use_lora", "lora_config", "temperature", "top_k", "top_p")
+_SAVED_ARGUMENTS += ("use_kv_cache", "share_prefixes", "check_tokenizer", "mixed_precision", "gradient_checkpointing")
+_SAVED_ARGUMENTS += ("nlpo_top_p", "trainable_layers", "critic", "value_warmup_rollouts")
 
 
-MIXED_PRECISION_OPTIONS = ("auto", "bf16", "no")
-
-
-@functools.cache
-def _cuda_supports_bf16(index: int | None) -> bool:
-    try:  # torch >= 2.3 can tell native bf16 (Ampere and later) from an emulated one
-        return th.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:
-        return th.cuda.is_bf16_supported()
-
-
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """
-    Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX), with which torch's bf16 matmuls run
-    ~3-4x faster than float32 (measured on a 2-core AMD EPYC, docs/benchmarks.md); without them bf16 is emulated and slow.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: do not guess
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def fast_mixed_precision(device: str | th.device = "auto") -> str:
-    """
-    The ``mixed_precision`` setting that is fastest on ``device``: ``"bf16"`` on a GPU with native bfloat16 or a CPU
-    with bf16 instructions (:func:`cpu_has_fast_bf16`), else ``"no"``. The policy's own ``"auto"`` stays float32 on CPUs.
-
-    :param device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-    """
-    if str(device) == "auto":
-        device = "cuda" if th.cuda.is_available() else "cpu"
-    device = th.device(device)
-    if device.type == "cuda":
-        return "bf16" if _cuda_supports_bf16(device.index) else "no"
-    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "no"
-
-
-class TransformerLMPolicy(ActorCriticPolicy):
+class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
     """
     Actor-critic policy for text envs: the LM's own head is the actor, a scalar value head reads the LM's last
     hidden state (one LM in memory, shared trunk), and a frozen reference (the same weights with the LoRA
@@ -104,7 +63,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
     :param lr_schedule: learning-rate schedule (from the algorithm)
     :param lm: causal LM name or local path; None: the embedded SmolLM2-135M-Instruct
     :param kl_coef: β of the KL penalty to the reference model (0 turns it off)
-    :param target_kl: target mean KL per episode (nats) for an adaptive β; None keeps β fixed
+    :param kl_target: target mean KL per episode (nats) for an adaptive β; None keeps β fixed. (Its old name
+        ``target_kl`` still works, with a DeprecationWarning: it collided with PPO's own ``target_kl``, an early stop.)
     :param kl_horizon: horizon (tokens) of the adaptive β controller
     :param use_lora: train LoRA adapters (peft) instead of all weights; the reference is then the same model with
         the adapters disabled
@@ -128,7 +88,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
     :param nlpo_top_p: NLPO-style masking (:mod:`sb3_textrl.nlpo`): each step may only take a token of the top-p set
         of a masking policy, a frozen copy of this policy refreshed by :class:`~sb3_textrl.nlpo.NLPOMaskRefresh`;
         None turns it off. With LoRA the masking policy is a second adapter (one LM in memory), without LoRA a
-        frozen copy of the LM
+        frozen copy of the LM; both live in ``policy.nlpo`` (:class:`~sb3_textrl.nlpo.NLPOMasking`, None without NLPO)
     :param trainable_layers: train only the top N transformer blocks (LoRA adapters, or with ``use_lora=False`` their
         weights, the final norm and an untied head); the lower blocks and the embeddings are frozen and shared with the
         reference, and the hidden state entering block L−N, kept from the rollout for every token (O(tokens × hidden)
@@ -155,7 +115,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         lr_schedule: Schedule,
         lm: str | None = None,
         kl_coef: float = 0.05,
-        target_kl: float | None = None,
+        kl_target: float | None = None,
         kl_horizon: int = 10_000,
         use_lora: bool = True,
         lora_config: dict[str, Any] | None = None,
@@ -173,34 +133,10 @@ class TransformerLMPolicy(ActorCriticPolicy):
         value_warmup_rollouts: int = 0,
         **kwargs: Any,
     ):
-        if not isinstance(action_space, spaces.Discrete):
-            raise TypeError(f"TransformerLMPolicy needs a Discrete (vocabulary) action space, got {action_space}")
-        if not isinstance(observation_space, spaces.Dict) or {"input_ids", "attention_mask"} - set(observation_space.spaces):
-            raise TypeError(
-                "TransformerLMPolicy needs Dict observations with 'input_ids' and 'attention_mask' "
-                f"(a TextGenerationEnv, see sb3_textrl.register_text_task); got {observation_space}"
-            )
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-        if nlpo_top_p is not None and not 0 < nlpo_top_p <= 1:
-            raise ValueError(f"nlpo_top_p must be in (0, 1] (e.g. 0.9), or None to turn NLPO masking off; got {nlpo_top_p}")
-        if mixed_precision not in MIXED_PRECISION_OPTIONS:
-            fp16 = (
-                " fp16 autocast needs loss scaling (a GradScaler), which SB3's train loop (optimizer.step()) does not do: "
-                "use 'bf16' (GPUs from Ampere on, and CPUs) or 'no'."
-                if mixed_precision in ("fp16", "float16", "half")
-                else ""
-            )
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_OPTIONS}, got {mixed_precision!r}.{fp16}")
-        self.mixed_precision = mixed_precision
-        self.gradient_checkpointing = gradient_checkpointing
+        check_spaces(observation_space, action_space)
         self.lm_name = lm
         self.kl_coef = kl_coef
-        self.target_kl = target_kl
+        self.kl_target = kl_target_argument(kl_target, kwargs)  # also from target_kl=, its deprecated name
         self.kl_horizon = kl_horizon
         self.use_lora = use_lora
         self.lora_config = dict(lora_config or {})
@@ -210,22 +146,13 @@ class TransformerLMPolicy(ActorCriticPolicy):
         self.use_kv_cache = use_kv_cache
         self.share_prefixes = share_prefixes
         self.check_tokenizer = check_tokenizer
-        self.nlpo_top_p = nlpo_top_p
-        if trainable_layers is not None and not use_kv_cache:
-            raise ValueError(
-                "trainable_layers keeps the lower blocks' output from the rollout's KV cache: it needs use_kv_cache=True "
-                "(or pass trainable_layers=None)"
-            )
+        self.mixed_precision = mixed_precision
+        self.gradient_checkpointing = gradient_checkpointing
+        self._nlpo_top_p_at_build = check_nlpo_top_p(nlpo_top_p)  # _build makes self.nlpo (and self.nlpo_top_p) of it
         self.trainable_layers = trainable_layers
         self.critic = critic
-        if isinstance(value_warmup_rollouts, bool) or not isinstance(value_warmup_rollouts, int) or value_warmup_rollouts < 0:
-            raise ValueError(f"value_warmup_rollouts must be an int >= 0 (0: no warm-up), got {value_warmup_rollouts!r}")
-        if value_warmup_rollouts and not critic:
-            raise ValueError(
-                f"value_warmup_rollouts={value_warmup_rollouts} trains the value head alone, but critic=False has no "
-                "trainable value head (advantage='rloo'/'grpo' need none): drop value_warmup_rollouts, or use critic=True"
-            )
         self.value_warmup_rollouts = value_warmup_rollouts
+        check_arguments(self)  # before the LM is loaded
         # Set by TextRolloutBuffer when its last step is stored: the next predict_values() is SB3's bootstrap.
         self.bootstrap_after_rollout = False
         self._warned_per_step = False
@@ -237,27 +164,23 @@ class TransformerLMPolicy(ActorCriticPolicy):
     # -- construction -------------------------------------------------------------------------------------
     def _build(self, lr_schedule: Schedule) -> None:
         model = self._load_lm()
-        self._check_vocabulary(model)
-        self.layer_split = self._make_layer_split(model)
+        check_vocabulary(model, self.action_space, self.observation_space, self.lm_name, self.check_tokenizer)
+        self.layer_split = lora.make_layer_split(model, self.trainable_layers)
         if self.use_lora:
-            model = self._add_lora(model)
+            model = lora.add_lora(model, self._lora_kwargs(model), self.layer_split)
         elif self.layer_split is not None:
             self.layer_split.freeze_lower(model)
         self.lm: PreTrainedModel | PeftModel = model
-        self.kl_controller = KLController(self.kl_coef, self.target_kl, self.kl_horizon)
+        self.kl_controller = KLController(self.kl_coef, self.kl_target, self.kl_horizon)
         # Without LoRA the reference must be a separate frozen copy of the initial weights.
         self.ref_lm: PreTrainedModel | None = None
         if not self.use_lora and self.kl_controller.enabled:
             self.ref_lm = copy.deepcopy(model).requires_grad_(False).eval()
-        self._build_masking_policy()
+        top_p = self._nlpo_top_p_at_build
+        self.nlpo: NLPOMasking | None = None if top_p is None else NLPOMasking(self, top_p)
         if self.gradient_checkpointing:
-            self._enable_gradient_checkpointing()
-        hidden_size = self._hf_model().get_output_embeddings().weight.shape[1]
-        self.value_net = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.value_net.weight)  # V = 0 at start: the reward scale is unknown
-        nn.init.zeros_(self.value_net.bias)
-        if not self.critic:  # kept (a zero) so SB3's rollout and loss code run unchanged, but never trained
-            self.value_net.requires_grad_(False)
+            self._checkpointed = precision.enable_gradient_checkpointing(self._hf_model())
+        self.value_net = make_value_head(self._hf_model().get_output_embeddings().weight.shape[1], trainable=self.critic)
         # Rollouts completed so far (TextRolloutBuffer counts them): a buffer, so model.save/PPO.load keep it.
         self.register_buffer("n_rollouts", th.zeros((), dtype=th.int64))
         self.action_dist = CategoricalDistribution(int(self.action_space.n))
@@ -275,146 +198,20 @@ class TransformerLMPolicy(ActorCriticPolicy):
         return RolloutKVCache(self._cached_trunk)
 
     def _lora_kwargs(self, model: PreTrainedModel) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(r=16, lora_alpha=32, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-        if model.config.model_type == "gpt2":
-            kwargs["fan_in_fan_out"] = True  # GPT-2 stores its projections as Conv1D (in, out)
-        kwargs.update(self.lora_config)
-        return kwargs
-
-    def _make_layer_split(self, model: PreTrainedModel) -> LayerSplit | None:
-        """The frozen/trainable split of ``trainable_layers`` (None: every layer trains, nothing to cache)."""
-        if self.trainable_layers is None:
-            return None
-        split = LayerSplit(model, self.trainable_layers)
-        return split if split.first_trainable > 0 else None
-
-    def _add_lora(self, model: PreTrainedModel) -> PeftModel:
-        """Wrap the LM with LoRA adapters (only in the trainable top blocks with ``trainable_layers``)."""
-        kwargs = self._lora_kwargs(model)
-        split = self.layer_split
-        if split is not None:
-            kwargs.update(layers_to_transform=split.trainable_indices, layers_pattern=split.pattern)
-        with warnings.catch_warnings():  # peft calls a transformers method that transformers 5 deprecates
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            try:
-                peft_model = get_peft_model(model, LoraConfig(**kwargs))
-            except ValueError as err:
-                if split is not None and isinstance(kwargs.get("target_modules"), str):
-                    raise ValueError(
-                        f"LoRA target_modules {kwargs['target_modules']!r} is a regular expression, which peft cannot "
-                        f"restrict to the top {split.n_trainable} blocks of trainable_layers: give target_modules as a "
-                        "list of module names (e.g. ['q_proj', 'v_proj'])"
-                    ) from err
-                if split is None or "not found" not in str(err):
-                    raise
-                raise ValueError(
-                    f"LoRA target_modules {kwargs.get('target_modules')!r} select no module in the top "
-                    f"{split.n_trainable} blocks (blocks {split.first_trainable}-{split.n_blocks - 1} of "
-                    f"'{split.blocks_name}') of {type(model).__name__}: name modules of those blocks in "
-                    "lora_config=dict(target_modules=[...]), e.g. the attention projections"
-                ) from err
-        if split is not None:
-            names = [name for name, p in peft_model.named_parameters() if p.requires_grad]
-            lower = sorted({i for i in map(split.lower_block_of, names) if i is not None})
-            if lower:  # a regex target_modules ignores layers_to_transform: the frozen blocks would change
-                raise ValueError(
-                    f"LoRA target_modules {kwargs.get('target_modules')!r} put adapters in the frozen blocks {lower[:5]} "
-                    f"(trainable_layers={split.n_trainable} trains blocks {split.first_trainable}-{split.n_blocks - 1}): "
-                    "give target_modules as a list of module names, which trainable_layers restricts to the top blocks"
-                )
-        return peft_model
-
-    def _check_vocabulary(self, model: PreTrainedModel) -> None:
-        n_actions = int(self.action_space.n)
-        lm_vocab = model.get_output_embeddings().weight.shape[0]
-        space = self.observation_space
-        env_tokenizer = getattr(space, "tokenizer_name", "?")
-        hint = (
-            "The env's tokenizer must be the LM's: pass the same name or path to both, e.g. "
-            "make_vec_env(task, env_kwargs=dict(tokenizer=LM)) and policy_kwargs=dict(lm=LM)."
-        )
-        if n_actions > lm_vocab:
-            raise ValueError(
-                f"The env's tokenizer ({env_tokenizer}) has {n_actions} tokens but the LM ({self.lm_name or 'embedded'}) "
-                f"only {lm_vocab} output logits. {hint}"
-            )
-        if self.check_tokenizer and isinstance(space, TextObservationSpace) and space.tokenizer_hash:
-            lm_tokenizer = load_tokenizer(self.lm_name)
-            lm_hash = tokenizer_fingerprint(lm_tokenizer)
-            if lm_hash != space.tokenizer_hash:
-                raise ValueError(
-                    f"The env's tokenizer ({env_tokenizer}, {n_actions} tokens) is not the LM's "
-                    f"({self.lm_name or 'embedded'}, {len(lm_tokenizer)} tokens): the token ids would mean different "
-                    f"things. {hint} (check_tokenizer=False skips this check.)"
-                )
+        return lora.lora_kwargs(model, self.lora_config)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(
-            dict(
-                lm=self.lm_name,
-                kl_coef=self.kl_coef,
-                target_kl=self.target_kl,
-                kl_horizon=self.kl_horizon,
-                use_lora=self.use_lora,
-                lora_config=self.lora_config,
-                temperature=self.temperature,
-                top_k=self.top_k,
-                top_p=self.top_p,
-                use_kv_cache=self.use_kv_cache,
-                share_prefixes=self.share_prefixes,
-                check_tokenizer=self.check_tokenizer,
-                mixed_precision=self.mixed_precision,
-                gradient_checkpointing=self.gradient_checkpointing,
-                nlpo_top_p=self.nlpo_top_p,
-                trainable_layers=self.trainable_layers,
-                critic=self.critic,
-                value_warmup_rollouts=self.value_warmup_rollouts,
-            )
-        )
+        data.update(lm=self.lm_name, **{name: getattr(self, name) for name in _SAVED_ARGUMENTS})
         return data
 
-    # -- memory and precision ----------------------------------------------------------------------------
-    def _enable_gradient_checkpointing(self) -> None:
-        model = self._hf_model()
-        if not model.supports_gradient_checkpointing:
-            raise ValueError(
-                f"{type(model).__name__} does not support gradient checkpointing: pass gradient_checkpointing=False."
-            )
-        # Non-reentrant checkpointing: LoRA's frozen inputs need no requires_grad, and no-grad rollouts skip it.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        # HF checkpoints a layer only while ``layer.training``; the LM stays in eval mode (no dropout), so
-        # set_training_mode() flips that flag on the checkpointed modules alone.
-        self._checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
-
-    def autocast_dtype(self) -> th.dtype | None:
-        """The dtype LM forwards autocast to on the policy's current device, or None for float32."""
-        device = self.device
-        if self.mixed_precision == "bf16":
-            if device.type == "cuda" and not _cuda_supports_bf16(device.index):
-                raise RuntimeError(
-                    f"mixed_precision='bf16' but {th.cuda.get_device_name(device)} has no native bfloat16: "
-                    "use mixed_precision='no' (or 'auto') on this GPU."
-                )
-            return th.bfloat16
-        if self.mixed_precision == "auto" and device.type == "cuda" and _cuda_supports_bf16(device.index):
-            return th.bfloat16
-        return None
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = self.autocast_dtype()
-        if dtype is None:
-            return contextlib.nullcontext()
-        return th.autocast(device_type=self.device.type, dtype=dtype)
+    @property
+    def target_kl(self) -> float | None:
+        """Deprecated name of :attr:`kl_target` (the adaptive β's target; PPO's own ``target_kl`` is an early stop)."""
+        warnings.warn("TransformerLMPolicy.target_kl is deprecated: read kl_target", DeprecationWarning, stacklevel=2)
+        return self.kl_target
 
     # -- the LM and its reference -----------------------------------------------------------------------
-    def _hf_model(self) -> PreTrainedModel:
-        return self.lm.get_base_model() if isinstance(self.lm, PeftModel) else self.lm
-
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[PreTrainedModel]:
         """Context in which the returned model is the frozen reference π_ref."""
@@ -426,116 +223,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         else:
             raise RuntimeError("This policy has no reference model (kl_coef=0 without LoRA)")
 
-    def _trunk(
-        self,
-        model: PreTrainedModel,
-        input_ids: th.Tensor,
-        attention_mask: th.Tensor,
-        position_ids: th.Tensor,
-        past: DynamicCache | None = None,
-        use_cache: bool = False,
-    ) -> tuple[th.Tensor, DynamicCache | None]:
-        """Run the LM without its head: (B, S) tokens -> (B, S, H) final hidden states."""
-        trunk = model.base_model
-        with self._autocast():
-            out = trunk(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                **{_cache_kwarg(type(trunk)): past},
-            )
-        if not use_cache:
-            return out.last_hidden_state, None
-        return out.last_hidden_state, out["cache"] if "cache" in out else out["past_key_values"]
-
-    def _cached_trunk(
-        self, input_ids: th.Tensor, attention_mask: th.Tensor, position_ids: th.Tensor, past: DynamicCache | None
-    ) -> tuple[th.Tensor, DynamicCache, th.Tensor | None]:
-        """The rollout cache's trunk; with ``trainable_layers`` it also keeps the hidden state entering the top blocks."""
-        model = self._hf_model()
-        if self.layer_split is None:
-            hidden, past = self._trunk(model, input_ids, attention_mask, position_ids, past, use_cache=True)
-            assert past is not None
-            return hidden, past, None
-        with self.layer_split.capture(model) as captured:
-            hidden, past = self._trunk(model, input_ids, attention_mask, position_ids, past, use_cache=True)
-        assert past is not None
-        return hidden, past, captured[-1]
-
-    @th.no_grad()
-    def split_hidden(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
-        """
-        With ``trainable_layers``: the hidden state entering the first trainable block at every token of rollout
-        observations, kept by the rollout KV cache (a row it no longer holds is recomputed, exactly).
-
-        :param input_ids: (B, L) observations
-        :param attention_mask: (B, L) 0/1 mask
-        :return: (B, L, H) hidden states, zero on padding
-        """
-        split = self.layer_split
-        if split is None:
-            raise RuntimeError("split_hidden() needs a policy built with trainable_layers")
-        kept = self._rollout_cache.features_of(input_ids, attention_mask)
-        if kept is not None and bool(kept[1].all()):
-            return kept[0]
-        # The cache has moved on (e.g. a callback generated with this policy between the step and the buffer's add).
-        rows = th.ones(len(input_ids), dtype=th.bool, device=input_ids.device) if kept is None else ~kept[1]
-        model = self._hf_model()
-        mask = attention_mask[rows]
-        with split.capture(model) as captured:
-            self._trunk(model, input_ids[rows], mask, positions_from_mask(mask))
-        recomputed = captured[-1] * mask.unsqueeze(-1)
-        if kept is None:
-            return recomputed
-        features = kept[0]
-        features[rows] = recomputed.to(features.dtype)
-        return features
-
-    def _logits(self, model: PreTrainedModel, hidden: th.Tensor) -> th.Tensor:
-        """LM head on selected hidden states, restricted to the env's vocabulary: (N, H) -> (N, V) float32."""
-        with self._autocast():  # the (N, H) x (H, V) head is the largest matmul of a small LM
-            logits = model.get_output_embeddings()(hidden)[..., : self.action_space.n].float()
-        softcap = getattr(model.config, "final_logit_softcapping", None)
-        if softcap:  # Gemma-2 style models squash their logits
-            logits = th.tanh(logits / softcap) * softcap
-        return logits
-
-    def _process_logits(self, logits: th.Tensor, allowed: th.Tensor | None = None) -> th.Tensor:
-        """
-        The sampling distribution's logits: temperature, then the NLPO mask, then top-k / top-p truncation (which so
-        choose among the allowed tokens). (N, V) logits and (N, V) bool allowed tokens -> (N, V)
-        """
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        fill = _masked_fill_value(logits.dtype)
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, fill)
-        if self.top_k is not None and self.top_k < logits.shape[-1]:
-            kth_best = th.topk(logits, self.top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth_best, fill)
-        if self.top_p is not None and self.top_p < 1.0:
-            sorted_logits, order = th.sort(logits, dim=-1, descending=True)
-            probs = th.softmax(sorted_logits, dim=-1)
-            # Drop a token when the tokens before it already reach top_p (the most likely one always stays).
-            drop_sorted = (probs.cumsum(dim=-1) - probs) >= self.top_p
-            drop = th.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, fill)
-        return logits
-
-    def _distribution(self, logits: th.Tensor, allowed: th.Tensor | None = None) -> CategoricalDistribution:
-        return self.action_dist.proba_distribution(action_logits=self._process_logits(logits, allowed))
-
-    def _value(self, hidden: th.Tensor) -> th.Tensor:
-        with th.autocast(device_type=hidden.device.type, enabled=False):  # values stay float32 under mixed precision
-            return self.value_net(hidden.to(self.value_net.weight.dtype))
-
     # -- rollout: next-token outputs ------------------------------------------------------------------------
-    @staticmethod
-    def _tokens(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
-        assert isinstance(obs, dict)
-        return obs["input_ids"].long(), obs["attention_mask"].long()
-
     def _next_token_hidden(self, obs: PyTorchObs, allow_cache_reset: bool = True) -> th.Tensor:
         """(B, H) final hidden state at the last valid token of every observation."""
         ids, mask = self._tokens(obs)
@@ -574,7 +262,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
         actions = distribution.get_actions(deterministic=deterministic)
         log_prob = distribution.log_prob(actions)
         # TextRolloutBuffer needs the policy, and stores NLPO's sets so that training sees the rollout's exactly.
-        attach_rollout_extras(log_prob, policy=self, nlpo_allowed=allowed if self.nlpo_top_p is not None else None)
+        attach_rollout_extras(log_prob, policy=self, nlpo_allowed=None if self.nlpo_top_p is None else allowed)
         return actions, self._value(hidden), log_prob
 
     def get_distribution(self, obs: PyTorchObs) -> Distribution:
@@ -654,9 +342,8 @@ class TransformerLMPolicy(ActorCriticPolicy):
                 hidden = self._last_hidden_per_step(obs)
             logits = self._logits(self._hf_model(), hidden)
             allowed = self._allowed(obs, action_masks, logits)
-            if self.nlpo_top_p is not None and allowed is not None and NLPO_ALLOWED not in obs:
-                # NLPO sets recomputed by another forward than the rollout's: the taken action was allowed then.
-                allowed[th.arange(len(actions), device=allowed.device), actions.long().flatten()] = True
+            if self.nlpo is not None:  # NLPO sets recomputed by another forward than the rollout's: the action stays in
+                allowed = self.nlpo.with_taken_actions(obs, allowed, actions)
             distribution = self._distribution(logits, allowed)
         return self._value(hidden), distribution.log_prob(actions), distribution.entropy()
 
@@ -685,133 +372,43 @@ class TransformerLMPolicy(ActorCriticPolicy):
         with self.reference_model() as ref:
             hidden = self._segment_hidden(ref, obs)
             logits = self._logits(ref, hidden) / self.temperature
-        # Normalised exactly as torch's Categorical does for the policy (log_softmax differs by ~1e-5 in float32),
-        # so that an untuned policy's KL to the reference is exactly 0.
-        log_probs = logits - logits.logsumexp(dim=-1, keepdim=True)
-        return log_probs.gather(1, actions.long().view(-1, 1)).squeeze(1)
+        return action_log_probs(logits, actions)  # normalised as torch's Categorical normalises the policy's
 
-    def _segment_hidden(self, model: PreTrainedModel, obs: dict[str, th.Tensor]) -> th.Tensor:
-        """(N, H) hidden states that predict each action, one teacher-forced forward per segment."""
-        ids, mask = self._tokens(obs)
-        starts, lengths = obs[SEGMENT_STARTS].long(), obs[SEGMENT_LENGTHS].long()
-        # Crop the columns no segment uses: left padding shared by all rows, right padding after the last action.
-        used = mask.any(dim=0)
-        first = int(used.float().argmax().item())
-        end = int((starts + lengths).max().item())
-        ids, mask = ids[:, first:end], mask[:, first:end]
-        if SPLIT_HIDDEN in obs and self.layer_split is not None:  # only the top blocks, from the rollout's hidden states
-            with self.layer_split.from_split(model, obs[SPLIT_HIDDEN][:, first:end]):
-                hidden, _ = self._trunk(model, ids, mask, positions_from_mask(mask))  # (S, W, H)
-        else:
-            hidden, _ = self._trunk(model, ids, mask, positions_from_mask(mask))  # (S, W, H)
-        rows = th.repeat_interleave(th.arange(len(lengths), device=ids.device), lengths)  # (N,)
-        offsets = th.arange(int(lengths.sum().item()), device=ids.device) - th.repeat_interleave(
-            lengths.cumsum(0) - lengths, lengths
-        )
-        columns = th.repeat_interleave(starts - first, lengths) + offsets
-        return hidden[rows, columns]
+    # -- NLPO masking: delegated to self.nlpo (sb3_textrl.nlpo.NLPOMasking) ----------------------------------
+    @property
+    def nlpo_top_p(self) -> float | None:
+        """NLPO's top-p (None: no masking). Setting None pauses the masking (the masking policy is kept)."""
+        return None if self.nlpo is None else self.nlpo.top_p
 
-    def _last_hidden_per_step(self, obs: PyTorchObs, model: PreTrainedModel | None = None) -> th.Tensor:
-        """(B, H) hidden state at each observation's last token, one forward per distinct sequence."""
-        model = self._hf_model() if model is None else model
-        ids, mask = self._tokens(obs)
-        rows = th.arange(len(ids), device=ids.device)
-        if self.share_prefixes and len(ids) > 1:
-            # Observations that are prefixes of another (steps of one episode) are read off the longer one's forward.
-            cover = longest_extensions(ids, mask)
-            sequences, rows = th.unique(cover, return_inverse=True)
-            hidden, _ = self._trunk(model, ids[sequences], mask[sequences], positions_from_mask(mask[sequences]))
-        else:
-            hidden, _ = self._trunk(model, ids, mask, positions_from_mask(mask))
-        return hidden[rows, last_valid_index(mask)]
+    @nlpo_top_p.setter
+    def nlpo_top_p(self, value: float | None) -> None:
+        if self.nlpo is not None:
+            self.nlpo.top_p = check_nlpo_top_p(value)
+        elif value is not None:
+            raise ValueError("This policy has no NLPO masking policy: build it with policy_kwargs=dict(nlpo_top_p=...).")
 
-    # -- NLPO masking (sb3_textrl.nlpo) -------------------------------------------------------------------------
-    def _build_masking_policy(self) -> None:
-        """The NLPO masking policy: a frozen second LoRA adapter, or without LoRA a frozen copy of the LM."""
-        self.mask_lm: PreTrainedModel | None = None
-        self._mask_cache = RolloutKVCache(self._cached_masking_trunk)  # the masking policy's own rollout cache
-        if self.nlpo_top_p is None:
-            return
-        if isinstance(self.lm, PeftModel):
-            active = self.lm.active_adapter
-            self.lm.add_adapter(NLPO_ADAPTER, copy.deepcopy(self.lm.peft_config[active]))
-            self.lm.set_adapter(active)  # the trained adapter stays active and trainable, the new one frozen
-            self.refresh_masking_policy()
-        else:
-            self.mask_lm = copy.deepcopy(self.lm).requires_grad_(False).eval()
-
-    @th.no_grad()
     def refresh_masking_policy(self) -> None:
         """Copy the policy's current weights into the NLPO masking policy (what NLPOMaskRefresh calls)."""
-        if self.nlpo_top_p is None:
+        if self.nlpo is None or self.nlpo_top_p is None:
             raise ValueError("This policy has no NLPO masking policy: build it with policy_kwargs=dict(nlpo_top_p=0.9).")
-        if self.mask_lm is not None:
-            self.mask_lm.load_state_dict(self.lm.state_dict())
-        else:
-            assert isinstance(self.lm, PeftModel)
-            params = dict(self.lm.named_parameters())
-            mask_key, policy_key = f".{NLPO_ADAPTER}.", f".{self.lm.active_adapter}."
-            for name, param in params.items():
-                if mask_key in name:
-                    param.copy_(params[name.replace(mask_key, policy_key)])
-        self._mask_cache.reset()
+        self.nlpo.refresh()
 
-    @contextlib.contextmanager
-    def masking_model(self) -> Iterator[PreTrainedModel]:
+    def masking_model(self) -> contextlib.AbstractContextManager[PreTrainedModel]:
         """Context in which the returned model is the frozen NLPO masking policy."""
-        if self.mask_lm is not None:
-            yield self.mask_lm
-            return
-        if not isinstance(self.lm, PeftModel) or NLPO_ADAPTER not in self.lm.peft_config:
+        if self.nlpo is None:
             raise RuntimeError("This policy has no NLPO masking policy (nlpo_top_p=None)")
-        active = self.lm.active_adapter
-        self.lm.set_adapter(NLPO_ADAPTER, inference_mode=True)
-        try:
-            yield self._hf_model()
-        finally:
-            self.lm.set_adapter(active)  # also gives the trained adapter its requires_grad back
+        return self.nlpo.masking_model()
 
-    def _cached_masking_trunk(
-        self, input_ids: th.Tensor, attention_mask: th.Tensor, position_ids: th.Tensor, past: DynamicCache | None
-    ) -> tuple[th.Tensor, DynamicCache, None]:
-        model = self.mask_lm if self.mask_lm is not None else self._hf_model()  # called inside masking_model()
-        hidden, past = self._trunk(model, input_ids, attention_mask, position_ids, past, use_cache=True)
-        assert past is not None
-        return hidden, past, None
-
-    @th.no_grad()
     def nlpo_allowed(self, obs: PyTorchObs, action_masks: Any = None, rollout: bool = False) -> th.Tensor | None:
         """
-        NLPO: the tokens each step may take, (N, V) bool, or None without NLPO masking.
-
-        Segments from TextRolloutBuffer carry the sets stored at rollout time; otherwise the masking policy scores
-        the observations (rollout steps through its own KV cache, one one-token forward per step; segments by one
-        teacher-forced forward each; single steps by a full forward).
+        NLPO: the tokens each step may take, (N, V) bool, or None without NLPO masking
+        (:meth:`~sb3_textrl.nlpo.NLPOMasking.allowed`).
 
         :param obs: rollout observations, segments or single steps
-        :param action_masks: the env's action masks ((N, V) or flat, as MaskablePPO passes them), combined: the top-p
-            set is taken on the masking distribution restricted to the env's valid tokens, so it is a non-empty
-            subset of them
+        :param action_masks: the env's action masks ((N, V) or flat): the top-p set is taken within them
         :param rollout: ``obs`` holds the current step of every env (use the masking policy's KV cache)
-        :return: (N, V) bool, True for allowed tokens
         """
-        if self.nlpo_top_p is None:
-            return None
-        assert isinstance(obs, dict)
-        if NLPO_ALLOWED in obs:
-            return obs[NLPO_ALLOWED].bool()
-        with self.masking_model() as model:
-            if SEGMENT_LENGTHS in obs:
-                hidden = self._segment_hidden(model, obs)
-            elif rollout and self.use_kv_cache:
-                hidden = self._mask_cache.step(*self._tokens(obs))
-            else:
-                hidden = self._last_hidden_per_step(obs, model)
-            logits = self._logits(model, hidden)
-        env_mask = None
-        if action_masks is not None:
-            env_mask = th.as_tensor(action_masks, device=logits.device).reshape(logits.shape).bool()
-        return top_p_allowed(logits, self.nlpo_top_p, env_mask)
+        return None if self.nlpo is None else self.nlpo.allowed(obs, action_masks, rollout)
 
     def _warn_per_step(self) -> None:
         if self._warned_per_step:
@@ -827,8 +424,7 @@ class TransformerLMPolicy(ActorCriticPolicy):
             "TransformerLMPolicy is being trained with SB3's default rollout buffer, which re-encodes the whole "
             f"context for every single token. TextRolloutBuffer was {GROUPED_SPEEDUP} faster end to end in "
             "benchmarks/ppo_throughput.py (one forward "
-            "per episode): PPO(TransformerLMPolicy, env, rollout_buffer_class=sb3_textrl.TextRolloutBuffer, ...)."
-            + penalty,
+            "per episode): PPO(TransformerLMPolicy, env, rollout_buffer_class=sb3_textrl.TextRolloutBuffer, ...)." + penalty,
             stacklevel=3,
         )
 
@@ -844,7 +440,9 @@ class TransformerLMPolicy(ActorCriticPolicy):
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         self._rollout_cache.reset()
-        self._mask_cache.reset()
+        if self.nlpo is not None:
+            self.nlpo.cache.reset()
+        state_dict = renamed_state_keys(state_dict)  # NLPO's frozen copy as saved before NLPOMasking
         if "n_rollouts" not in state_dict:  # saved before the rollout count existed: keep the current count
             metadata = getattr(state_dict, "_metadata", None)
             state_dict = collections.OrderedDict(state_dict, n_rollouts=self.n_rollouts.clone())

@@ -18,8 +18,9 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
 from sb3_textrl.common.kv_cache import last_valid_index, right_align
+from sb3_textrl.lm.forward import SEGMENT_LENGTHS, SEGMENT_STARTS, run_with_cache, segment_positions
 from sb3_textrl.models import load_seq2seq_lm
-from sb3_textrl.policies import SEGMENT_LENGTHS, SEGMENT_STARTS, TransformerLMPolicy, _cache_kwarg
+from sb3_textrl.policies import TransformerLMPolicy
 
 # Decoders whose self-attention bias depends only on the distance between tokens: left padding a decoder row (as
 # the rollout cache does to batch envs at different steps) leaves their outputs unchanged. Absolute position
@@ -252,6 +253,13 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
                 "Seq2SeqLMPolicy does not support trainable_layers yet (the cached lower-block activations are built "
                 "for causal LMs' decoder blocks): pass trainable_layers=None, or use_lora=True to keep updates small"
             )
+        if kwargs.get("nlpo_top_p") is not None:
+            raise ValueError(
+                "Seq2SeqLMPolicy does not support nlpo_top_p yet: NLPO's masking policy scores observations with the "
+                "causal-LM forwards (one decoder-only pass over prompt and completion, and a decoder-only KV cache), "
+                "which an encoder-decoder LM cannot run. Pass nlpo_top_p=None, or use TransformerLMPolicy with a "
+                "causal LM for NLPO masking."
+            )
         self.prompt_width = int(prompt_width)
         super().__init__(observation_space, action_space, lr_schedule, lm=lm, **kwargs)
 
@@ -302,19 +310,10 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
         past: EncoderDecoderCache | None = None,
     ) -> tuple[th.Tensor, EncoderDecoderCache | None]:
         """Decoder: (B, S) tokens (mask (B, past + S)) -> (B, S, H) final hidden states, and the updated cache."""
-        decoder = model.get_decoder()
+        inputs = dict(input_ids=ids, attention_mask=mask)
+        inputs |= dict(encoder_hidden_states=encoder_hidden, encoder_attention_mask=encoder_mask)
         with self._autocast():
-            out = decoder(
-                input_ids=ids,
-                attention_mask=mask,
-                encoder_hidden_states=encoder_hidden,
-                encoder_attention_mask=encoder_mask,
-                use_cache=past is not None,
-                **{_cache_kwarg(type(decoder)): past},
-            )
-        if past is None:
-            return out.last_hidden_state, None
-        return out.last_hidden_state, out["cache"] if "cache" in out else out["past_key_values"]
+            return run_with_cache(model.get_decoder(), past, past is not None, **inputs)
 
     def _logits(self, model: PreTrainedModel, hidden: th.Tensor) -> th.Tensor:
         """The model's own head on decoder hidden states: (N, H) -> (N, V) float32 over the env's vocabulary."""
@@ -341,11 +340,7 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
         prompt_ids, prompt_mask = _crop_left(ids[:, : self.prompt_width], mask[:, : self.prompt_width])
         encoder_hidden = self._encode(model, prompt_ids, prompt_mask)
         hidden, _ = self._decode(model, decoder_ids, decoder_mask, encoder_hidden, prompt_mask)  # (S, W, H)
-        rows = th.repeat_interleave(th.arange(len(lengths), device=ids.device), lengths)  # (N,)
-        offsets = th.arange(int(lengths.sum().item()), device=ids.device) - th.repeat_interleave(
-            lengths.cumsum(0) - lengths, lengths
-        )
-        return hidden[rows, th.repeat_interleave(first_columns, lengths) + offsets]
+        return hidden[segment_positions(first_columns, lengths)]
 
     def _last_hidden_per_step(self, obs: PyTorchObs) -> th.Tensor:
         """(B, H) decoder hidden state that predicts each observation's next token, one full forward per row."""

@@ -23,7 +23,7 @@ STEP = dict(n_steps=5, batch_size=10, n_epochs=1, normalize_advantage=False, lea
             policy_kwargs=dict(kl_coef=0.1, optimizer_class=th.optim.SGD))
 # Several updates with ragged episodes (different minibatch counts per rank) and an adaptive β.
 TRAIN = dict(n_steps=8, batch_size=6, n_epochs=2, learning_rate=1e-2,
-             policy_kwargs=dict(kl_coef=0.1, target_kl=0.01, kl_horizon=50))
+             policy_kwargs=dict(kl_coef=0.1, kl_target=0.01, kl_horizon=50))
 N_ENVS = 2
 
 

@@ -69,7 +69,7 @@ def test_reference_log_probs_are_normalised_as_the_policys_categorical():
 
 def test_the_controller_keeps_its_old_import_path():
     assert kl_controller.KLController is KLController
-    assert KLController(0.1, target_kl=1.0).adaptive and not KLController(0.1).adaptive
+    assert KLController(0.1, kl_target=1.0).adaptive and not KLController(0.1).adaptive
 
 
 # -- the buffer and the evaluation ------------------------------------------------------------------------------
@@ -165,12 +165,12 @@ def test_kl_reducer_decides_what_beta_adapts_from(ragged_task, tiny_lm):
         calls.append((kl, n_tokens))
         return 100.0, 500  # far above the target: the error is clipped to +0.2
 
-    model, end = one_rollout(ragged_task, tiny_lm, reducer, target_kl=1.0, kl_horizon=1000)
+    model, end = one_rollout(ragged_task, tiny_lm, reducer, kl_target=1.0, kl_horizon=1000)
     buffer = model.rollout_buffer
     assert calls == [(buffer.metrics["kl_to_ref"], N_STEPS * N_ENVS)]  # once a rollout, no waiting steps here
     assert buffer.metrics["kl_coef"] == 0.1  # the β the rollout was penalised with
     assert end.kl_coef == pytest.approx(0.1 * (1 + 0.2 * 500 / 1000))
     assert model.policy.kl_controller.value == end.kl_coef
 
-    model, end = one_rollout(ragged_task, tiny_lm, lambda kl, n_tokens: (None, n_tokens), target_kl=1.0)
+    model, end = one_rollout(ragged_task, tiny_lm, lambda kl, n_tokens: (None, n_tokens), kl_target=1.0)
     assert end.kl_coef == 0.1  # no KL: β stays

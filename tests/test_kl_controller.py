@@ -14,7 +14,7 @@ def test_fixed_coefficient_never_moves():
 
 
 def test_adaptive_coefficient_follows_the_proportional_rule():
-    controller = KLController(kl_coef=0.1, target_kl=6.0, horizon=10_000)
+    controller = KLController(kl_coef=0.1, kl_target=6.0, horizon=10_000)
     # KL twice the target: error clipped to +0.2, beta *= 1 + 0.2 * 1000 / 10000
     assert controller.update(12.0, 1000) == pytest.approx(0.1 * 1.02)
     # KL at 3/4 of the target: error -0.25 clipped to -0.2
@@ -31,11 +31,21 @@ def test_zero_coefficient_disables_the_penalty():
     "kwargs, message",
     [
         (dict(kl_coef=-1.0), "kl_coef must be >= 0"),
-        (dict(kl_coef=0.1, target_kl=0.0), "target_kl must be > 0"),
-        (dict(kl_coef=0.0, target_kl=1.0), "needs kl_coef > 0"),
+        (dict(kl_coef=0.1, kl_target=0.0), "kl_target must be > 0"),
+        (dict(kl_coef=0.0, kl_target=1.0), "needs kl_coef > 0"),
         (dict(kl_coef=0.1, horizon=0), "horizon must be > 0"),
     ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         KLController(**kwargs)
+
+
+def test_target_kl_is_the_deprecated_name_of_kl_target():
+    with pytest.warns(DeprecationWarning, match="'kl_target'"):
+        controller = KLController(kl_coef=0.1, target_kl=3.0)
+    assert controller.kl_target == 3.0 and controller.adaptive
+    with pytest.warns(DeprecationWarning, match="use kl_target"):
+        assert controller.target_kl == 3.0
+    with pytest.raises(TypeError, match="both 'target_kl' and 'kl_target'"):
+        KLController(kl_coef=0.1, target_kl=3.0, kl_target=3.0)

@@ -4,6 +4,8 @@ log-probs between rollout and training, save/load, and the top-p set itself."""
 from __future__ import annotations
 
 import copy
+import io
+import zipfile
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_textrl.buffers import TextRolloutBuffer
-from sb3_textrl.nlpo import NLPO_ADAPTER, NLPO_ALLOWED, NLPOMaskRefresh, top_p_allowed, unpack_allowed
+from sb3_textrl.nlpo import NLPO_ADAPTER, NLPO_ALLOWED, NLPOMasking, NLPOMaskRefresh, top_p_allowed, unpack_allowed
 from sb3_textrl.policies import TransformerLMPolicy
 
 TOP_P = 0.5  # the tiny random LM is nearly uniform: its top-0.5 set holds about 44% of the vocabulary
@@ -42,8 +44,8 @@ def perturb_full(policy: TransformerLMPolicy, seed: int) -> None:
 
 def masking_lm(policy: TransformerLMPolicy):
     """An independent plain HF model with the masking policy's weights (a copy, the masking adapter active)."""
-    if policy.mask_lm is not None:
-        return policy.mask_lm
+    if policy.nlpo.mask_lm is not None:
+        return policy.nlpo.mask_lm
     model = copy.deepcopy(policy.lm)
     model.set_adapter(NLPO_ADAPTER)
     return model
@@ -194,6 +196,47 @@ def test_save_load_keeps_the_masking_policy(ragged_task, tiny_lm, tmp_path):
     # The masking adapter (refreshed before the last rollout) differs from the trained one (trained after it).
     trained = {k: original[k.replace(NLPO_ADAPTER, "default")] for k in masking}
     assert not all(th.equal(original[k], trained[k]) for k in masking)
+
+
+def test_policy_delegates_to_its_nlpo_masking(ragged_task, tiny_lm):
+    off = toy_ppo(toy_vec_env(ragged_task, n_envs=1), tiny_lm).policy
+    assert off.nlpo is None and off.nlpo_top_p is None
+    assert off.nlpo_allowed({"input_ids": th.zeros(1, 4), "attention_mask": th.ones(1, 4)}) is None
+    with pytest.raises(ValueError, match="build it with policy_kwargs=dict"):
+        off.nlpo_top_p = 0.5
+    on = toy_ppo(toy_vec_env(ragged_task, n_envs=1), tiny_lm, policy_kwargs=dict(nlpo_top_p=TOP_P)).policy
+    assert isinstance(on.nlpo, NLPOMasking) and on.nlpo.top_p == on.nlpo_top_p == TOP_P
+    assert "nlpo" in dict(on.named_modules())  # a submodule: saved and moved with the policy
+    with pytest.raises(ValueError, match=r"nlpo_top_p must be in \(0, 1\]"):
+        on.nlpo_top_p = 2.0
+
+
+def test_full_masking_copy_saved_before_nlpo_masking_loads(ragged_task, tiny_lm, tmp_path):
+    """Without LoRA the frozen copy's weights were saved under "mask_lm." (the policy's attribute before NLPOMasking)."""
+    env = toy_vec_env(ragged_task, n_envs=1)
+    model = toy_ppo(env, tiny_lm, policy_kwargs=dict(nlpo_top_p=TOP_P, use_lora=False))
+    perturb_full(model.policy, seed=1)
+    model.policy.refresh_masking_policy()  # the masking copy now differs from a freshly built one
+    model.save(tmp_path / "new")
+    # The same zip as an older sb3_textrl wrote it: the policy's state under the old keys.
+    with zipfile.ZipFile(tmp_path / "new.zip") as new, zipfile.ZipFile(tmp_path / "old.zip", "w") as old:
+        for name in new.namelist():
+            data = new.read(name)
+            if name == "policy.pth":
+                state = th.load(io.BytesIO(data), weights_only=True)
+                assert any(key.startswith("nlpo.mask_lm.") for key in state)
+                state = {key.replace("nlpo.mask_lm.", "mask_lm.", 1): value for key, value in state.items()}
+                buffer = io.BytesIO()
+                th.save(state, buffer)
+                data = buffer.getvalue()
+            old.writestr(name, data)
+    loaded = PPO.load(tmp_path / "old.zip", env=env, device="cpu")
+    original, restored = model.policy.state_dict(), loaded.policy.state_dict()
+    assert original.keys() == restored.keys() and all(th.equal(original[k], restored[k]) for k in original)
+    sequence = th.as_tensor([[11, 22, 33]])
+    with th.no_grad():
+        expected = masking_lm(model.policy)(input_ids=sequence).logits
+        assert th.equal(masking_lm(loaded.policy)(input_ids=sequence).logits, expected)
 
 
 def test_top_p_set_with_an_env_mask():

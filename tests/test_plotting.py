@@ -16,7 +16,7 @@ DEFAULT_PNGS = {"reward.png", "kl.png", "kl_coef.png", "losses.png", "completion
 
 def _run(task: str, lm: str, log_dir, formats: list[str], seed: int, learning_rate: float) -> None:
     model = toy_ppo(toy_vec_env(task, n_envs=2, seed=seed), lm, n_steps=10, batch_size=10, seed=seed,
-                    learning_rate=learning_rate, policy_kwargs=dict(target_kl=1.0))  # adaptive β: a curve to plot
+                    learning_rate=learning_rate, policy_kwargs=dict(kl_target=1.0))  # adaptive β: a curve to plot
     model.set_logger(configure(str(log_dir), formats))
     model.learn(80, callback=TextEvalCallback(toy_vec_env(task, n_envs=2), prompt_indices=[0, 1], verbose=0))
     model.logger.close()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch as th
 from helpers import ragged_stop_ids, register_toy_task, toy_ppo, toy_vec_env
+from stable_baselines3 import PPO
 from stable_baselines3.common.utils import obs_as_tensor
 
 from sb3_textrl.policies import TransformerLMPolicy
@@ -204,3 +205,26 @@ def test_longest_extensions_finds_the_episode_a_step_belongs_to():
     mask = th.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
     # rows 0-2 are one episode; row 3 diverges at its last token; row 4 has another (longer) prompt
     assert longest_extensions(ids, mask, chunk=2).tolist() == [2, 2, 2, 3, 4]
+
+
+def test_kl_target_is_the_adaptive_beta_target_and_ppo_keeps_its_own_target_kl(ragged_task, tiny_lm, recwarn):
+    model = toy_ppo(toy_vec_env(ragged_task, n_envs=1), tiny_lm, target_kl=0.05, policy_kwargs=dict(kl_target=2.0))
+    assert model.target_kl == 0.05  # PPO's early stop, SB3's argument
+    assert model.policy.kl_target == 2.0 and model.policy.kl_controller.kl_target == 2.0
+    params = model.policy._get_constructor_parameters()
+    assert params["kl_target"] == 2.0 and "target_kl" not in params
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning) and "kl_target" in str(w.message)]
+
+
+def test_deprecated_target_kl_still_works_and_saved_models_with_it_load(ragged_task, tiny_lm, tmp_path):
+    with pytest.warns(DeprecationWarning, match=r"target_kl= is deprecated.*policy_kwargs=dict\(kl_target=2\.0\)"):
+        model = toy_ppo(toy_vec_env(ragged_task, n_envs=1), tiny_lm, policy_kwargs=dict(target_kl=2.0))
+    assert model.policy.kl_target == 2.0 and model.policy.kl_controller.kl_target == 2.0
+    with pytest.warns(DeprecationWarning, match="read kl_target"):
+        assert model.policy.target_kl == 2.0
+    model.save(tmp_path / "old_kwargs")  # the zip pickles policy_kwargs=dict(lm=..., target_kl=2.0)
+    with pytest.warns(DeprecationWarning, match="use policy_kwargs=dict"):
+        loaded = PPO.load(tmp_path / "old_kwargs", env=toy_vec_env(ragged_task, n_envs=1), device="cpu")
+    assert loaded.policy.kl_target == 2.0 and loaded.policy.kl_controller.kl_target == 2.0
+    with pytest.raises(ValueError, match=r"both kl_target=1\.0 and target_kl=2\.0.*Pass kl_target only"):
+        toy_ppo(toy_vec_env(ragged_task, n_envs=1), tiny_lm, policy_kwargs=dict(kl_target=1.0, target_kl=2.0))

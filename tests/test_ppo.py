@@ -26,7 +26,7 @@ def toy_task(tiny_lm):
 
 def test_save_load_keeps_weights_arguments_and_generations(toy_task, tiny_lm, tmp_path):
     env = toy_vec_env(toy_task, n_envs=2)
-    policy_kwargs = dict(kl_coef=0.1, target_kl=4.0, top_k=40, temperature=0.9, lora_config=dict(r=4, lora_alpha=8))
+    policy_kwargs = dict(kl_coef=0.1, kl_target=4.0, top_k=40, temperature=0.9, lora_config=dict(r=4, lora_alpha=8))
     model = toy_ppo(env, tiny_lm, learning_rate=1e-2, policy_kwargs=policy_kwargs)
     model.learn(20)
     model.save(tmp_path / "run")

@@ -187,6 +187,16 @@ def test_absolute_position_decoder_needs_the_cache_off(tmp_path, small_tokenizer
     t5_ppo(env, str(tmp_path), n_steps=4, batch_size=4, policy_kwargs=dict(use_kv_cache=False)).learn(4)
 
 
+def test_nlpo_is_refused_when_the_policy_is_built(ragged_task, tiny_t5_path, tmp_path):
+    env = toy_vec_env(ragged_task, n_envs=1)
+    message = r"does not support nlpo_top_p.*causal-LM forwards.*Pass nlpo_top_p=None, or use TransformerLMPolicy"
+    with pytest.raises(ValueError, match=message):
+        t5_ppo(env, tiny_t5_path, policy_kwargs=dict(nlpo_top_p=0.9))
+    with pytest.raises(ValueError, match=message):  # before any LM is loaded: this path does not exist
+        t5_ppo(env, str(tmp_path / "never-loaded"), policy_kwargs=dict(nlpo_top_p=0.9))
+    assert t5_ppo(env, tiny_t5_path, policy_kwargs=dict(nlpo_top_p=None)).policy.nlpo is None
+
+
 def test_save_load_keeps_weights_arguments_and_generations(ragged_task, tiny_t5_path, tmp_path):
     policy_kwargs = dict(kl_coef=0.1, top_k=40, temperature=0.9, lora_config=dict(r=4, lora_alpha=8))
     model = t5_ppo(toy_vec_env(ragged_task, n_envs=2), tiny_t5_path, learning_rate=1e-2, policy_kwargs=policy_kwargs)

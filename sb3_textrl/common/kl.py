@@ -23,11 +23,14 @@ completions with the same two functions (:func:`token_kl`, :func:`episode_kl`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch as th
 from torch import nn
+
+from sb3_textrl.common.deprecation import renamed_kwargs
 
 # The buffer's hook between the KL it measured and β's update: (mean KL per episode of this rollout, or None when no
 # episode lies wholly in it; tokens sampled) -> (the KL and token count to adapt β from; None: leave β as it is).
@@ -108,7 +111,7 @@ def mean_episode_kl(episode_kls: Sequence[float] | np.ndarray) -> float | None:
 
 class KLController(nn.Module):
     """
-    Holds β and, when ``target_kl`` is given, adapts it after every rollout.
+    Holds β and, when ``kl_target`` is given, adapts it after every rollout.
 
     The adaptive rule is the proportional controller of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
     Preferences", §2.2): β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon), with KL the mean per-episode sum of
@@ -116,23 +119,30 @@ class KLController(nn.Module):
     that ``model.save``/``PPO.load`` keep its current value.
 
     :param kl_coef: initial β; 0 disables the penalty (and the reference forward passes)
-    :param target_kl: target mean KL per episode, in nats; None keeps β fixed
+    :param kl_target: target mean KL per episode, in nats; None keeps β fixed (``target_kl``, the old name, warns)
     :param horizon: number of tokens over which β may change by at most a factor of about e^0.2
     """
 
-    def __init__(self, kl_coef: float = 0.05, target_kl: float | None = None, horizon: int = 10_000):
+    @renamed_kwargs(target_kl="kl_target")
+    def __init__(self, kl_coef: float = 0.05, kl_target: float | None = None, horizon: int = 10_000):
         super().__init__()
         if kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-        if target_kl is not None and target_kl <= 0:
-            raise ValueError(f"target_kl must be > 0 (or None for a fixed kl_coef), got {target_kl}")
-        if target_kl is not None and kl_coef == 0:
-            raise ValueError("An adaptive KL controller (target_kl) needs kl_coef > 0 to start from")
+        if kl_target is not None and kl_target <= 0:
+            raise ValueError(f"kl_target must be > 0 (or None for a fixed kl_coef), got {kl_target}")
+        if kl_target is not None and kl_coef == 0:
+            raise ValueError("An adaptive KL controller (kl_target) needs kl_coef > 0 to start from")
         if horizon <= 0:
             raise ValueError(f"horizon must be > 0, got {horizon}")
-        self.target_kl = target_kl
+        self.kl_target = kl_target
         self.horizon = horizon
         self.register_buffer("kl_coef", th.tensor(float(kl_coef), dtype=th.float64))
+
+    @property
+    def target_kl(self) -> float | None:
+        """Deprecated name of :attr:`kl_target` (it collided with PPO's ``target_kl``, an early stop)."""
+        warnings.warn("KLController.target_kl is deprecated, use kl_target", DeprecationWarning, stacklevel=2)
+        return self.kl_target
 
     @property
     def value(self) -> float:
@@ -147,7 +157,7 @@ class KLController(nn.Module):
     @property
     def adaptive(self) -> bool:
         """Whether β follows a target KL (else it stays at ``kl_coef``)."""
-        return self.target_kl is not None
+        return self.kl_target is not None
 
     def update(self, mean_episode_kl: float, n_tokens: int) -> float:
         """
@@ -157,10 +167,10 @@ class KLController(nn.Module):
         :param n_tokens: tokens in the rollout
         :return: the new β
         """
-        if self.target_kl is not None and n_tokens > 0:
-            error = min(max(mean_episode_kl / self.target_kl - 1.0, -0.2), 0.2)
+        if self.kl_target is not None and n_tokens > 0:
+            error = min(max(mean_episode_kl / self.kl_target - 1.0, -0.2), 0.2)
             self.kl_coef.mul_(1.0 + error * n_tokens / self.horizon)
         return self.value
 
     def extra_repr(self) -> str:
-        return f"kl_coef={self.value:.4g}, target_kl={self.target_kl}, horizon={self.horizon}"
+        return f"kl_coef={self.value:.4g}, kl_target={self.kl_target}, horizon={self.horizon}"
