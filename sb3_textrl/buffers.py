@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,18 +19,9 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_textrl.common.kl import KLReducer, episode_kl, mean_episode_kl, penalized_rewards, token_kl
 from sb3_textrl.common.sb3_bridge import find_algorithm, record_metrics, rollout_extras
+from sb3_textrl.common.segments import Segment, append_actions, segment_batch, split_hidden_layout
 from sb3_textrl.nlpo import NLPO_ALLOWED, pack_allowed, unpack_allowed
-from sb3_textrl.policies import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, TransformerLMPolicy
-
-
-@dataclass
-class Segment:
-    """The steps of one env between two episode starts (or the ends of the buffer)."""
-
-    env: int
-    start: int  # first step in the buffer
-    length: int  # number of steps
-    context: int  # row in ``contexts``: the observation at the first step
+from sb3_textrl.policies import TransformerLMPolicy
 
 
 class TextRolloutBuffer(RolloutBuffer):
@@ -597,39 +587,15 @@ class TextRolloutBuffer(RolloutBuffer):
             offset += s.length
 
     def _segment_batch(self, chunk: list[Segment]) -> dict[str, th.Tensor]:
-        """Token layout of a chunk: each row is its segment's context with the segment's actions appended."""
-        ids = self.contexts[[s.context for s in chunk]].astype(np.int64)
-        mask = self.context_masks[[s.context for s in chunk]]
-        starts = np.zeros(len(chunk), dtype=np.int64)
-        for row, s in enumerate(chunk):
-            last_valid = int(np.flatnonzero(mask[row])[-1])
-            tokens = self.actions[s.start : s.start + s.length, s.env]
-            ids[row, last_valid + 1 : last_valid + 1 + s.length] = tokens[: self.width - last_valid - 1]
-            mask[row, last_valid + 1 : last_valid + 1 + s.length] = True
-            starts[row] = last_valid  # the hidden state of the context's last token predicts the first action
-        batch = {
-            "input_ids": th.as_tensor(ids, device=self.device),
-            "attention_mask": th.as_tensor(mask.astype(np.int64), device=self.device),
-            SEGMENT_STARTS: th.as_tensor(starts, device=self.device),
-            SEGMENT_LENGTHS: th.as_tensor([s.length for s in chunk], device=self.device),
-        }
+        """Token layout of a chunk (:mod:`sb3_textrl.common.segments`): each row its segment's context and actions."""
+        contexts = [s.context for s in chunk]
+        actions = [self.actions[s.start : s.start + s.length, s.env] for s in chunk]
+        ids, mask, starts = append_actions(self.contexts[contexts], self.context_masks[contexts], actions)
+        split = None
         if self.step_split is not None:
-            batch[SPLIT_HIDDEN] = self._split_batch(chunk, starts)
-        return batch
-
-    def _split_batch(self, chunk: list[Segment], starts: np.ndarray) -> th.Tensor:
-        """(S, width, H) hidden states at the first trainable block for the chunk's rows, laid out as their tokens."""
-        assert self.step_split is not None
-        split = self.step_split.new_zeros(len(chunk), self.width, self.step_split.shape[-1])
-        for row, (s, last_valid) in enumerate(zip(chunk, starts.tolist())):
-            context = self.context_split[s.context]  # (n_ctx, H): the context's valid tokens, ending at last_valid
-            split[row, last_valid + 1 - len(context) : last_valid + 1] = context
-            # Each later step's observation ends with the previous action: its hidden state came with that step. The
-            # segment's last action is never an input of its own segment, so its column stays 0 (unread).
-            n_actions = min(s.length - 1, self.width - last_valid - 1)
-            later_steps = self.step_split[s.start + 1 : s.start + 1 + n_actions, s.env]  # (n_actions, H)
-            split[row, last_valid + 1 : last_valid + 1 + n_actions] = later_steps
-        return split
+            later = [self.step_split[s.start + 1 : s.start + s.length, s.env] for s in chunk]  # (length - 1, H) each
+            split = split_hidden_layout([self.context_split[i] for i in contexts], later, starts, self.width)
+        return segment_batch(ids, mask, starts, [s.length for s in chunk], self.device, split)
 
     def _get_samples(  # type: ignore[override]
         self, chunk: list[Segment], env: VecNormalize | None = None

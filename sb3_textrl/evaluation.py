@@ -244,7 +244,7 @@ def kl_to_reference(
     import torch as th
 
     from sb3_textrl.common.kl import episode_kl, token_kl
-    from sb3_textrl.policies import SEGMENT_LENGTHS, SEGMENT_STARTS
+    from sb3_textrl.common.segments import completion_batch
 
     if not has_reference(policy):
         raise RuntimeError("this policy has no reference model (kl_coef=0 without LoRA), so it has no KL to a reference")
@@ -258,22 +258,11 @@ def kl_to_reference(
     bar = tqdm(total=len(samples), desc="KL to reference", disable=not progress_bar)
     for first in range(0, len(samples), batch_size):
         chunk = samples[first : first + batch_size]
-        ids = np.stack([s.observation["input_ids"] for s in chunk]).astype(np.int64)  # type: ignore[index]
-        mask = np.stack([s.observation["attention_mask"] for s in chunk]).astype(np.int64)  # type: ignore[index]
+        ids = np.stack([s.observation["input_ids"] for s in chunk])  # type: ignore[index]
+        mask = np.stack([s.observation["attention_mask"] for s in chunk])  # type: ignore[index]
         lengths = np.array([s.completion_tokens for s in chunk], dtype=np.int64)
-        # The generated tokens are the last `length` valid tokens of a row; the hidden state of the token before
-        # them (the prompt's last) predicts the first one: the segment layout of TextRolloutBuffer.
-        last = ids.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
-        starts = last - lengths
-        actions = np.concatenate([row[start + 1 : start + 1 + n] for row, start, n in zip(ids, starts, lengths)])
-        device = policy.device
-        obs = {
-            "input_ids": th.as_tensor(ids, device=device),
-            "attention_mask": th.as_tensor(mask, device=device),
-            SEGMENT_STARTS: th.as_tensor(starts, device=device),
-            SEGMENT_LENGTHS: th.as_tensor(lengths, device=device),
-        }
-        actions_t = th.as_tensor(actions, device=device)
+        # The generated tokens are the last `length` valid tokens of a row: TextRolloutBuffer's segment layout.
+        obs, actions_t = completion_batch(ids, mask, lengths, policy.device)
         with th.no_grad():
             _, log_prob, _ = policy.evaluate_actions(obs, actions_t)  # (N,) under the sampling distribution
             ref_log_prob = policy.reference_log_probs(obs, actions_t)  # (N,)
