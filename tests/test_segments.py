@@ -13,10 +13,15 @@ from sb3_textrl.common import segments
 from sb3_textrl.common.segments import (
     SEGMENT_LENGTHS,
     SEGMENT_STARTS,
+    Segment,
     action_hidden,
     action_positions,
     append_actions,
     completion_batch,
+    episode_bounds,
+    flat_steps,
+    pack_segments,
+    scatter_steps,
     segment_batch,
     split_hidden_layout,
     used_columns,
@@ -80,6 +85,20 @@ def test_split_hidden_layout_by_hand():
     assert split.shape == (2, 8, 2)
     assert split[0, :, 0].tolist() == [0, 0, 1, 1, 1, 5, 6, 0]  # the last action's column stays 0
     assert split[1, :, 0].tolist() == [2, 0, 2, 4, 6, 8, 10, 12]  # later steps cut at the width
+
+
+def test_steps_of_segments_by_hand():
+    # Env 0: an episode cut by the rollout's start (steps 0-1), then one to its end (2-3); env 1: one episode (0-3).
+    segments = [Segment(0, 0, 2, 0), Segment(0, 2, 2, 1), Segment(1, 0, 4, 2)]
+    steps = np.arange(8).reshape(4, 2)  # (buffer_size, n_envs): value = 2 * step + env
+    assert flat_steps(steps, segments).tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert flat_steps(steps, []).shape == (0,)
+    out = np.zeros_like(steps)
+    scatter_steps(out, segments[1:], np.arange(1, 7))
+    assert out.tolist() == [[0, 3], [0, 4], [1, 5], [2, 6]]
+    assert [[s.length for s in chunk] for chunk in pack_segments(segments, 3)] == [[2, 2], [4]]
+    episode_starts = np.array([[0, 1], [0, 0], [1, 0], [0, 0]])
+    assert episode_bounds(segments, episode_starts, np.array([True, False]), 4) == ([False, True, True], [True, True, False])
 
 
 def test_policies_keep_the_keys():

@@ -26,7 +26,7 @@ evaluation from finished observations via :func:`completion_batch`); :func:`acti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +47,51 @@ class Segment:
     start: int  # first step in the buffer
     length: int  # number of steps
     context: int  # row in ``contexts``: the observation at the first step
+
+
+def episode_bounds(
+    segments: Sequence[Segment], episode_starts: np.ndarray, dones: np.ndarray, buffer_size: int
+) -> tuple[list[bool], list[bool]]:
+    """
+    Which segments start their episode in the rollout, and which end it there (a done, or the next episode's start).
+
+    :param segments: a buffer's segments
+    :param episode_starts: (buffer_size, n_envs) the buffer's episode starts
+    :param dones: (n_envs,) the dones after the rollout's last step
+    :param buffer_size: steps per env
+    :return: ``(starts_here, ends_here)``, one bool per segment each
+    """
+    starts_here = [bool(episode_starts[s.start, s.env]) for s in segments]
+    ends_here = [s.start + s.length < buffer_size or bool(dones[s.env]) for s in segments]
+    return starts_here, ends_here
+
+
+def flat_steps(array: np.ndarray, segments: Iterable[Segment]) -> np.ndarray:
+    """(buffer_size, n_envs, ...) per-step values -> (N, ...) those of the segments' steps, segment after segment."""
+    steps = [array[s.start : s.start + s.length, s.env] for s in segments]
+    return np.concatenate(steps) if steps else np.zeros((0, *array.shape[2:]), dtype=array.dtype)
+
+
+def scatter_steps(array: np.ndarray, segments: Iterable[Segment], values: np.ndarray) -> None:
+    """The inverse of :func:`flat_steps`: write (N, ...) ``values`` into the segments' steps of ``array``."""
+    offset = 0
+    for s in segments:
+        array[s.start : s.start + s.length, s.env] = values[offset : offset + s.length]
+        offset += s.length
+
+
+def pack_segments(segments: Iterable[Segment], batch_size: int) -> Generator[list[Segment], None, None]:
+    """Consecutive groups of ``segments`` of at least ``batch_size`` steps each (the last may hold fewer)."""
+    chunk: list[Segment] = []
+    steps = 0
+    for segment in segments:
+        chunk.append(segment)
+        steps += segment.length
+        if steps >= batch_size:
+            yield chunk
+            chunk, steps = [], 0
+    if chunk:
+        yield chunk
 
 
 def last_valid_columns(attention_mask: np.ndarray) -> np.ndarray:
