@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,20 +17,28 @@ from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
 from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecNormalize
 
-from sb3_textrl.common.kl import KLReducer, episode_kl, mean_episode_kl, penalized_rewards, token_kl
+from sb3_textrl.common.advantages import (
+    ADVANTAGES,
+    critic_warning,
+    group_advantages,
+    no_group_message,
+    normalized_task_rewards,
+)
+from sb3_textrl.common.kl import KLReducer, episode_kl, kl_alarms, mean_episode_kl, penalized_rewards, token_kl
 from sb3_textrl.common.sb3_bridge import find_algorithm, record_metrics, rollout_extras
+from sb3_textrl.common.segments import (
+    Segment,
+    append_actions,
+    episode_bounds,
+    flat_steps,
+    pack_segments,
+    scatter_steps,
+    segment_batch,
+    split_hidden_layout,
+)
+from sb3_textrl.common.waits import final_waits, prompt_only, waited
 from sb3_textrl.nlpo import NLPO_ALLOWED, pack_allowed, unpack_allowed
-from sb3_textrl.policies import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, TransformerLMPolicy
-
-
-@dataclass
-class Segment:
-    """The steps of one env between two episode starts (or the ends of the buffer)."""
-
-    env: int
-    start: int  # first step in the buffer
-    length: int  # number of steps
-    context: int  # row in ``contexts``: the observation at the first step
+from sb3_textrl.policies import TransformerLMPolicy
 
 
 class TextRolloutBuffer(RolloutBuffer):
@@ -55,31 +62,11 @@ class TextRolloutBuffer(RolloutBuffer):
     Minibatches hold whole segments, so their sizes vary around ``batch_size`` steps.
 
     **Advantages.** ``advantage="gae"`` (default) is SB3's GAE with the policy's value head. ``"rloo"`` and ``"grpo"``
-    use no critic: they compare each completion with the other completions of the same prompt (a *group*: the
-    episodes that start the same context at the same step, e.g. the k envs of
-    :func:`~sb3_textrl.envs.groups.make_group_vec_env`). With the episode's return including the KL penalty,
-
-        R_i = r_task_i − β · Σ_t (log π(a_t) − log π_ref(a_t))    (summed over the episode's tokens)
-
-    every token of completion i of a group of n gets the same advantage
-
-        rloo: A_i = R_i − (Σ_j R_j − R_i) / (n − 1)            (Ahmadian et al. 2024)
-        grpo: A_i = (R_i − mean_j R_j) / (std_j R_j + 1e-8)     (Shao et al. 2024; sample std, ddof=1, as TRL)
-
-    and ``returns = advantages + values``. An episode takes part only if it starts and ends inside this rollout and
-    every episode of its group does too, and the group has n ≥ 2; the steps of all other episodes (cut by the
-    rollout's ends, siblings unfinished, no sibling) are left out of every minibatch (zero weight, not a zero
-    advantage) and counted in ``rollout/group_dropped_steps``; ``rollout/groups`` counts the groups used.
-
-    **Waiting steps.** Under :func:`~sb3_textrl.envs.groups.make_group_vec_env`'s lock-step a member that finished
-    early holds its next prompt until its siblings finish; SB3 gives a buffer no ``infos``, so the buffer recognises
-    those steps from the observations: an observation without generated tokens begins an episode, and when the next
-    step of the same env shows it again without an episode start, the env generated nothing, it waited. The real
-    episode starts at the *last* of such a run of prompt-only observations, which is the step its group key uses, so
-    siblings that waited for different numbers of steps still form one group. Waiting steps are idle: in no segment
-    (never trained, never scored by the reference), no KL penalty, in no metric; ``rollout/group_wait_steps`` counts
-    them, apart from ``rollout/group_dropped_steps``. (Whether the rollout's very last step waited shows only in the
-    observation after it, read from the calling algorithm; without one, that step counts as a cut episode's start.)
+    use no critic: each completion's return is compared with the other completions of the same prompt (a *group*),
+    and episodes outside a complete group are left out of the minibatches (:mod:`sb3_textrl.common.advantages` has
+    the formulas and the rules). Under :func:`~sb3_textrl.envs.groups.make_group_vec_env`'s lock-step the steps in
+    which a member waits for its siblings are recognised from the observations and left idle
+    (:mod:`sb3_textrl.common.waits`).
 
     :param buffer_size: steps per env (PPO's ``n_steps``)
     :param observation_space: a text env's Dict observation space
@@ -89,16 +76,14 @@ class TextRolloutBuffer(RolloutBuffer):
     :param gamma: discount
     :param n_envs: number of envs
     :param advantage: ``"gae"``, ``"rloo"`` or ``"grpo"`` (pass it as ``rollout_buffer_kwargs=dict(advantage=...)``)
-    :param normalize_rewards: standardise the task reward with running statistics before the KL penalty is added:
-        the reward at each episode's last step becomes (r − mean) / std (other steps r / std), clipped to
-        ±``REWARD_CLIP``, with mean and std over the last-step rewards of every rollout so far (logged as
-        ``rollout/reward_norm_mean`` and ``rollout/reward_norm_std``; ``rollout/task_reward`` stays the raw reward).
-        The statistics live in the buffer and start afresh after ``PPO.load``
+    :param normalize_rewards: standardise the task reward with running statistics of the episodes' last-step rewards
+        before the KL penalty is added (:func:`~sb3_textrl.common.advantages.normalized_task_rewards`, clipped to
+        ±``REWARD_CLIP``; logged as ``rollout/reward_norm_mean`` and ``rollout/reward_norm_std``, while
+        ``rollout/task_reward`` stays the raw reward). The statistics live in the buffer and start afresh after ``PPO.load``
     :param kl_warn_threshold: warn (once) when ``rollout/kl_to_ref``, the mean per-completion KL to the reference in
-        nats, exceeds this; None: never
+        nats, exceeds this; None: never (:func:`~sb3_textrl.common.kl.kl_alarms`)
     :param kl_negative_tolerance: warn (once) when ``rollout/kl_to_ref`` is below −max(this, 3 standard errors of the
-        mean): the estimate's expectation is ≥ 0, so a clearly negative one means the sampling and the reference do not
-        match; None: never
+        mean), a sign that the sampling and the reference do not match; None: never
 
     ``train/explained_variance`` (SB3 computes it over every stored step) is recorded again, before it is logged, over
     the steps that were trained (:meth:`explained_variance`); it is NaN with a frozen value head (``critic=False``).
@@ -114,7 +99,7 @@ class TextRolloutBuffer(RolloutBuffer):
       one, β adapts from this buffer's own rollout.
     """
 
-    ADVANTAGES = ("gae", "rloo", "grpo")
+    ADVANTAGES = ADVANTAGES
     REWARD_CLIP = 10.0  # as VecNormalize's clip_reward: a first rollout's small std cannot blow a reward up
 
     def __init__(
@@ -216,10 +201,11 @@ class TextRolloutBuffer(RolloutBuffer):
                 "norm_obs=True, which turns the ids into noise. Use VecNormalize(venv, norm_obs=False, norm_reward=True) "
                 "to normalise rewards only, or rollout_buffer_kwargs=dict(normalize_rewards=True)"
             )
-        at_prompt = self._prompt_only(obs)
+        at_prompt = prompt_only(obs["attention_mask"], self.prompt_width)
         after_done = np.asarray(episode_start).astype(bool).reshape(self.n_envs)
         # An observation without generated tokens begins an episode, whatever SB3's episode_start says (after a wait).
         begins = after_done | at_prompt
+        wait_before = waited(self._at_prompt, at_prompt, after_done)
         new_contexts = []
         for env in range(self.n_envs):
             segment = self._open[env]
@@ -227,7 +213,7 @@ class TextRolloutBuffer(RolloutBuffer):
                 segment.length += 1  # the common case: one more token of an open episode, no context to store
                 continue
             ids, mask = obs["input_ids"][env].astype(np.int32), obs["attention_mask"][env].astype(bool)
-            if segment is not None and at_prompt[env] and self._at_prompt[env] and not after_done[env]:
+            if segment is not None and wait_before[env]:
                 # The prompt again, no token generated and no episode ended: the previous step waited for the group.
                 self.waits[segment.start, env] = True
                 segment.start = self.pos  # the episode (of length 1 so far) starts here instead
@@ -265,25 +251,14 @@ class TextRolloutBuffer(RolloutBuffer):
             self.contexts = np.stack([ids for ids, _ in self._context_rows])
             self.context_masks = np.stack([mask for _, mask in self._context_rows])
 
-    def _prompt_only(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        """(n_envs,) bool: observations without a generated token (an episode's first step, or a wait for the group)."""
-        if self.prompt_width is None:
-            return np.zeros(self.n_envs, dtype=bool)
-        return ~np.asarray(obs["attention_mask"])[:, self.prompt_width :].astype(bool).any(axis=1)
-
     def _mark_final_waits(self, dones: np.ndarray) -> None:
         """Tell whether the rollout's last step waited too: the observation after it shows the same prompt alone."""
         algorithm = find_algorithm()
-        if self.prompt_width is None or getattr(algorithm, "rollout_buffer", None) is not self:
-            return  # no prompt region, or not filled by an algorithm's collect_rollouts(): the last step stays a start
-        next_obs = getattr(algorithm, "_last_obs", None)  # collect_rollouts() sets it to the observation after the rollout
-        if not isinstance(next_obs, dict) or np.shape(next_obs.get("attention_mask")) != (self.n_envs, self.width):
-            return
-        waited = self._at_prompt & self._prompt_only(next_obs) & ~np.asarray(dones).astype(bool).reshape(self.n_envs)
-        if not waited.any():
-            return
-        last = self.buffer_size - 1
-        self.waits[last, waited] = True
+        if getattr(algorithm, "rollout_buffer", None) is not self:
+            return  # not filled by an algorithm's collect_rollouts(): the last step stays a start
+        # collect_rollouts() sets _last_obs to the observation after the rollout
+        waited = final_waits(self._at_prompt, getattr(algorithm, "_last_obs", None), dones, self.prompt_width, self.width)
+        self.waits[self.buffer_size - 1, waited] = True
         idle = {id(self._open[env]) for env in np.flatnonzero(waited)}
         self.segments = [s for s in self.segments if id(s) not in idle]
         for env in np.flatnonzero(waited):
@@ -312,7 +287,9 @@ class TextRolloutBuffer(RolloutBuffer):
             self._check_warmup(policy)
         task_rewards, norm_metrics = self.task_rewards, {}
         if self.normalize_rewards:
-            task_rewards, norm_metrics = self._normalized_task_rewards(dones)
+            task_rewards, norm_metrics = normalized_task_rewards(
+                self.task_rewards, self.episode_starts, dones, self.reward_rms, self.REWARD_CLIP
+            )
         self.rewards = task_rewards.copy()
         if policy is not None and policy.kl_controller.enabled:
             self.ref_log_probs = self._score_reference(policy)
@@ -344,19 +321,10 @@ class TextRolloutBuffer(RolloutBuffer):
             policy.kl_controller.update(observed, n_tokens)
 
     def _check_critic(self, policy: TransformerLMPolicy | None) -> None:
-        critic = getattr(policy, "critic", True)
-        if self.advantage == "gae" and policy is not None and not critic:
-            raise ValueError(
-                "advantage='gae' needs the value head, but the policy was built with critic=False: use "
-                "rollout_buffer_kwargs=dict(advantage='rloo') or 'grpo', or policy_kwargs=dict(critic=True)"
-            )
-        if self.advantage != "gae" and policy is not None and critic and not self._warned_critic:
+        warning = None if policy is None else critic_warning(self.advantage, getattr(policy, "critic", True))
+        if warning is not None and not self._warned_critic:
             self._warned_critic = True
-            warnings.warn(
-                f"advantage={self.advantage!r} uses no critic, but the policy's value head is trained (vf_coef > 0 fits "
-                "it to returns nothing reads): build the policy with policy_kwargs=dict(critic=False)",
-                stacklevel=3,
-            )
+            warnings.warn(warning, stacklevel=3)
 
     def _check_warmup(self, policy: TransformerLMPolicy) -> None:
         algorithm = find_algorithm()
@@ -367,55 +335,25 @@ class TextRolloutBuffer(RolloutBuffer):
             )
 
     def _group_advantages(self, dones: np.ndarray) -> dict[str, float]:
-        """RLOO / GRPO advantages (see the class docstring); returns the group metrics."""
-        groups: dict[tuple[int, bytes], list[int]] = {}
-        cut: list[int] = []  # segments that start before or end after this rollout
-        for index, s in enumerate(self.segments):
-            starts_here = bool(self.episode_starts[s.start, s.env])
-            ends_here = s.start + s.length < self.buffer_size or bool(dones[s.env])
-            if not starts_here:
-                cut.append(index)
-                continue
-            ids, mask = self._context_rows[s.context]
-            # Siblings: episodes that start the same context (prompt, padding included) at the same step (after any
-            # waits, so members that waited for different numbers of steps meet).
-            key = (s.start, ids.tobytes() + mask.tobytes())
-            groups.setdefault(key, []).append(index)
-            if not ends_here:
-                cut.append(index)
-        unfinished = set(cut)
-        self.advantages[:] = 0.0
-        trained: list[int] = []
-        n_groups = 0
-        for members in groups.values():
-            if len(members) < 2 or unfinished.intersection(members):
-                continue
-            n_groups += 1
-            returns = np.array([self._segment_sum(self.rewards, self.segments[i]) for i in members])
-            if self.advantage == "rloo":
-                advantages = returns - (returns.sum() - returns) / (len(returns) - 1)
-            else:
-                advantages = (returns - returns.mean()) / (returns.std(ddof=1) + 1e-8)
-            for i, value in zip(members, advantages):
-                s = self.segments[i]
-                self.advantages[s.start : s.start + s.length, s.env] = value
-            trained.extend(members)
-        self.trained_segments = sorted(trained)
+        """RLOO / GRPO advantages (:mod:`sb3_textrl.common.advantages`); returns the group metrics."""
+        starts_here, ends_here = episode_bounds(self.segments, self.episode_starts, dones, self.buffer_size)
+        # Siblings: episodes that start the same context (prompt, padding included) at the same step (after any waits,
+        # so members that waited for different numbers of steps meet).
+        rows = [self._context_rows[s.context] for s in self.segments]
+        keys = [
+            (s.start, ids.tobytes() + mask.tobytes()) if here else None
+            for s, (ids, mask), here in zip(self.segments, rows, starts_here)
+        ]
+        advantages, self.trained_segments, n_groups = group_advantages(
+            self.advantage, self.segments, keys, ends_here, self.rewards
+        )
+        self.advantages[:] = advantages
         self.returns = self.advantages + self.values
         waits = int(self.waits.sum())
-        dropped = self.buffer_size * self.n_envs - waits - sum(self.segments[i].length for i in trained)
-        if not trained:
-            warnings.warn(
-                f"advantage={self.advantage!r}: no complete group of two or more episodes of the same prompt started "
-                "in this rollout, so PPO has nothing to train on; build the VecEnv with "
-                "sb3_textrl.make_group_vec_env(..., samples_per_prompt=k) and make n_steps a few times max_new_tokens",
-                stacklevel=3,
-            )
+        dropped = self.buffer_size * self.n_envs - waits - sum(self.segments[i].length for i in self.trained_segments)
+        if not n_groups:
+            warnings.warn(no_group_message(self.advantage, training=False), stacklevel=3)
         return {"groups": float(n_groups), "group_dropped_steps": float(dropped), "group_wait_steps": float(waits)}
-
-    @staticmethod
-    def _segment_sum(array: np.ndarray, s: Segment) -> float:
-        return float(array[s.start : s.start + s.length, s.env].sum(dtype=np.float64))
 
     def _score_reference(self, policy: TransformerLMPolicy, steps_per_batch: int = 512) -> np.ndarray:
         """log π_ref of every stored action: one no-grad forward per segment, about ``steps_per_batch`` at a time."""
@@ -431,16 +369,11 @@ class TextRolloutBuffer(RolloutBuffer):
 
     def _episode_metrics(self, kl: np.ndarray, dones: np.ndarray) -> dict[str, float]:
         """Means over the episodes that ended in this rollout (the KL and length over those wholly in it)."""
-        task, whole = [], []
-        for segment in self.segments:
-            steps = slice(segment.start, segment.start + segment.length)
-            ends_here = segment.start + segment.length < self.buffer_size or bool(dones[segment.env])
-            starts_here = bool(self.episode_starts[segment.start, segment.env])
-            if ends_here:
-                task.append(float(self.task_rewards[steps, segment.env].sum()))
-                if starts_here:  # the whole episode is in this rollout
-                    whole.append(segment)
-        self._completion_kls = self._episode_kls(kl, whole).tolist()
+        starts_here, ends_here = episode_bounds(self.segments, self.episode_starts, dones, self.buffer_size)
+        ended = [s for s, ends in zip(self.segments, ends_here) if ends]
+        task = [float(self.task_rewards[s.start : s.start + s.length, s.env].sum()) for s in ended]
+        whole = [s for s, starts, ends in zip(self.segments, starts_here, ends_here) if starts and ends]
+        self._completion_kls = episode_kl(flat_steps(kl, whole), [s.length for s in whole]).tolist()
         metrics: dict[str, float] = {}
         if task:
             metrics["task_reward"] = float(np.mean(task))
@@ -450,57 +383,13 @@ class TextRolloutBuffer(RolloutBuffer):
             metrics["completion_len"] = float(np.mean([s.length for s in whole]))
         return metrics
 
-    def _episode_kls(self, kl: np.ndarray, segments: list[Segment]) -> np.ndarray:
-        """
-        The KL to the reference of each of ``segments`` (:func:`sb3_textrl.common.kl.episode_kl`).
-
-        :param kl: (buffer_size, n_envs) per-token estimates (:func:`sb3_textrl.common.kl.token_kl`)
-        :param segments: segments of this buffer
-        :return: float64 array, one sum per segment
-        """
-        if not segments:
-            return np.zeros(0, dtype=np.float64)
-        return episode_kl(self._flat(kl, segments), [s.length for s in segments])
-
-    def _normalized_task_rewards(self, dones: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-        """The task rewards standardised with running statistics of the episodes' last-step rewards (``normalize_rewards``)."""
-        # An episode's last step: the next step starts a new episode, or the rollout ends with a done.
-        ends = np.zeros(self.episode_starts.shape, dtype=bool)
-        ends[:-1] = self.episode_starts[1:] > 0
-        ends[-1] = np.asarray(dones).reshape(self.n_envs) > 0
-        if ends.any():
-            self.reward_rms.update(self.task_rewards[ends].astype(np.float64))
-        mean, std = float(self.reward_rms.mean), math.sqrt(float(self.reward_rms.var) + 1e-8)
-        normalized = self.task_rewards / std
-        normalized[ends] = (self.task_rewards[ends] - mean) / std
-        normalized = np.clip(normalized, -self.REWARD_CLIP, self.REWARD_CLIP).astype(np.float32)
-        return normalized, {"reward_norm_mean": mean, "reward_norm_std": std}
-
     def _check_kl(self, policy: TransformerLMPolicy) -> None:
         """Warn once each when the mean per-completion KL to the reference explodes or is clearly negative."""
-        kls = self._completion_kls
-        mean = mean_episode_kl(kls)
-        if mean is None:
-            return
-        stderr = float(np.std(kls, ddof=1) / math.sqrt(len(kls))) if len(kls) > 1 else 0.0
-        beta = policy.kl_controller.value
-        where = f"rollout/kl_to_ref = {mean:.4g} nats per completion (mean of {len(kls)}, standard error {stderr:.2g})"
-        if self.kl_warn_threshold is not None and mean > self.kl_warn_threshold:
-            self._warn_kl_once(
-                "high",
-                f"{where} exceeds kl_warn_threshold={self.kl_warn_threshold:g}: the policy is moving far from the reference "
-                f"(degenerate text, reward hacking). Lower the learning rate (or n_epochs / clip_range), raise kl_coef "
-                f"(β is {beta:.4g}) or let kl_target adapt β (policy_kwargs=dict(kl_coef=..., kl_target=...)).",
-            )
-        if self.kl_negative_tolerance is not None and mean < -max(self.kl_negative_tolerance, 3 * stderr):
-            self._warn_kl_once(
-                "negative",
-                f"{where} is negative beyond noise (kl_negative_tolerance={self.kl_negative_tolerance:g}, 3 standard "
-                "errors): sampled from the policy, Σ(log π − log π_ref) has a non-negative mean, so the rollout's "
-                "log-probs and the reference's do not match. Check that the reference is the intended model (the LM with "
-                "its adapters disabled, or the frozen copy), and that nothing samples from another distribution than the "
-                "policy's (temperature / top_k / top_p in policy_kwargs, masks, an env wrapper changing actions).",
-            )
+        alarms = kl_alarms(
+            self._completion_kls, policy.kl_controller.value, self.kl_warn_threshold, self.kl_negative_tolerance
+        )
+        for condition, message in alarms.items():
+            self._warn_kl_once(condition, message)
 
     def _warn_kl_once(self, condition: str, message: str) -> None:
         if condition in self._warned_kl:
@@ -517,9 +406,8 @@ class TextRolloutBuffer(RolloutBuffer):
         if self.trained_segments is None:
             return np.ones(self.values.shape, dtype=bool)
         mask = np.zeros(self.values.shape, dtype=bool)
-        for index in self.trained_segments:
-            s = self.segments[index]
-            mask[s.start : s.start + s.length, s.env] = True
+        trained = [self.segments[i] for i in self.trained_segments]
+        scatter_steps(mask, trained, np.ones(sum(s.length for s in trained), dtype=bool))
         return mask
 
     def explained_variance(self) -> float:
@@ -558,12 +446,7 @@ class TextRolloutBuffer(RolloutBuffer):
         else:  # group advantages: the episodes of complete groups only
             if not self.trained_segments:
                 # SB3's train() would fail on its first minibatch-free epoch with an UnboundLocalError on `loss`.
-                raise RuntimeError(
-                    f"advantage={self.advantage!r}: this rollout holds no complete group of two or more episodes of the "
-                    "same prompt, so PPO has nothing to train on. Build the VecEnv with sb3_textrl.make_group_vec_env("
-                    "..., samples_per_prompt=k) (lock-step keeps groups together) and make n_steps at least "
-                    "max_new_tokens; rollout/group_dropped_steps shows what was left out"
-                )
+                raise RuntimeError(no_group_message(self.advantage, training=True))
             order = [self.trained_segments[i] for i in np.random.permutation(len(self.trained_segments))]
         batch_size = batch_size or self.buffer_size * self.n_envs
         if self.minibatch_partition is not None:
@@ -574,62 +457,26 @@ class TextRolloutBuffer(RolloutBuffer):
             yield self._get_samples(chunk)
 
     def _pack(self, order: list[int], batch_size: int) -> Generator[list[Segment], None, None]:
-        chunk: list[Segment] = []
-        steps = 0
-        for index in order:
-            chunk.append(self.segments[index])
-            steps += self.segments[index].length
-            if steps >= batch_size:
-                yield chunk
-                chunk, steps = [], 0
-        if chunk:
-            yield chunk
+        return pack_segments([self.segments[i] for i in order], batch_size)
 
     def _flat(self, array: np.ndarray, chunk: list[Segment]) -> np.ndarray:
         """Per-step values of the chunk's segments, segment after segment."""
-        return np.concatenate([array[s.start : s.start + s.length, s.env] for s in chunk])
+        return flat_steps(array, chunk)
 
     @staticmethod
     def _scatter(array: np.ndarray, chunk: list[Segment], values: np.ndarray) -> None:
-        offset = 0
-        for s in chunk:
-            array[s.start : s.start + s.length, s.env] = values[offset : offset + s.length]
-            offset += s.length
+        scatter_steps(array, chunk, values)
 
     def _segment_batch(self, chunk: list[Segment]) -> dict[str, th.Tensor]:
-        """Token layout of a chunk: each row is its segment's context with the segment's actions appended."""
-        ids = self.contexts[[s.context for s in chunk]].astype(np.int64)
-        mask = self.context_masks[[s.context for s in chunk]]
-        starts = np.zeros(len(chunk), dtype=np.int64)
-        for row, s in enumerate(chunk):
-            last_valid = int(np.flatnonzero(mask[row])[-1])
-            tokens = self.actions[s.start : s.start + s.length, s.env]
-            ids[row, last_valid + 1 : last_valid + 1 + s.length] = tokens[: self.width - last_valid - 1]
-            mask[row, last_valid + 1 : last_valid + 1 + s.length] = True
-            starts[row] = last_valid  # the hidden state of the context's last token predicts the first action
-        batch = {
-            "input_ids": th.as_tensor(ids, device=self.device),
-            "attention_mask": th.as_tensor(mask.astype(np.int64), device=self.device),
-            SEGMENT_STARTS: th.as_tensor(starts, device=self.device),
-            SEGMENT_LENGTHS: th.as_tensor([s.length for s in chunk], device=self.device),
-        }
+        """Token layout of a chunk (:mod:`sb3_textrl.common.segments`): each row its segment's context and actions."""
+        contexts = [s.context for s in chunk]
+        actions = [self.actions[s.start : s.start + s.length, s.env] for s in chunk]
+        ids, mask, starts = append_actions(self.contexts[contexts], self.context_masks[contexts], actions)
+        split = None
         if self.step_split is not None:
-            batch[SPLIT_HIDDEN] = self._split_batch(chunk, starts)
-        return batch
-
-    def _split_batch(self, chunk: list[Segment], starts: np.ndarray) -> th.Tensor:
-        """(S, width, H) hidden states at the first trainable block for the chunk's rows, laid out as their tokens."""
-        assert self.step_split is not None
-        split = self.step_split.new_zeros(len(chunk), self.width, self.step_split.shape[-1])
-        for row, (s, last_valid) in enumerate(zip(chunk, starts.tolist())):
-            context = self.context_split[s.context]  # (n_ctx, H): the context's valid tokens, ending at last_valid
-            split[row, last_valid + 1 - len(context) : last_valid + 1] = context
-            # Each later step's observation ends with the previous action: its hidden state came with that step. The
-            # segment's last action is never an input of its own segment, so its column stays 0 (unread).
-            n_actions = min(s.length - 1, self.width - last_valid - 1)
-            later_steps = self.step_split[s.start + 1 : s.start + 1 + n_actions, s.env]  # (n_actions, H)
-            split[row, last_valid + 1 : last_valid + 1 + n_actions] = later_steps
-        return split
+            later = [self.step_split[s.start + 1 : s.start + s.length, s.env] for s in chunk]  # (length - 1, H) each
+            split = split_hidden_layout([self.context_split[i] for i in contexts], later, starts, self.width)
+        return segment_batch(ids, mask, starts, [s.length for s in chunk], self.device, split)
 
     def _get_samples(  # type: ignore[override]
         self, chunk: list[Segment], env: VecNormalize | None = None

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from sb3_textrl.common.kv_cache import RolloutKVCache
-from sb3_textrl.lm.forward import SEGMENT_LENGTHS
+from sb3_textrl.common.segments import SEGMENT_LENGTHS
 
 if TYPE_CHECKING:
     from sb3_textrl.policies import TransformerLMPolicy

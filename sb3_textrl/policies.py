@@ -24,9 +24,10 @@ from transformers import PreTrainedModel
 from sb3_textrl.common.kl import KLController, action_log_probs
 from sb3_textrl.common.kv_cache import RolloutKVCache
 from sb3_textrl.common.sb3_bridge import attach_rollout_extras
+from sb3_textrl.common.segments import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN
 from sb3_textrl.lm import lora, precision
 from sb3_textrl.lm.arguments import check_arguments, check_spaces, check_vocabulary, kl_target_argument
-from sb3_textrl.lm.forward import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, LMForwards
+from sb3_textrl.lm.forward import LMForwards
 from sb3_textrl.lm.forward import cache_kwarg as _cache_kwarg
 from sb3_textrl.lm.heads import make_value_head
 from sb3_textrl.lm.heads import masked_fill_value as _masked_fill_value

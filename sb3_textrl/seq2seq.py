@@ -18,7 +18,8 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
 from sb3_textrl.common.kv_cache import last_valid_index, right_align
-from sb3_textrl.lm.forward import SEGMENT_LENGTHS, SEGMENT_STARTS, run_with_cache, segment_positions
+from sb3_textrl.common.segments import SEGMENT_LENGTHS, SEGMENT_STARTS, action_hidden
+from sb3_textrl.lm.forward import run_with_cache
 from sb3_textrl.models import load_seq2seq_lm
 from sb3_textrl.policies import TransformerLMPolicy
 
@@ -340,7 +341,7 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
         prompt_ids, prompt_mask = _crop_left(ids[:, : self.prompt_width], mask[:, : self.prompt_width])
         encoder_hidden = self._encode(model, prompt_ids, prompt_mask)
         hidden, _ = self._decode(model, decoder_ids, decoder_mask, encoder_hidden, prompt_mask)  # (S, W, H)
-        return hidden[segment_positions(first_columns, lengths)]
+        return action_hidden(hidden, first_columns, lengths)  # (N, H)
 
     def _last_hidden_per_step(self, obs: PyTorchObs) -> th.Tensor:
         """(B, H) decoder hidden state that predicts each observation's next token, one full forward per row."""

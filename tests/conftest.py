@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gymnasium as gym
 import pytest
+from helpers import ragged_stop_ids, register_toy_task
 
 from sb3_textrl.models import load_gpt2_tokenizer, tiny_gpt2
 
@@ -33,3 +35,12 @@ def shared_news() -> Path:
     if not SHARED_NEWS.is_file():
         pytest.skip(f"{SHARED_NEWS} (the shared real-news data) is not present")
     return SHARED_NEWS
+
+
+@pytest.fixture(scope="session")
+def ragged_task(tiny_lm) -> str:
+    """A toy task whose every 8th token id stops a completion, so that envs end their episodes at different steps."""
+    task = "KlToy-v0"
+    if task not in gym.registry:
+        register_toy_task(task, tiny_lm, max_new_tokens=5, stop_token_ids=ragged_stop_ids())
+    return task

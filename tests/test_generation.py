@@ -15,7 +15,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import sb3_textrl.evaluation as evaluation
+import sb3_textrl.evaluation.run as evaluation_run
 from sb3_textrl import MaskableTextRolloutBuffer, MaskableTransformerLMPolicy
 from sb3_textrl.common.generation import decode, fast_path_unsupported, text_env_of
 from sb3_textrl.evaluation import evaluate, generate_samples, reference_identity
@@ -270,8 +270,8 @@ def test_evaluate_skips_the_kl_pass_only_when_the_policy_is_its_reference(tiny_l
     env = make_vec_env(task, n_envs=2, seed=0)
     model = toy_ppo(env, tiny_lm)
     calls = []
-    real_kl = evaluation.kl_to_reference
-    monkeypatch.setattr(evaluation, "kl_to_reference", lambda *args, **kwargs: calls.append(1) or real_kl(*args, **kwargs))
+    real_kl = evaluation_run.kl_to_reference
+    monkeypatch.setattr(evaluation_run, "kl_to_reference", lambda *args, **kwargs: calls.append(1) or real_kl(*args, **kwargs))
     kwargs = dict(task=task, n=3, n_envs=2, device="cpu", progress_bar=False)
 
     result = evaluate(model, decoding=["greedy", "sample", "sample:top_p=0.5"], **kwargs)

@@ -10,6 +10,7 @@ from gymnasium.spaces import Discrete
 from helpers import PROMPTS, register_toy_task, shout, toy_ppo
 
 from sb3_textrl import TextRolloutBuffer, make_group_vec_env, register_text_task
+from sb3_textrl.common.advantages import complete_groups, relative_advantages
 from sb3_textrl.envs.text_env import TextObservationSpace
 
 PROMPT_WIDTH, NEW_TOKENS = 2, 4
@@ -80,6 +81,15 @@ def ragged_rollout(advantage: str) -> TextRolloutBuffer:
         dones=np.ones(4),
     )
     return buffer
+
+
+def test_complete_groups_and_relative_advantages_by_hand():
+    keys = ["a", None, "a", "b", "b", "c", "a"]  # None: started before the rollout, in no group
+    finished = [True, True, True, True, False, True, True]
+    assert complete_groups(keys, finished) == [[0, 2, 6]]  # "b" has an unfinished member, "c" no sibling
+    returns = np.array([1.0, 2.0, 6.0])
+    np.testing.assert_allclose(relative_advantages(returns, "rloo"), [1 - 4, 2 - 3.5, 6 - 1.5])
+    np.testing.assert_allclose(relative_advantages(returns, "grpo"), (returns - 3) / (np.std(returns, ddof=1) + 1e-8))
 
 
 def test_rloo_advantages_by_hand():

@@ -3,11 +3,10 @@ distributed hook computing through it."""
 
 from __future__ import annotations
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from helpers import ragged_stop_ids, register_toy_task, toy_ppo, toy_vec_env
+from helpers import toy_ppo, toy_vec_env
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_textrl.common import kl_controller
@@ -73,14 +72,6 @@ def test_the_controller_keeps_its_old_import_path():
 
 
 # -- the buffer and the evaluation ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ragged_task(tiny_lm):
-    task = "KlToy-v0"
-    if task not in gym.registry:
-        register_toy_task(task, tiny_lm, max_new_tokens=5, stop_token_ids=ragged_stop_ids())
-    return task
-
-
 class RolloutEnd(BaseCallback):
     """Keeps the rollout's last ``dones`` (what the buffer's compute_returns_and_advantage got) and its β."""
 
@@ -92,8 +83,8 @@ class RolloutEnd(BaseCallback):
         self.kl_coef = self.model.policy.kl_controller.value
 
 
-def one_rollout(task: str, lm: str, kl_reducer=None, **policy_kwargs):
-    """One rollout (and one update with learning rate 0: the policy stays the one that sampled)."""
+def one_rollout(task: str, lm: str, kl_reducer=None, callbacks=(), **policy_kwargs):
+    """One rollout (and one update with learning rate 0: the policy stays the one that sampled), with ``callbacks``."""
     # top_k truncates the sampling distribution, so the KL to the untruncated reference is > 0 at every token.
     kwargs = dict(kl_coef=0.1, top_k=1000) | policy_kwargs
     model = toy_ppo(
@@ -107,7 +98,7 @@ def one_rollout(task: str, lm: str, kl_reducer=None, **policy_kwargs):
     )
     model.rollout_buffer.kl_reducer = kl_reducer
     callback = RolloutEnd()
-    model.learn(N_STEPS * N_ENVS, callback=callback)
+    model.learn(N_STEPS * N_ENVS, callback=[callback, *callbacks])
     return model, callback
 
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from sb3_textrl.envs.masks import ActionMask
     from sb3_textrl.envs.text_env import TextGenerationEnv, TextPrompt
-    from sb3_textrl.evaluation import Sample
+    from sb3_textrl.evaluation.samples import Sample
     from sb3_textrl.policies import TransformerLMPolicy
 
 # (rows of the batch (N,), tokens each row generated so far) -> (N, V) bool, True where the env allows the token
@@ -338,7 +338,7 @@ def generate_env_samples(
     from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
     from tqdm.auto import tqdm
 
-    from sb3_textrl.evaluation import Sample
+    from sb3_textrl.evaluation.samples import Sample
     from sb3_textrl.rewards.base import score_batch
 
     policy: TransformerLMPolicy = model.policy  # type: ignore[assignment]

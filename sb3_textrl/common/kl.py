@@ -12,6 +12,8 @@ Every place that penalises, reports or adapts on the KL to the reference goes th
   sums: the statistic logged as ``rollout/kl_to_ref`` (:class:`~sb3_textrl.buffers.TextRolloutBuffer`, over the
   rollout's whole episodes), ``eval/kl_to_ref`` (:class:`~sb3_textrl.callbacks.TextEvalCallback`) and, per completion,
   by :func:`sb3_textrl.evaluation.evaluate`; in nats per completion;
+- :func:`kl_alarms` says when that statistic shows a problem (the policy far from the reference, or a clearly
+  negative mean: sampling and reference do not match); the buffer warns with its messages;
 - :class:`KLController` holds β and adapts it from an observed mean KL per episode.
 
 Who calls what: the buffer scores the reference at the end of a rollout, penalises the rewards with the current β,
@@ -23,6 +25,7 @@ completions with the same two functions (:func:`token_kl`, :func:`episode_kl`).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -107,6 +110,47 @@ def mean_episode_kl(episode_kls: Sequence[float] | np.ndarray) -> float | None:
     if len(episode_kls) == 0:
         return None
     return float(np.mean(episode_kls))
+
+
+def kl_alarms(
+    episode_kls: Sequence[float] | np.ndarray, beta: float, warn_threshold: float | None, negative_tolerance: float | None
+) -> dict[str, str]:
+    """
+    What a rollout's KL to the reference says is wrong, if anything, with the message to warn with.
+
+    - ``"high"``: the mean KL per completion (:func:`mean_episode_kl`) exceeds ``warn_threshold``;
+    - ``"negative"``: it is below −max(``negative_tolerance``, 3 standard errors of the mean). Sampled from the policy,
+      the estimate's expectation is ≥ 0, so a clearly negative mean means that the sampling and the reference do not
+      match.
+
+    :param episode_kls: :func:`episode_kl` of the rollout's whole episodes
+    :param beta: the current β (named in the advice)
+    :param warn_threshold: nats per completion; None: never ``"high"``
+    :param negative_tolerance: nats per completion; None: never ``"negative"``
+    :return: condition -> message; empty when all is well or there is no episode
+    """
+    mean = mean_episode_kl(episode_kls)
+    if mean is None:
+        return {}
+    n = len(episode_kls)
+    stderr = float(np.std(episode_kls, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    where = f"rollout/kl_to_ref = {mean:.4g} nats per completion (mean of {n}, standard error {stderr:.2g})"
+    alarms = {}
+    if warn_threshold is not None and mean > warn_threshold:
+        alarms["high"] = (
+            f"{where} exceeds kl_warn_threshold={warn_threshold:g}: the policy is moving far from the reference "
+            f"(degenerate text, reward hacking). Lower the learning rate (or n_epochs / clip_range), raise kl_coef "
+            f"(β is {beta:.4g}) or let kl_target adapt β (policy_kwargs=dict(kl_coef=..., kl_target=...))."
+        )
+    if negative_tolerance is not None and mean < -max(negative_tolerance, 3 * stderr):
+        alarms["negative"] = (
+            f"{where} is negative beyond noise (kl_negative_tolerance={negative_tolerance:g}, 3 standard "
+            "errors): sampled from the policy, Σ(log π − log π_ref) has a non-negative mean, so the rollout's "
+            "log-probs and the reference's do not match. Check that the reference is the intended model (the LM with "
+            "its adapters disabled, or the frozen copy), and that nothing samples from another distribution than the "
+            "policy's (temperature / top_k / top_p in policy_kwargs, masks, an env wrapper changing actions)."
+        )
+    return alarms
 
 
 class KLController(nn.Module):

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from sb3_textrl.common.kv_cache import last_valid_index, longest_extensions, positions_from_mask
+from sb3_textrl.common.segments import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, action_hidden
 from sb3_textrl.lm import precision
 from sb3_textrl.lm.heads import head_values, lm_logits, process_logits
 
@@ -24,13 +25,6 @@ if TYPE_CHECKING:
 
     from sb3_textrl.common.kv_cache import RolloutKVCache
     from sb3_textrl.common.layer_split import LayerSplit
-
-# Keys of the observations that TextRolloutBuffer yields: whole episode segments instead of single steps.
-SEGMENT_STARTS = "segment_starts"  # (S,) column of the hidden state that predicts the segment's first action
-SEGMENT_LENGTHS = "segment_lengths"  # (S,) number of actions in the segment
-# With trainable_layers: (S, W, H) hidden states entering the first trainable block, in the columns of input_ids.
-SPLIT_HIDDEN = "split_hidden"
-
 
 @functools.cache
 def cache_kwarg(module_class: type) -> str:
@@ -47,20 +41,6 @@ def run_with_cache(module: nn.Module, past: Any, use_cache: bool, **inputs: th.T
     if not use_cache:
         return out.last_hidden_state, None
     return out.last_hidden_state, out["cache"] if "cache" in out else out["past_key_values"]
-
-
-def segment_positions(first_columns: th.Tensor, lengths: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-    """
-    Where the hidden state that predicts each action of a batch of segments lies in their (S, W, H) forward.
-
-    :param first_columns: (S,) column of the hidden state that predicts each segment's first action
-    :param lengths: (S,) actions of each segment (the next ones are in the following columns)
-    :return: rows (N,) and columns (N,) of the N actions, segment after segment: ``hidden[rows, columns]``
-    """
-    device = lengths.device
-    rows = th.repeat_interleave(th.arange(len(lengths), device=device), lengths)
-    offsets = th.arange(int(lengths.sum().item()), device=device) - th.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    return rows, th.repeat_interleave(first_columns, lengths) + offsets
 
 
 def observation_tokens(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
@@ -179,7 +159,7 @@ class LMForwards:
                 hidden, _ = self._trunk(model, ids, mask, positions_from_mask(mask))  # (S, W, H)
         else:
             hidden, _ = self._trunk(model, ids, mask, positions_from_mask(mask))  # (S, W, H)
-        return hidden[segment_positions(starts - first, lengths)]
+        return action_hidden(hidden, starts - first, lengths)  # (N, H)
 
     def _last_hidden_per_step(self, obs: PyTorchObs, model: PreTrainedModel | None = None) -> th.Tensor:
         """(B, H) hidden state at each observation's last token, one forward per distinct sequence."""
