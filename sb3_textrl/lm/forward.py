@@ -16,7 +16,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from sb3_textrl.common.kv_cache import last_valid_index, longest_extensions, positions_from_mask
-from sb3_textrl.common.segments import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, action_hidden
+from sb3_textrl.common.segments import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, action_hidden, used_columns
 from sb3_textrl.lm import precision
 from sb3_textrl.lm.heads import head_values, lm_logits, process_logits
 
@@ -150,9 +150,7 @@ class LMForwards:
         ids, mask = self._tokens(obs)
         starts, lengths = obs[SEGMENT_STARTS].long(), obs[SEGMENT_LENGTHS].long()
         # Crop the columns no segment uses: left padding shared by all rows, right padding after the last action.
-        used = mask.any(dim=0)
-        first = int(used.float().argmax().item())
-        end = int((starts + lengths).max().item())
+        first, end = used_columns(mask, starts, lengths)
         ids, mask = ids[:, first:end], mask[:, first:end]
         if SPLIT_HIDDEN in obs and self.layer_split is not None:  # only the top blocks, from the rollout's hidden states
             with self.layer_split.from_split(model, obs[SPLIT_HIDDEN][:, first:end]):
