@@ -113,15 +113,7 @@ def load_causal_lm(
     :param kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``)
     :return: the model
     """
-    path = resolve_lm_path(name_or_path)
-    _check_local(name_or_path, path, "model")
-    dtype = torch.float32 if torch_dtype is None else torch_dtype
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as err:
-        _check_family(path, name_or_path, encoder_decoder=False)
-        raise _load_error(err, name_or_path, "model") from err
-    return model.eval()
+    return _load_pretrained(AutoModelForCausalLM, name_or_path, resolve_lm_path(name_or_path), torch_dtype, kwargs)
 
 
 def _check_family(path: str, name_or_path: str | os.PathLike | None, encoder_decoder: bool) -> None:
@@ -156,12 +148,18 @@ def load_seq2seq_lm(
     :param kwargs: passed to ``AutoModelForSeq2SeqLM.from_pretrained``
     :return: the model
     """
-    path = os.fspath(name_or_path)
+    return _load_pretrained(AutoModelForSeq2SeqLM, name_or_path, os.fspath(name_or_path), torch_dtype, kwargs)
+
+
+def _load_pretrained(
+    auto_class: Any, name_or_path: str | os.PathLike | None, path: str, torch_dtype: Any, kwargs: dict[str, Any]
+) -> PreTrainedModel:
+    """``auto_class.from_pretrained(path)`` in eval mode, float32 unless told; a failure names the problem and the fix."""
     _check_local(name_or_path, path, "model")
     dtype = torch.float32 if torch_dtype is None else torch_dtype
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype, **kwargs)
+        model = auto_class.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
-        _check_family(path, name_or_path, encoder_decoder=True)
+        _check_family(path, name_or_path, encoder_decoder=auto_class is AutoModelForSeq2SeqLM)
         raise _load_error(err, name_or_path, "model") from err
     return model.eval()
