@@ -101,7 +101,7 @@ def main(options: Options) -> dict[str, Any]:
                           prompt_indices=list(range(len(held_out))) * 4, n_envs=options.n_envs, seed=options.seed,
                           device=options.device, output_dir=out / f"eval_{label}", progress_bar=False)
         (metrics,) = result.metrics.values()
-        return {k: metrics[k] for k in ("task_reward", "kl_to_ref", "length_tokens", "distinct1")}
+        return {k: metrics[k] for k in ("task_reward", "kl_to_ref", "completion_len", "distinct1")}
 
     before = score(options.lm, "before")
     env = make_text_vec_env("UpbeatReview-v0", n_envs=options.n_envs, seed=options.seed)

@@ -328,7 +328,7 @@ def per_source_table(by_source: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def results_table(metrics: dict[str, dict[str, Any]], timings: dict[str, float]) -> str:
     """The headline table: one row per system."""
-    columns = ["rouge1", "rouge2", "rougeL", "task_reward", "kl_to_ref", "length_tokens", "stop_rate"]
+    columns = ["rouge1", "rouge2", "rougeL", "task_reward", "kl_to_ref", "completion_len", "stop_rate"]
 
     def cell(value: Any) -> str:
         return "—" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)

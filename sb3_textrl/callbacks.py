@@ -19,6 +19,7 @@ import torch as th
 from stable_baselines3.common.callbacks import BaseCallback, EventCallback
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_textrl.common import metric_keys as keys
 from sb3_textrl.common.kl import mean_episode_kl
 from sb3_textrl.envs.batched import make_text_vec_env
 from sb3_textrl.evaluation import Sample, generate_samples, has_reference, kl_to_reference
@@ -27,7 +28,7 @@ from sb3_textrl.rewards.rouge import RougeReward
 
 # Logger exclusions that leave only the tensorboard format: SB3's TensorBoardOutputFormat writes str values as text.
 TENSORBOARD_ONLY = ("stdout", "log", "json", "csv")
-EVAL_ROUGE_METRICS = ("rouge1", "rouge2", "rougeL")
+EVAL_ROUGE_METRICS = keys.ROUGE_METRICS
 
 
 def _one_line(text: str) -> str:
@@ -158,6 +159,42 @@ def _preserved_rng(device: th.device) -> Iterator[None]:
     np.random.set_state(numpy_state)
 
 
+def _eval_vec_env(eval_env: VecEnv | str, n_envs: int, env_kwargs: dict[str, Any] | None) -> VecEnv:
+    """The eval VecEnv: ``eval_env`` itself, or ``n_envs`` envs of the registered task ``eval_env``."""
+    if isinstance(eval_env, str):
+        if eval_env not in gym.registry:
+            raise ValueError(
+                f"eval_env {eval_env!r} is not a registered env id; register the task first "
+                "(sb3_textrl.register_text_task) or pass a VecEnv"
+            )
+        return make_text_vec_env(eval_env, n_envs=n_envs, env_kwargs=env_kwargs)
+    if not isinstance(eval_env, VecEnv):
+        raise TypeError(
+            f"eval_env must be a VecEnv or a task id, got {type(eval_env).__name__}; wrap a single env with "
+            "stable_baselines3.common.env_util.make_vec_env or DummyVecEnv([lambda: env])"
+        )
+    return eval_env
+
+
+def _eval_prompt_indices(eval_env: VecEnv, prompt_indices: Sequence[int] | None) -> list[int]:
+    """The eval env's prompts to complete (all of them for None), checked against the number it has."""
+    try:
+        n_prompts = len(eval_env.get_attr("prompts", [0])[0])
+    except AttributeError as error:
+        raise ValueError(
+            "TextEvalCallback evaluates on a text task (TextGenerationEnv): make the eval env like the training env, "
+            f"e.g. make_vec_env(task_id, env_kwargs=...); this env has no prompts ({error})"
+        ) from error
+    indices = list(range(n_prompts)) if prompt_indices is None else [int(i) for i in prompt_indices]
+    bad = [i for i in indices if not 0 <= i < n_prompts]
+    if bad or not indices:
+        raise ValueError(
+            f"prompt_indices must be a non-empty list of indices in [0, {n_prompts}) (the eval env's prompts); "
+            f"got {'none' if not indices else bad[:5]}"
+        )
+    return indices
+
+
 class TextEvalCallback(EventCallback):
     """
     Periodic evaluation on held-out prompts, logged under ``eval/``; saves the best model.
@@ -215,43 +252,18 @@ class TextEvalCallback(EventCallback):
         super().__init__(callback_on_new_best, verbose=verbose)
         if eval_freq_rollouts < 1:
             raise ValueError(f"eval_freq_rollouts must be >= 1, got {eval_freq_rollouts}")
-        known = ("task_reward", *EVAL_ROUGE_METRICS)
-        if metric.removeprefix("eval/") not in known:
+        known = (keys.TASK_REWARD, *EVAL_ROUGE_METRICS)
+        if metric.removeprefix(keys.EVAL) not in known:
             raise ValueError(f"metric must be one of {', '.join(known)} (higher is better), got {metric!r}")
-        if isinstance(eval_env, str):
-            if eval_env not in gym.registry:
-                raise ValueError(
-                    f"eval_env {eval_env!r} is not a registered env id; register the task first "
-                    "(sb3_textrl.register_text_task) or pass a VecEnv"
-                )
-            eval_env = make_text_vec_env(eval_env, n_envs=n_eval_envs, env_kwargs=eval_env_kwargs)
-        elif not isinstance(eval_env, VecEnv):
-            raise TypeError(
-                f"eval_env must be a VecEnv or a task id, got {type(eval_env).__name__}; wrap a single env with "
-                "stable_baselines3.common.env_util.make_vec_env or DummyVecEnv([lambda: env])"
-            )
-        self.eval_env = eval_env
-        try:
-            n_prompts = len(eval_env.get_attr("prompts", [0])[0])
-        except AttributeError as error:
-            raise ValueError(
-                "TextEvalCallback evaluates on a text task (TextGenerationEnv): make the eval env like the training env, "
-                f"e.g. make_vec_env(task_id, env_kwargs=...); this env has no prompts ({error})"
-            ) from error
-        self.prompt_indices = list(range(n_prompts)) if prompt_indices is None else [int(i) for i in prompt_indices]
-        bad = [i for i in self.prompt_indices if not 0 <= i < n_prompts]
-        if bad or not self.prompt_indices:
-            raise ValueError(
-                f"prompt_indices must be a non-empty list of indices in [0, {n_prompts}) (the eval env's prompts); "
-                f"got {'none' if not self.prompt_indices else bad[:5]}"
-            )
+        self.eval_env = _eval_vec_env(eval_env, n_eval_envs, eval_env_kwargs)
+        self.prompt_indices = _eval_prompt_indices(self.eval_env, prompt_indices)
         self.eval_freq_rollouts = eval_freq_rollouts
         self.eval_at_end = eval_at_end
         self.eval_at_start = eval_at_start
         self.best_model_save_path = None if best_model_save_path is None else Path(best_model_save_path)
         self.log_path = None if log_path is None else Path(log_path)
         self.deterministic = deterministic
-        self.metric = metric.removeprefix("eval/")
+        self.metric = metric.removeprefix(keys.EVAL)
         self.kl_to_ref = kl_to_ref
         self.callback_after_eval = callback_after_eval
         if callback_after_eval is not None:
@@ -282,9 +294,11 @@ class TextEvalCallback(EventCallback):
         if not isinstance(eval_space, gym.spaces.Dict) or "input_ids" not in eval_space.spaces:
             raise ValueError(f"TextEvalCallback needs a text env (TextGenerationEnv) to evaluate on, got {eval_space}. {fix}")
         train_shape = train_space["input_ids"].shape  # type: ignore[index]
-        if eval_space["input_ids"].shape != train_shape:
+        eval_shape = eval_space["input_ids"].shape
+        if eval_shape != train_shape:
+            assert eval_shape is not None and train_shape is not None  # Box spaces always have a shape
             raise ValueError(
-                f"The eval env's observations have width {eval_space['input_ids'].shape[0]} (max_prompt_tokens + "
+                f"The eval env's observations have width {eval_shape[0]} (max_prompt_tokens + "
                 f"max_new_tokens), the training env's {train_shape[0]}. {fix}"
             )
         train_hash = getattr(train_space, "tokenizer_hash", "")
@@ -319,11 +333,11 @@ class TextEvalCallback(EventCallback):
         if not self.eval_at_end or (updates is not None and updates == self._updates_at_last_eval):
             return  # the policy has not changed since the last evaluation
         self.evaluate()
-        buffer = getattr(self.model, "rollout_buffer", None)
-        if hasattr(buffer, "record_train_metrics"):  # TextRolloutBuffer: the last update's train/explained_variance
-            buffer.record_train_metrics(self.logger)
+        record_train_metrics = getattr(getattr(self.model, "rollout_buffer", None), "record_train_metrics", None)
+        if record_train_metrics is not None:  # TextRolloutBuffer: the last update's train/explained_variance
+            record_train_metrics(self.logger)
         # learn() dumps the logs before each update; after the last one nothing would write this evaluation.
-        self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
+        self.logger.record(keys.TOTAL_TIMESTEPS, self.num_timesteps, exclude="tensorboard")
         self.logger.dump(step=self.num_timesteps)
 
     def evaluate(self) -> dict[str, float]:
@@ -340,14 +354,15 @@ class TextEvalCallback(EventCallback):
         if self.kl_to_ref and isinstance(policy, TransformerLMPolicy) and has_reference(policy):
             kl = mean_episode_kl(kl_to_reference(policy, samples))  # the statistic of rollout/kl_to_ref
             if kl is not None:
-                metrics["kl_to_ref"] = kl
+                metrics[keys.KL_TO_REF] = kl
         policy.set_training_mode(was_training)
         self._updates_at_last_eval = getattr(self.model, "_n_updates", None)
 
         self.last_samples, self.last_metrics = samples, metrics
         for key, value in metrics.items():
-            self.logger.record(f"eval/{key}", value)
-        self.logger.record("eval/samples", samples_markdown([_sample_dict(s) for s in samples]), exclude=TENSORBOARD_ONLY)
+            self.logger.record(keys.EVAL + key, value)
+        table = samples_markdown([_sample_dict(s) for s in samples])
+        self.logger.record(keys.EVAL + keys.SAMPLES, table, exclude=TENSORBOARD_ONLY)
         if self.verbose >= 1:
             shown = ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
             print(f"Eval at {self.num_timesteps} timesteps on {len(samples)} prompts: {shown}")
@@ -373,8 +388,8 @@ class TextEvalCallback(EventCallback):
 
     def _metrics(self, samples: list[Sample]) -> dict[str, float]:
         metrics = {
-            "task_reward": float(np.mean([s.reward for s in samples])),
-            "completion_len": float(np.mean([s.completion_tokens for s in samples])),
+            keys.TASK_REWARD: float(np.mean([s.reward for s in samples])),
+            keys.COMPLETION_LEN: keys.mean_completion_length([s.completion_tokens for s in samples]),
         }
         references = [s.reference for s in samples]
         if all(ref is not None for ref in references):

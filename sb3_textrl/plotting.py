@@ -16,21 +16,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sb3_textrl.common import metric_keys as keys
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 CSV_NAME = "progress.csv"
 EVENTS_GLOB = "events.out.tfevents*"
-X_KEY = "time/total_timesteps"
+X_KEY = keys.TOTAL_TIMESTEPS
 
 # Group name (the PNG's name) -> the metrics it plots, one panel each. A key ending in "*" is a prefix.
 METRIC_GROUPS: dict[str, tuple[str, ...]] = {
-    "reward": ("rollout/task_reward", "eval/task_reward", "rollout/ep_rew_mean"),
-    "kl": ("rollout/kl_to_ref", "eval/kl_to_ref", "train/approx_kl"),
-    "kl_coef": ("rollout/kl_coef",),
-    "rouge": ("eval/rouge*", "rollout/rouge*"),
-    "losses": ("train/loss", "train/policy_gradient_loss", "train/value_loss", "train/entropy_loss"),
-    "completion_len": ("rollout/completion_len", "eval/completion_len", "eval/length_tokens"),
+    "reward": (keys.ROLLOUT + keys.TASK_REWARD, keys.EVAL + keys.TASK_REWARD, keys.SB3_EPISODE_REWARD),
+    "kl": (keys.ROLLOUT + keys.KL_TO_REF, keys.EVAL + keys.KL_TO_REF, keys.SB3_APPROX_KL),
+    "kl_coef": (keys.ROLLOUT + keys.KL_COEF,),
+    "rouge": (keys.EVAL + "rouge*", keys.ROLLOUT + "rouge*"),
+    "losses": keys.SB3_LOSSES,
+    "completion_len": (keys.ROLLOUT + keys.COMPLETION_LEN, keys.EVAL + keys.COMPLETION_LEN),
 }
 GROUP_TITLES = {
     "reward": "Task reward",

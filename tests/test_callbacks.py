@@ -105,6 +105,9 @@ def test_eval_callback_logs_eval_metrics_saves_best_and_composes(toy_task, tiny_
     assert log["eval/task_reward"].notna().tolist() == [True, True, False, True]
     assert log["eval/task_reward"].dropna().between(0, 1).all()
     assert log["eval/completion_len"].dropna().between(1, 5).all()
+    # One definition of completion length: the generated tokens, a stop token included (metric_keys).
+    final_tokens = [s.completion_tokens for s in evaluation.last_samples]
+    assert log["eval/completion_len"].iloc[-1] == pytest.approx(np.mean(final_tokens))
     assert log["time/total_timesteps"].tolist() == [20, 40, 60, 60]
     assert "rouge1" not in " ".join(log.columns)  # the toy prompts have no references
     # LoRA starts as the identity (B = 0): no KL before the first update, some after updates at lr 1e-2

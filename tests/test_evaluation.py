@@ -117,7 +117,10 @@ def test_evaluate_lm_dir_writes_json_and_markdown(tiny_lm, news_file, tmp_path):
         assert set(data["metrics"][system]) == set(METRICS)
     model, lead3, reference = (data["metrics"][s] for s in result.systems)
     assert all(model[m] is not None for m in METRICS)
-    assert lead3["kl_to_ref"] is None and lead3["stop_rate"] is None  # baselines have no policy
+    # Baselines have no policy: no KL, no stop rate, no completion length (metric_keys.mean_completion_length).
+    assert lead3["kl_to_ref"] is None and lead3["stop_rate"] is None and lead3["completion_len"] is None
+    lengths = [s["outputs"]["model:greedy"]["completion_len"] for s in data["samples"]]
+    assert model["completion_len"] == pytest.approx(np.mean(lengths))
     assert all(reference[m] == 1.0 for m in ("rouge1", "rouge2", "rougeL", "rougeLsum", "task_reward"))
 
     # An LM dir gets fresh LoRA adapters: it is its own reference, and the report says why KL is 0.
@@ -130,9 +133,9 @@ def test_evaluate_lm_dir_writes_json_and_markdown(tiny_lm, news_file, tmp_path):
     assert lead3["rouge2"] == pytest.approx(rouge_scores(lead, [r["summary"] for r in rows[:4]])["rouge2"].mean())
     for sample in data["samples"]:
         out = sample["outputs"]["model:greedy"]
-        assert set(out) >= {"completion", "task_reward", "rouge1", "kl_to_ref", "length_tokens", "length_words"}
+        assert set(out) >= {"completion", "task_reward", "rouge1", "kl_to_ref", "completion_len", "length_words"}
         assert out["task_reward"] == pytest.approx(out["rouge1"])  # the task reward is ROUGE-1: same scorer
-        assert 1 <= out["length_tokens"] <= NEWS["max_new_tokens"]
+        assert 1 <= out["completion_len"] <= NEWS["max_new_tokens"]  # generated tokens, a stop token included
 
     report = (tmp_path / "eval.md").read_text()
     assert "## Metrics" in report and "## Samples (first 4 of 4)" in report

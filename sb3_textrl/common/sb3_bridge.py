@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 
+from sb3_textrl.common.metric_keys import ROLLOUT
+
 if TYPE_CHECKING:
     from sb3_textrl.policies import TransformerLMPolicy
 
@@ -123,7 +125,7 @@ def find_algorithm(max_depth: int = MAX_DEPTH) -> BaseAlgorithm | None:
     return _algorithm_from(_caller(inspect.currentframe()), max_depth)
 
 
-def record_metrics(metrics: Mapping[str, float], prefix: str = "rollout/", max_depth: int = MAX_DEPTH) -> bool:
+def record_metrics(metrics: Mapping[str, float], prefix: str = ROLLOUT, max_depth: int = MAX_DEPTH) -> bool:
     """
     Record ``metrics`` in the logger of the algorithm running the caller (:func:`find_algorithm`), as ``prefix + key``.
 

@@ -17,7 +17,8 @@ METRIC_LABELS = {
     "rougeLsum": "ROUGE-Lsum",
     "task_reward": "task reward",
     "kl_to_ref": "KL to ref",
-    "length_tokens": "length (tokens)",
+    "completion_len": "completion (tokens)",
+    "length_tokens": "length (tokens, stop excluded)",  # what eval.json files written before completion_len hold
     "length_words": "length (words)",
     "distinct1": "distinct-1",
     "distinct2": "distinct-2",

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from sb3_textrl.common.metric_keys import COMPLETION_LEN
 from sb3_textrl.evaluation import report
 
 JSON_NAME = "eval.json"
@@ -23,7 +24,7 @@ METRICS = (
     "rougeLsum",
     "task_reward",
     "kl_to_ref",
-    "length_tokens",
+    COMPLETION_LEN,
     "length_words",
     "distinct1",
     "distinct2",
@@ -40,8 +41,9 @@ class EvalSample:
     :param prompt: the prompt text
     :param article: the raw article (news tasks), else None
     :param reference: the task's reference, if any
-    :param outputs: system name -> ``{"completion", "task_reward", "rouge1", ..., "kl_to_ref", "length_tokens",
-        "length_words"}`` (values that do not apply are None)
+    :param outputs: system name -> ``{"completion", "task_reward", "rouge1", ..., "kl_to_ref", "completion_len",
+        "length_words"}`` (values that do not apply are None or absent: a baseline has no ``kl_to_ref`` and no
+        ``completion_len``, :func:`~sb3_textrl.common.metric_keys.mean_completion_length`)
     """
 
     prompt_index: int

@@ -20,6 +20,7 @@ import numpy as np
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_textrl.common.metric_keys import COMPLETION_LEN
 from sb3_textrl.common.names import DEFAULT_TASK
 from sb3_textrl.evaluation.inputs import (
     baselines_available,
@@ -229,7 +230,7 @@ def _model_systems(
                 "completion": s.completion,
                 "task_reward": float(s.reward),
                 "kl_to_ref": None if value is None else float(value),
-                "length_tokens": s.completion_tokens - int(s.ended_by_stop_token),
+                COMPLETION_LEN: int(s.completion_tokens),  # the mean over prompts: metric_keys.mean_completion_length
                 "stop_rate": float(s.ended_by_stop_token),
             }
             for s, value in zip(samples, kl)
@@ -264,11 +265,8 @@ def _baseline_systems(systems: _Systems, chosen: _Task) -> None:
         rewards = score_batch(chosen.reward_fn, texts, baseline, references, chosen.task)
         systems.completions[name] = baseline
         systems.outputs[name] = [
-            {
-                "completion": text,
-                "task_reward": float(r),
-                "length_tokens": len(chosen.tokenizer(text, add_special_tokens=False)["input_ids"]),
-            }
+            # No completion length: no policy generated this text (its size is compared in words).
+            {"completion": text, "task_reward": float(r)}
             for text, r in zip(baseline, rewards)
         ]
 
