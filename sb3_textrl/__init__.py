@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from sb3_textrl.evaluation import EvalResult, evaluate
     from sb3_textrl.maskable import MaskableTextRolloutBuffer, MaskableTransformerLMPolicy
     from sb3_textrl.policies import TransformerLMPolicy
-    from sb3_textrl.rewards import LearnedRewardModel, RougeReward, TextReward
+    from sb3_textrl.rewards import HumanReward, LearnedRewardModel, RougeReward, TextReward
     from sb3_textrl.seq2seq import Seq2SeqLMPolicy
 
 __version__ = "0.1.0"
@@ -54,6 +54,7 @@ __getattr__, __dir__ = lazy_exports(
         "sb3_textrl.maskable": ("MaskableTextRolloutBuffer", "MaskableTransformerLMPolicy"),
         "sb3_textrl.policies": ("TransformerLMPolicy",),
         "sb3_textrl.rewards.base": ("TextReward",),
+        "sb3_textrl.rewards.human": ("HumanReward",),
         "sb3_textrl.rewards.learned": ("LearnedRewardModel",),
         "sb3_textrl.rewards.rouge": ("RougeReward",),
         "sb3_textrl.seq2seq": ("Seq2SeqLMPolicy",),
@@ -63,6 +64,7 @@ __getattr__, __dir__ = lazy_exports(
 __all__ = [
     "BatchedRewardVecEnv",
     "EvalResult",
+    "HumanReward",
     "KLController",
     "LearnedRewardModel",
     "MaskableTextRolloutBuffer",
