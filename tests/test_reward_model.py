@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import pickle
 import random
 from pathlib import Path
@@ -399,3 +400,25 @@ def test_bad_input_fails_with_a_message_that_names_the_fix(tmp_path, city_backbo
         LearnedRewardModel(city_backbone)
     raw = LearnedRewardModel(city_backbone, normalize=False, device="cpu")  # a plain one-output classifier works raw
     assert raw.score(["p"], ["c"], [None]).shape == (1,)
+
+
+def test_train_rm_on_two_pairs_says_its_held_out_accuracy_means_nothing(tmp_path, city_backbone, capsys, caplog):
+    # Issue #14 point 11. Before: "held-out (1 pairs ...): pairwise accuracy 0.000" and nothing else.
+    pairs = [
+        {"prompt": "In Oslo, police cut bus fares.", "chosen": "Oslo: fares cut.", "rejected": "Lima: fares cut."},
+        {"prompt": "In Rome, the council voted.", "chosen": "Rome council voted.", "rejected": "Paris council voted."},
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    with caplog.at_level(logging.WARNING, logger="sb3_textrl"):
+        code = main(["train-rm", "--data", str(data), "--output", str(tmp_path / "rm"), "--backbone", city_backbone,
+                     "--epochs", "1", "--eval-fraction", "0.5", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    info = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
+    low, high = info["metrics"]["eval_accuracy_ci95"]
+    assert high - low > 0.5  # one held-out pair: Wilson's 95% interval is at least [0.09, 0.91] wide
+    assert "held-out (1 pairs" in printed and f"95% interval [{low:.3f}, {high:.3f}]" in printed
+    assert "too few to judge the model" in printed
+    assert any("too few pairs to judge the model" in r.getMessage() for r in caplog.records)
+

@@ -39,7 +39,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``sb3-textrl train-rm`` with the parsed arguments (the implementation is imported here)."""
     from sb3_textrl.models import MissingAssetError
-    from sb3_textrl.reward_model.train import train_reward_model
+    from sb3_textrl.reward_model.train import MAX_ACCURACY_HALF_WIDTH, train_reward_model
 
     logging.basicConfig(format="%(message)s")
     # our epoch lines and truncation counts; other libraries stay at warnings
@@ -66,10 +66,13 @@ def run(args: argparse.Namespace) -> int:
         f"train accuracy {m['train_accuracy']:.3f}"
     )
     if m["n_eval_pairs"]:
+        low, high = m["eval_accuracy_ci95"]
         print(
-            f"held-out ({m['n_eval_pairs']} pairs, split by {m['split_by']}): pairwise accuracy {m['eval_accuracy']:.3f}, "
-            f"loss {m['eval_loss']:.4f}"
+            f"held-out ({m['n_eval_pairs']} pairs, split by {m['split_by']}): pairwise accuracy {m['eval_accuracy']:.3f} "
+            f"(95% interval [{low:.3f}, {high:.3f}]), loss {m['eval_loss']:.4f}"
         )
+        if (high - low) / 2 > MAX_ACCURACY_HALF_WIDTH:
+            print(f"  {m['n_eval_pairs']} held-out pair(s) are too few to judge the model: rate more pairs")
     if m["truncated_prompts"]:
         print(f"{m['truncated_prompts']} texts were longer than {m['max_length']} tokens (prompts cut from the start)")
     print(f"saved to {result.output_dir}")

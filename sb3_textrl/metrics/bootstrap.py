@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -93,6 +94,25 @@ def mean_interval(
     zeros = [0.0] * len(values)
     result = paired_bootstrap(zeros, values, n_resamples=n_resamples, confidence=confidence, seed=seed)
     return result.mean_b, result.low, result.high
+
+
+def proportion_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """
+    Wilson's score interval for a proportion (e.g. a pairwise accuracy): unlike a bootstrap it stays honest on a
+    handful of trials, where every resample of one pair gives back the same accuracy.
+
+    :param successes: the number of successes (may be fractional, e.g. ties counted half)
+    :param n: the number of trials (>= 1)
+    :param confidence: the interval's coverage
+    :return: (low, high)
+    """
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need n >= 1 trials and 0 <= successes <= n, got successes={successes}, n={n}")
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def format_interval(mean: float, low: float, high: float, digits: int = 3) -> str:

@@ -235,6 +235,7 @@ def train_reward_model(
         with logging_redirect_tqdm():
             metrics = _fit(model, encoder, train_pairs, eval_pairs, cfg, device)
 
+    _add_accuracy_interval(metrics, len(eval_pairs))
     model.eval()
     norm = _normalisation_stats(model, encoder, train_pairs, cfg.batch_size * 2, device)
     metrics.update(
@@ -320,6 +321,26 @@ def _fit(
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
     counts = {"truncated_prompts": truncations.prompts, "truncated_completions": truncations.completions}
     return final | {"history": history} | counts
+
+
+# Held-out accuracy whose 95% interval is wider than ±this is reported as too uncertain to judge the model.
+MAX_ACCURACY_HALF_WIDTH = 0.1
+
+
+def _add_accuracy_interval(metrics: dict[str, Any], n_eval: int) -> None:
+    """Add the held-out accuracy's 95% interval (Wilson) to ``metrics``; warn when it is too wide to mean anything."""
+    from sb3_textrl.metrics.bootstrap import proportion_interval
+
+    if not n_eval:
+        return
+    low, high = proportion_interval(metrics["eval_accuracy"] * n_eval, n_eval)
+    metrics["eval_accuracy_ci95"] = [round(low, 5), round(high, 5)]
+    if (high - low) / 2 > MAX_ACCURACY_HALF_WIDTH:
+        logger.warning(
+            f"reward model: held-out accuracy {metrics['eval_accuracy']:.3f} on {n_eval} pair(s) has a 95% interval of "
+            f"[{low:.3f}, {high:.3f}]: too few pairs to judge the model (about 100 held-out pairs give ±0.1); "
+            "rate more pairs or raise eval_fraction"
+        )
 
 
 def _normalisation_stats(
