@@ -15,7 +15,7 @@ from typing import Any
 
 import torch as th
 from gymnasium import spaces
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
@@ -69,8 +69,8 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
     :param kl_horizon: horizon (tokens) of the adaptive β controller
     :param use_lora: train LoRA adapters (peft) instead of all weights; the reference is then the same model with
         the adapters disabled
-    :param lora_config: keyword arguments of ``peft.LoraConfig`` (default: r=16, alpha=32, no dropout, the
-        model family's default target modules)
+    :param lora_config: keyword arguments of ``peft.LoraConfig``, or a ``peft.LoraConfig`` (default: r=16, alpha=32,
+        no dropout, the model family's default target modules)
     :param temperature: sampling temperature; PPO's log-probs use the same tempered distribution
     :param top_k: keep only the k most likely tokens (same truncation in rollouts and in training)
     :param top_p: keep the smallest set of tokens whose probability reaches p (nucleus sampling)
@@ -119,7 +119,7 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         kl_target: float | None = None,
         kl_horizon: int = 10_000,
         use_lora: bool = True,
-        lora_config: dict[str, Any] | None = None,
+        lora_config: dict[str, Any] | LoraConfig | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -140,7 +140,7 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         self.kl_target = kl_target_argument(kl_target, kwargs)  # also from target_kl=, its deprecated name
         self.kl_horizon = kl_horizon
         self.use_lora = use_lora
-        self.lora_config = dict(lora_config or {})
+        self.lora_config = lora.lora_overrides(lora_config)
         self.temperature = temperature
         self.top_k = top_k
         self.top_p = top_p

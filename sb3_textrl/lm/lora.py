@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +23,42 @@ def lora_kwargs(model: PreTrainedModel, overrides: Mapping[str, Any]) -> dict[st
         kwargs["fan_in_fan_out"] = True  # GPT-2 stores its projections as Conv1D (in, out)
     kwargs.update(overrides)
     return kwargs
+
+
+# Our defaults override these LoraConfig fields, so a LoraConfig object always passes its own values for them.
+_OVERRIDDEN_DEFAULTS = ("r", "lora_alpha", "lora_dropout", "bias")
+
+
+def lora_overrides(lora_config: Mapping[str, Any] | LoraConfig | None) -> dict[str, Any]:
+    """
+    The policy's ``lora_config`` as ``peft.LoraConfig`` keyword arguments (a plain dict, which pickles into
+    ``model.zip`` without peft's classes).
+
+    :param lora_config: a dict of ``LoraConfig`` arguments, or a ``peft.LoraConfig`` (TRL's ``peft_config=`` habit):
+        every field it sets away from peft's defaults, and always its ``r``, ``lora_alpha``, ``lora_dropout`` and
+        ``bias`` (which our defaults would otherwise replace); its ``task_type`` when set
+    :return: the keyword arguments
+    """
+    if lora_config is None:
+        return {}
+    if isinstance(lora_config, LoraConfig):
+        if lora_config.inference_mode:
+            raise ValueError("lora_config has inference_mode=True, which freezes the adapters: PPO could not train them")
+        defaults = LoraConfig()
+        kwargs = {
+            field.name: getattr(lora_config, field.name)
+            for field in dataclasses.fields(LoraConfig)
+            if field.init
+            and (field.name in _OVERRIDDEN_DEFAULTS or getattr(lora_config, field.name) != getattr(defaults, field.name))
+        }
+        if isinstance(kwargs.get("target_modules"), set):
+            kwargs["target_modules"] = sorted(kwargs["target_modules"])
+        return kwargs
+    if isinstance(lora_config, Mapping):
+        return dict(lora_config)
+    raise TypeError(
+        f"lora_config must be a dict of peft.LoraConfig arguments or a peft.LoraConfig, got {type(lora_config).__name__}"
+    )
 
 
 def make_layer_split(model: PreTrainedModel, trainable_layers: int | None) -> LayerSplit | None:
