@@ -5,9 +5,11 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 import torch as th
 from helpers import register_toy_task, toy_ppo, toy_vec_env
 from transformers import DynamicCache
+from transformers.cache_utils import DummyLayer, LinearAttentionLayer
 
 from sb3_textrl import TextRolloutBuffer
 from sb3_textrl.common.kv_cache import RolloutKVCache, last_valid_index
@@ -41,6 +43,25 @@ def test_envs_on_the_same_prompt_share_one_prefill():
     features, found = cache.features_of(ids, mask)
     assert found.all()
     th.testing.assert_close(features, (ids * mask).unsqueeze(-1).float().expand(-1, -1, 4) + mask.unsqueeze(-1))
+
+
+@pytest.mark.parametrize("layer_class", [DummyLayer, LinearAttentionLayer])
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_cache_with_other_layers_than_full_attention_is_refused(layer_class, shared):
+    """Also when rows share a prefill: its keys are copied to the rows, which other layer types lack."""
+
+    def trunk(ids, mask, positions, past):
+        hidden = ids.unsqueeze(-1).float().expand(-1, -1, 4)
+        cache = DynamicCache() if past is None else past
+        cache.update(hidden.unsqueeze(1), hidden.unsqueeze(1) * 2, 0)
+        if past is None:
+            cache.layers.append(layer_class())
+        return hidden, cache, None
+
+    ids = th.tensor([[5, 6, 7], [5, 6, 7] if shared else [1, 6, 7]])
+    with warnings.catch_warnings(), pytest.raises(NotImplementedError, match="full-attention layers only"):
+        warnings.simplefilter("ignore")
+        RolloutKVCache(trunk).step(ids, th.ones_like(ids))
 
 
 def collect(model, n_steps: int):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -35,7 +35,7 @@ from sb3_textrl.nlpo import top_p_allowed
 
 if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
-    from stable_baselines3.common.vec_env import VecEnv
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
     from sb3_textrl.envs.masks import ActionMask
     from sb3_textrl.envs.text_env import TextGenerationEnv, TextPrompt
@@ -78,6 +78,7 @@ class _LMStepper:
         for layer in past.layers:
             if type(layer) is not DynamicLayer:  # sliding-window / static layers cannot be pruned and padded like this
                 raise FastPathUnsupported(f"the LM's KV cache has {type(layer).__name__} layers (full attention only)")
+            assert layer.keys is not None and layer.values is not None  # the prefill filled every layer
             # Padding columns are never attended to, but a fully masked query may leave NaN there, and 0 * NaN = NaN.
             keep = mask.bool()[:, None, :, None]  # (B, 1, P, 1)
             layer.keys = th.where(keep, layer.keys, 0.0)
@@ -155,6 +156,8 @@ def decode(
     :return: the generated tokens of every prompt
     :raises FastPathUnsupported: the LM's cache is not made of full-attention layers
     """
+    from sb3_textrl.maskable import MaskableTransformerLMPolicy
+
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = policy.device
@@ -177,7 +180,7 @@ def decode(
         if env_masks is not None:
             so_far = generated[live, :step].cpu().numpy()
             allowed = th.as_tensor(env_masks(live.cpu().numpy(), list(so_far)), device=device)  # (N, V)
-            if hasattr(policy, "_env_mask"):  # MaskableTransformerLMPolicy checks them as in training
+            if isinstance(policy, MaskableTransformerLMPolicy):  # it checks them as in training
                 allowed = policy._env_mask(allowed, len(logits), device)
         if masker is not None:  # NLPO: the masking policy's top-p set, within the env's valid tokens (nlpo_allowed)
             with _masking_model(policy):
@@ -241,7 +244,7 @@ class EnvActionMasks:
 
     def _checked(self, mask: Any, index: int) -> np.ndarray:
         """The checks of ``TextGenerationEnv._checked_mask``: one bool per token, at least one allowed."""
-        vocab = int(self.env.action_space.n)
+        vocab = int(cast(gym.spaces.Discrete, self.env.action_space).n)  # TextGenerationEnv's action space
         mask = np.asarray(mask)
         if mask.shape != (vocab,):
             raise ValueError(
@@ -310,7 +313,8 @@ def _without_reward_batching(env: VecEnv) -> VecEnv:
 
 def text_env_of(env: VecEnv) -> TextGenerationEnv:
     """The first env of a DummyVecEnv (under reward batching), unwrapped: its envs share prompts, tokenizer and reward."""
-    return _without_reward_batching(env).envs[0].unwrapped  # type: ignore[attr-defined,return-value]
+    # The fast path's env: a DummyVecEnv of TextGenerationEnvs (see fast_path_unsupported).
+    return cast("TextGenerationEnv", cast("DummyVecEnv", _without_reward_batching(env)).envs[0].unwrapped)
 
 
 def generate_env_samples(
@@ -363,29 +367,45 @@ def generate_env_samples(
     bar.close()
 
     prompts = [text_env.prompts[i] for i in order]
-    stop_ids = text_env.stop_token_ids
-    # Decoded as TextGenerationEnv.completion_text: without a final stop token, special tokens skipped.
-    texts = [
-        text_env.tokenizer.decode(t[:-1] if len(t) and int(t[-1]) in stop_ids else t, skip_special_tokens=True)
-        for t in tokens
-    ]
+    texts = _completion_texts(text_env, tokens)
     rewards = score_batch(text_env.reward_fn, [p.text for p in prompts], texts, [p.reference for p in prompts],
                           text_env.task_id)
     samples = []
     for index, prompt, text, reward, generated, ended in zip(order, prompts, texts, rewards, tokens, stopped):
-        # The env's observation layout: the prompt left-padded into the first max_prompt_tokens columns, then the
-        # generated tokens, then zeros.
-        prompt_ids = text_env.prompt_ids[index]
-        ids = np.zeros(n_prompt + n_new, dtype=np.int64)
-        attention = np.zeros_like(ids)
-        ids[n_prompt - len(prompt_ids) : n_prompt] = prompt_ids
-        ids[n_prompt : n_prompt + len(generated)] = generated
-        attention[n_prompt - len(prompt_ids) : n_prompt + len(generated)] = 1
         samples.append(
             Sample(
                 prompt_index=index, prompt=prompt.text, completion=text, reference=prompt.reference, reward=float(reward),
                 completion_tokens=len(generated), ended_by_stop_token=ended,
-                observation={"input_ids": ids, "attention_mask": attention},
+                observation=_env_observation(text_env.prompt_ids[index], generated, n_prompt, n_new),
             )
         )
     return samples
+
+
+def _completion_texts(text_env: TextGenerationEnv, tokens: Sequence[np.ndarray]) -> list[str]:
+    """The completions decoded as ``TextGenerationEnv.completion_text``: without a final stop token, special tokens skipped."""
+    stop_ids = text_env.stop_token_ids
+    # cast: decoding one sequence gives one string (decode() is typed for a batch of sequences too).
+    return [
+        cast(str, text_env.tokenizer.decode(t[:-1] if len(t) and int(t[-1]) in stop_ids else t, skip_special_tokens=True))
+        for t in tokens
+    ]
+
+
+def _env_observation(prompt_ids: np.ndarray, generated: np.ndarray, n_prompt: int, n_new: int) -> dict[str, np.ndarray]:
+    """
+    The episode's last observation in the env's layout: the prompt left-padded into the first ``n_prompt`` columns,
+    then the generated tokens, then zeros.
+
+    :param prompt_ids: the prompt's token ids
+    :param generated: the generated token ids
+    :param n_prompt: the env's ``max_prompt_tokens``
+    :param n_new: the env's ``max_new_tokens``
+    :return: ``{"input_ids", "attention_mask"}``, each (n_prompt + n_new,) int64
+    """
+    ids = np.zeros(n_prompt + n_new, dtype=np.int64)
+    attention = np.zeros_like(ids)
+    ids[n_prompt - len(prompt_ids) : n_prompt] = prompt_ids
+    ids[n_prompt : n_prompt + len(generated)] = generated
+    attention[n_prompt - len(prompt_ids) : n_prompt + len(generated)] = 1
+    return {"input_ids": ids, "attention_mask": attention}

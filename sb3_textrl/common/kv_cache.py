@@ -196,9 +196,9 @@ class RolloutKVCache:
             return held
         targets, sources = candidates[found], same[found].float().argmax(dim=1)
         # Every row of the cache is right-aligned in the same columns, so a whole row copies as it is.
-        for layer in self.past.layers:
-            layer.keys[targets] = layer.keys[sources]
-            layer.values[targets] = layer.values[sources]
+        for _, keys, values in _attention_layers(self.past):  # in place
+            keys[targets] = keys[sources]
+            values[targets] = values[sources]
         self.mask[targets] = self.mask[sources]
         if self.features is not None:
             self.features[targets] = self.features[sources]
@@ -210,11 +210,11 @@ class RolloutKVCache:
     def _realign(self, rows: th.Tensor) -> None:
         """Move the given rows' newest (masked-out) column to the front, so that their valid tokens end the cache again."""
         assert self.past is not None and self.mask is not None
-        for layer in self.past.layers:  # (B, heads, C, D)
-            layer.keys[rows] = layer.keys[rows].roll(1, dims=2)
-            layer.values[rows] = layer.values[rows].roll(1, dims=2)
-            layer.keys[rows, :, 0] = 0.0  # masked out; zeroed so that no stray value can ever leak through attention
-            layer.values[rows, :, 0] = 0.0
+        for _, keys, values in _attention_layers(self.past):  # (B, heads, C, D), in place
+            keys[rows] = keys[rows].roll(1, dims=2)
+            values[rows] = values[rows].roll(1, dims=2)
+            keys[rows, :, 0] = 0.0  # masked out; zeroed so that no stray value can ever leak through attention
+            values[rows, :, 0] = 0.0
         self.mask[rows] = self.mask[rows].roll(1, dims=1)
         if self.features is not None:  # (B, C, F)
             self.features[rows] = self.features[rows].roll(1, dims=1)
@@ -266,10 +266,11 @@ class RolloutKVCache:
             width = context_ids.shape[1]
             context_ids, context_mask = distinct[:, :width], distinct[:, width:]
         _, fresh, features = self.trunk(context_ids, context_mask, positions_from_mask(context_mask), None)
+        self._check_layers(fresh)  # before the first use of the layers' keys, which other layer types lack
         self.prefilled_rows += len(context_ids)
         if shared:
-            for layer in fresh.layers:
-                layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]
+            for layer, keys, values in _attention_layers(fresh):
+                layer.keys, layer.values = keys[inverse], values[inverse]
             features = None if features is None else features[inverse]
         return fresh, features
 
@@ -277,12 +278,10 @@ class RolloutKVCache:
         """Encode all but the last token of the given rows and splice their keys into the batch cache."""
         context_ids, context_mask = right_align(ids, attention_mask, drop_last=1)  # (R, W)
         fresh, features = self._encode_distinct(context_ids, context_mask)
-        self._check_layers(fresh)
         if not bool(context_mask.any(dim=1).all()):  # a fully masked row (a one-token observation) may hold NaN keys
             keep = context_mask.bool()[:, None, :, None]  # (R, 1, W, 1)
-            for layer in fresh.layers:
-                layer.keys = th.where(keep, layer.keys, 0.0)
-                layer.values = th.where(keep, layer.values, 0.0)
+            for layer, keys, values in _attention_layers(fresh):
+                layer.keys, layer.values = th.where(keep, keys, 0.0), th.where(keep, values, 0.0)
         if features is not None:
             features = th.where(context_mask.bool().unsqueeze(-1), features, 0.0)
         if self.past is None or bool(rows.all()):  # an empty cache is always rebuilt for all rows
@@ -292,9 +291,10 @@ class RolloutKVCache:
         old_width, new_width = self.mask.shape[1], context_mask.shape[1]
         width = max(old_width, new_width)
         self.mask = _splice_rows(self.mask, context_mask, rows, width, dim=1)
-        for old_layer, new_layer in zip(self.past.layers, fresh.layers):
-            old_layer.keys = _splice_rows(old_layer.keys, new_layer.keys, rows, width, dim=2)  # (B, heads, C, D)
-            old_layer.values = _splice_rows(old_layer.values, new_layer.values, rows, width, dim=2)
+        old_layers, new_layers = _attention_layers(self.past), _attention_layers(fresh)
+        for (layer, keys, values), (_, new_keys, new_values) in zip(old_layers, new_layers):
+            layer.keys = _splice_rows(keys, new_keys, rows, width, dim=2)  # (B, heads, C, D)
+            layer.values = _splice_rows(values, new_values, rows, width, dim=2)
         if features is None or self.features is None:
             self.features = None
         else:
@@ -311,18 +311,33 @@ class RolloutKVCache:
         self.mask = self.mask[:, first:]
         if self.features is not None:
             self.features = self.features[:, first:]
-        for layer in self.past.layers:
-            layer.keys = layer.keys[:, :, first:]
-            layer.values = layer.values[:, :, first:]
+        for layer, keys, values in _attention_layers(self.past):
+            layer.keys, layer.values = keys[:, :, first:], values[:, :, first:]
 
     @staticmethod
     def _check_layers(past: DynamicCache) -> None:
+        """Refuse a cache with layers other than full attention (sliding-window, linear-attention, dummy layers)."""
         for layer in past.layers:
             if type(layer) is not DynamicLayer:
                 raise NotImplementedError(
                     f"The rollout KV cache supports full-attention layers only, got {type(layer).__name__}; "
                     "pass policy_kwargs=dict(use_kv_cache=False) for this model."
                 )
+
+
+def _attention_layers(past: DynamicCache) -> list[tuple[DynamicLayer, th.Tensor, th.Tensor]]:
+    """
+    The layers of a cache that :meth:`RolloutKVCache._check_layers` admitted, each with its keys and values.
+
+    :param past: a prefilled cache of full-attention layers
+    :return: per layer (the layer, its keys (B, heads, C, D), its values (B, heads, C, D))
+    """
+    layers = []
+    for layer in past.layers:
+        # Checked when the cache was filled; a prefilled layer holds its keys and values.
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+        layers.append((layer, layer.keys, layer.values))
+    return layers
 
 
 def _splice_rows(old: th.Tensor, new: th.Tensor, rows: th.Tensor, width: int, dim: int) -> th.Tensor:

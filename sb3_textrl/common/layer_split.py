@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch as th
 from torch import nn
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+
+def find_blocks(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
     """
     The decoder blocks of a causal LM: the one ``nn.ModuleList`` of ``num_hidden_layers`` modules of its trunk.
 
@@ -71,7 +74,7 @@ class LayerSplit:
     :param n_trainable: number of top blocks to train, 1 to the model's block count minus one
     """
 
-    def __init__(self, model: nn.Module, n_trainable: Any):
+    def __init__(self, model: PreTrainedModel, n_trainable: Any):
         self.blocks_name, blocks = find_blocks(model)
         self.n_blocks = len(blocks)
         if isinstance(n_trainable, bool) or not isinstance(n_trainable, int) or not 1 <= n_trainable <= self.n_blocks:
@@ -99,7 +102,7 @@ class LayerSplit:
         return blocks
 
     @staticmethod
-    def _probe_output_type(model: nn.Module, blocks: nn.ModuleList) -> bool:
+    def _probe_output_type(model: PreTrainedModel, blocks: nn.ModuleList) -> bool:
         # Blocks return a tensor in transformers 5 and a tuple in 4.x: the pass-throughs must return the same thing.
         seen: list[bool] = []
         handle = blocks[0].register_forward_hook(lambda module, args, output: seen.append(isinstance(output, tuple)))
@@ -111,7 +114,7 @@ class LayerSplit:
             handle.remove()
         return bool(seen and seen[0])
 
-    def freeze_lower(self, model: nn.Module) -> None:
+    def freeze_lower(self, model: PreTrainedModel) -> None:
         """
         Full fine-tuning: train the top blocks and what comes after them (final norm, an untied LM head); freeze the
         lower blocks and the embeddings (which feed the lower blocks; a head tied to them stays frozen with them).

@@ -30,7 +30,8 @@ def prompt_only(attention_mask: np.ndarray, prompt_width: int | None) -> np.ndar
     mask = np.asarray(attention_mask)
     if prompt_width is None:
         return np.zeros(len(mask), dtype=bool)
-    return ~mask[:, prompt_width:].astype(bool).any(axis=1)
+    # np.asarray: numpy's stubs type a reduction over an axis as a scalar or an array; over axis 1 it is an array.
+    return ~np.asarray(mask[:, prompt_width:].astype(bool).any(axis=1))
 
 
 def waited(at_prompt_before: np.ndarray, at_prompt: np.ndarray, done: np.ndarray) -> np.ndarray:
@@ -58,6 +59,7 @@ def final_waits(at_prompt: np.ndarray, next_obs: Any, dones: np.ndarray, prompt_
     :return: (n_envs,) bool, all False when the next observation is unknown or has another shape
     """
     n_envs = len(at_prompt)
-    if prompt_width is None or not isinstance(next_obs, dict) or np.shape(next_obs.get("attention_mask")) != (n_envs, width):
+    next_mask = next_obs.get("attention_mask") if isinstance(next_obs, dict) else None
+    if prompt_width is None or next_mask is None or np.shape(next_mask) != (n_envs, width):
         return np.zeros(n_envs, dtype=bool)
-    return waited(at_prompt, prompt_only(next_obs["attention_mask"], prompt_width), dones)
+    return waited(at_prompt, prompt_only(next_mask, prompt_width), dones)
