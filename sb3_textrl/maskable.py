@@ -18,7 +18,8 @@ what training changed, not the probability mass that the mask removes.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Generator
+from typing import Any, cast
 
 import numpy as np
 import torch as th
@@ -48,7 +49,9 @@ class _MaskableActorCriticBase(MaskableActorCriticPolicy):
         BasePolicy.__init__(self, *args, **kwargs)
 
 
-class MaskableTransformerLMPolicy(TransformerLMPolicy, _MaskableActorCriticBase):
+# A MaskableActorCriticPolicy for isinstance() only: TransformerLMPolicy's categorical action_dist (no MLP, no
+# _get_action_dist_from_latent) replaces sb3-contrib's maskable one, whose mask API the methods below override.
+class MaskableTransformerLMPolicy(TransformerLMPolicy, _MaskableActorCriticBase):  # type: ignore[misc]
     """
     :class:`~sb3_textrl.TransformerLMPolicy` for ``sb3_contrib.MaskablePPO``: the env's action masks (its
     ``action_masks()``, see :mod:`sb3_textrl.envs.masks`) restrict the tokens the LM may take, identically in
@@ -83,7 +86,7 @@ class MaskableTransformerLMPolicy(TransformerLMPolicy, _MaskableActorCriticBase)
         return env_mask if nlpo is None else nlpo
 
     # -- rollout, prediction, training ------------------------------------------------------------------------------
-    def forward(  # type: ignore[override]
+    def forward(
         self, obs: PyTorchObs, deterministic: bool = False, action_masks: MaskArray = None
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """
@@ -104,12 +107,12 @@ class MaskableTransformerLMPolicy(TransformerLMPolicy, _MaskableActorCriticBase)
         """
         return self._next_token_distribution(obs, action_masks)
 
-    def _predict(  # type: ignore[override]
+    def _predict(
         self, observation: PyTorchObs, deterministic: bool = False, action_masks: MaskArray = None
     ) -> th.Tensor:
         return self.get_distribution(observation, action_masks).get_actions(deterministic=deterministic)
 
-    def evaluate_actions(  # type: ignore[override]
+    def evaluate_actions(
         self, obs: PyTorchObs, actions: th.Tensor, action_masks: MaskArray = None
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
         """
@@ -173,6 +176,11 @@ class MaskableTextRolloutBuffer(TextRolloutBuffer, MaskableDictRolloutBuffer):
         self.mask_dims = int(self.action_space.n)  # type: ignore[attr-defined]
         # All allowed until a step brings a mask (MaskablePPO.learn(use_masking=False) brings none).
         self.packed_masks = np.full((self.buffer_size, self.n_envs, (self.mask_dims + 7) // 8), 0xFF, dtype=np.uint8)
+
+    # Typed as sb3-contrib's get (TextRolloutBuffer's yields through _get_samples below, masks included).
+    def get(self, batch_size: int | None = None) -> Generator[MaskableDictRolloutBufferSamples, None, None]:  # type: ignore[override]
+        """Minibatches of whole segments (see :meth:`TextRolloutBuffer.get`), with their steps' env masks."""
+        return cast(Generator[MaskableDictRolloutBufferSamples, None, None], super().get(batch_size))
 
     def add(self, *args: Any, action_masks: np.ndarray | None = None, **kwargs: Any) -> None:
         """

@@ -95,6 +95,8 @@ class NLPOMasking(nn.Module):
     :param top_p: probability mass of the allowed sets, in (0, 1]; set to None later, it pauses the masking
     """
 
+    _policy: TransformerLMPolicy  # set with object.__setattr__ (not a submodule), so declared here
+
     def __init__(self, policy: TransformerLMPolicy, top_p: float):
         super().__init__()
         # A plain reference, not a submodule: the policy owns this module, not the other way round.
@@ -133,6 +135,7 @@ class NLPOMasking(nn.Module):
             yield self.mask_lm
             return
         lm = self._policy.lm
+        assert isinstance(lm, PeftModel)  # without LoRA the masking policy is mask_lm
         active = lm.active_adapter
         lm.set_adapter(NLPO_ADAPTER, inference_mode=True)
         try:

@@ -26,7 +26,7 @@ from sb3_textrl.common.kv_cache import RolloutKVCache
 from sb3_textrl.common.sb3_bridge import attach_rollout_extras
 from sb3_textrl.common.segments import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN
 from sb3_textrl.lm import lora, precision
-from sb3_textrl.lm.arguments import check_arguments, check_spaces, check_vocabulary, kl_target_argument
+from sb3_textrl.lm.arguments import check_arguments, check_spaces, check_vocabulary, kl_target_argument, refuse_segments
 from sb3_textrl.lm.forward import LMForwards
 from sb3_textrl.lm.forward import cache_kwarg as _cache_kwarg
 from sb3_textrl.lm.heads import make_value_head
@@ -44,9 +44,9 @@ __all__ += ["GROUPED_SPEEDUP", "MIXED_PRECISION_OPTIONS", "_cache_kwarg", "_mask
 GROUPED_SPEEDUP = "about 40x"
 
 # The policy's arguments that _get_constructor_parameters saves under their own names (``lm`` is ``lm_name``).
-_SAVED_ARGUMENTS = ("kl_coef", "kl_target", "kl_horizon", "use_lora", "lora_config", "temperature", "top_k", "top_p")
-_SAVED_ARGUMENTS += ("use_kv_cache", "share_prefixes", "check_tokenizer", "mixed_precision", "gradient_checkpointing")
-_SAVED_ARGUMENTS += ("nlpo_top_p", "trainable_layers", "critic", "value_warmup_rollouts")
+_SAVED_ARGUMENTS: tuple[str, ...] = ("kl_coef", "kl_target", "kl_horizon", "use_lora", "lora_config", "temperature")
+_SAVED_ARGUMENTS += ("top_k", "top_p", "use_kv_cache", "share_prefixes", "check_tokenizer", "mixed_precision")
+_SAVED_ARGUMENTS += ("gradient_checkpointing", "nlpo_top_p", "trainable_layers", "critic", "value_warmup_rollouts")
 
 
 class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
@@ -109,6 +109,10 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         no MLP, and a pretrained LM is never re-initialised
     """
 
+    action_space: spaces.Discrete  # check_spaces() refuses any other
+    action_dist: CategoricalDistribution
+    n_rollouts: th.Tensor  # a registered buffer (see _build)
+
     def __init__(
         self,
         observation_space: spaces.Space,
@@ -167,11 +171,12 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         model = self._load_lm()
         check_vocabulary(model, self.action_space, self.observation_space, self.lm_name, self.check_tokenizer)
         self.layer_split = lora.make_layer_split(model, self.trainable_layers)
+        lm: PreTrainedModel | PeftModel = model
         if self.use_lora:
-            model = lora.add_lora(model, self._lora_kwargs(model), self.layer_split)
+            lm = lora.add_lora(model, self._lora_kwargs(model), self.layer_split)
         elif self.layer_split is not None:
             self.layer_split.freeze_lower(model)
-        self.lm: PreTrainedModel | PeftModel = model
+        self.lm: PreTrainedModel | PeftModel = lm
         self.kl_controller = KLController(self.kl_coef, self.kl_target, self.kl_horizon)
         # Without LoRA the reference must be a separate frozen copy of the initial weights.
         self.ref_lm: PreTrainedModel | None = None
@@ -270,7 +275,7 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         return self._next_token_distribution(obs)
 
     def _next_token_distribution(self, obs: PyTorchObs, action_masks: Any = None) -> Distribution:
-        self._refuse_segments(obs, "get_distribution")
+        refuse_segments(obs, "get_distribution")
         hidden = self._next_token_hidden(obs)
         logits = self._logits(self._hf_model(), hidden)
         return self._distribution(logits, self._allowed(obs, action_masks, logits, rollout=True))
@@ -285,7 +290,7 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         :class:`~sb3_textrl.buffers.TextRolloutBuffer` is filled (:attr:`bootstrap_after_rollout`), rows that start a
         new episode are given 0 without a forward: they follow a done, whose bootstrap value GAE discards.
         """
-        self._refuse_segments(obs, "predict_values")
+        refuse_segments(obs, "predict_values")
         _, mask = self._tokens(obs)
         full = mask[:, -1].bool()
         if self.bootstrap_after_rollout:
@@ -302,18 +307,6 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
             rows = {key: value[~full] for key, value in obs.items()}  # type: ignore[union-attr]
             values[~full] = self._value(self._next_token_hidden(rows, allow_cache_reset=bool((~full).all())))
         return values
-
-    @staticmethod
-    def _refuse_segments(obs: PyTorchObs, method: str) -> None:
-        # Some learners (sb3-contrib's TRPO) read training batches through get_distribution()/predict_values(); with
-        # TextRolloutBuffer those batches are whole episode segments, which only evaluate_actions() understands.
-        if isinstance(obs, dict) and SEGMENT_LENGTHS in obs:
-            raise NotImplementedError(
-                f"{method}() got a training batch of whole-episode segments (TextRolloutBuffer): this learner (e.g. "
-                "sb3_contrib.TRPO) reads training batches through get_distribution()/predict_values() instead of "
-                "evaluate_actions(), which the text policies do not support. Train with PPO, A2C or MaskablePPO "
-                "(see docs/algorithms.md)."
-            )
 
     # -- training ---------------------------------------------------------------------------------------------
     def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
@@ -448,5 +441,5 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
             metadata = getattr(state_dict, "_metadata", None)
             state_dict = collections.OrderedDict(state_dict, n_rollouts=self.n_rollouts.clone())
             if metadata is not None:
-                state_dict._metadata = metadata  # type: ignore[attr-defined]
+                state_dict._metadata = metadata
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

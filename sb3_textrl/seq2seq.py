@@ -10,7 +10,7 @@ and its KL penalty, save/load) is TransformerLMPolicy's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch as th
 from gymnasium import spaces
@@ -23,6 +23,9 @@ from sb3_textrl.lm.forward import run_with_cache
 from sb3_textrl.models import load_seq2seq_lm
 from sb3_textrl.policies import TransformerLMPolicy
 
+if TYPE_CHECKING:
+    from transformers.cache_utils import CacheLayerMixin
+
 # Decoders whose self-attention bias depends only on the distance between tokens: left padding a decoder row (as
 # the rollout cache does to batch envs at different steps) leaves their outputs unchanged. Absolute position
 # embeddings (BART, Pegasus, ...) would shift.
@@ -31,7 +34,7 @@ RELATIVE_POSITION_DECODERS = frozenset({"t5", "mt5", "umt5"})
 # (decoder ids (B, S), decoder mask (B, past + S), encoder hidden (B, E, H), encoder mask (B, E), past)
 #   -> (decoder hidden (B, S, H), new past)
 DecodeFn = Callable[
-    [th.Tensor, th.Tensor, th.Tensor, th.Tensor, EncoderDecoderCache | None], tuple[th.Tensor, EncoderDecoderCache]
+    [th.Tensor, th.Tensor, th.Tensor, th.Tensor, EncoderDecoderCache], tuple[th.Tensor, EncoderDecoderCache]
 ]
 EncodeFn = Callable[[th.Tensor, th.Tensor], th.Tensor]  # (ids (B, E), mask (B, E)) -> hidden (B, E, H)
 
@@ -73,6 +76,24 @@ def _splice(old: th.Tensor, new: th.Tensor, rows: th.Tensor, dim: int) -> th.Ten
     merged = _left_pad(old, width, dim)
     merged[rows] = _left_pad(new, width, dim)
     return merged
+
+
+def _attention_layers(cache: DynamicCache) -> list[CacheLayerMixin]:
+    """The layers of a T5 decoder's self- or cross-attention cache (transformers types them as any kind of layer)."""
+    return cast("list[CacheLayerMixin]", cache.layers)
+
+
+def _key_values(layer: CacheLayerMixin) -> tuple[th.Tensor, th.Tensor]:
+    """A cache layer's keys and values, (B, heads, T, head dim), as a decoder forward filled them."""
+    assert layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
+
+
+def _splice_layers(old: list[CacheLayerMixin], new: list[CacheLayerMixin], rows: th.Tensor) -> None:
+    """:func:`_splice` on the keys and values of every layer: ``old``'s ``rows`` replaced by ``new``."""
+    for old_layer, new_layer in zip(old, new):
+        (old_keys, old_values), (new_keys, new_values) = _key_values(old_layer), _key_values(new_layer)
+        old_layer.keys, old_layer.values = _splice(old_keys, new_keys, rows, 2), _splice(old_values, new_values, rows, 2)
 
 
 class Seq2SeqRolloutCache:
@@ -124,6 +145,7 @@ class Seq2SeqRolloutCache:
         if self.tokens is None:
             rebuild = th.ones(ids.shape[0], dtype=th.bool, device=ids.device)
         else:
+            assert self.token_mask is not None  # held with self.tokens
             if th.equal(ids, self.tokens) and th.equal(attention_mask, self.token_mask):
                 assert self.last_hidden is not None
                 return self.last_hidden
@@ -167,22 +189,21 @@ class Seq2SeqRolloutCache:
         _, fresh = self.decode(decoder_ids, decoder_mask, encoder_hidden, prompt_mask, fresh)
         # The step feeds each row's last decoder token again: keep the self-attention keys of the others only.
         keep = decoder_mask[:, :-1]
-        self_layers, cross_layers = fresh.self_attention_cache.layers, fresh.cross_attention_cache.layers
+        valid = keep.bool()[:, None, :, None]
+        self_layers = _attention_layers(fresh.self_attention_cache)
+        cross_layers = _attention_layers(fresh.cross_attention_cache)
         for layer in self_layers:
-            layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
+            keys, values = _key_values(layer)
             # A row that is all padding so far may hold NaN keys; masked keys must be finite.
-            layer.keys = th.where(keep.bool()[:, None, :, None], layer.keys, 0.0)
-            layer.values = th.where(keep.bool()[:, None, :, None], layer.values, 0.0)
+            layer.keys, layer.values = th.where(valid, keys[:, :, :-1], 0.0), th.where(valid, values[:, :, :-1], 0.0)
         if self.mask is None or bool(rows.all()):
             self.self_attention, self.cross_attention = fresh.self_attention_cache, fresh.cross_attention_cache
             self.mask, self.encoder_hidden, self.encoder_mask = keep, encoder_hidden, prompt_mask
             return
         assert self.self_attention is not None and self.cross_attention is not None
         assert self.encoder_hidden is not None and self.encoder_mask is not None
-        for old, new in zip(self.self_attention.layers, self_layers):
-            old.keys, old.values = _splice(old.keys, new.keys, rows, 2), _splice(old.values, new.values, rows, 2)
-        for old, new in zip(self.cross_attention.layers, cross_layers):
-            old.keys, old.values = _splice(old.keys, new.keys, rows, 2), _splice(old.values, new.values, rows, 2)
+        _splice_layers(_attention_layers(self.self_attention), self_layers, rows)
+        _splice_layers(_attention_layers(self.cross_attention), cross_layers, rows)
         self.mask = _splice(self.mask, keep, rows, 1)
         self.encoder_hidden = _splice(self.encoder_hidden, encoder_hidden, rows, 1)
         self.encoder_mask = _splice(self.encoder_mask, prompt_mask, rows, 1)
@@ -195,13 +216,15 @@ class Seq2SeqRolloutCache:
         first = int(self.mask.any(dim=0).float().argmax().item()) if self.mask.shape[1] else 0
         if first:
             self.mask = self.mask[:, first:]
-            for layer in self.self_attention.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            for layer in _attention_layers(self.self_attention):
+                keys, values = _key_values(layer)
+                layer.keys, layer.values = keys[:, :, first:], values[:, :, first:]
         first = int(self.encoder_mask.any(dim=0).float().argmax().item())
         if first:
             self.encoder_mask, self.encoder_hidden = self.encoder_mask[:, first:], self.encoder_hidden[:, first:]
-            for layer in self.cross_attention.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            for layer in _attention_layers(self.cross_attention):
+                keys, values = _key_values(layer)
+                layer.keys, layer.values = keys[:, :, first:], values[:, :, first:]
 
 
 class Seq2SeqLMPolicy(TransformerLMPolicy):
@@ -266,6 +289,7 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
 
     # -- construction -------------------------------------------------------------------------------------
     def _load_lm(self) -> PreTrainedModel:
+        assert self.lm_name is not None  # __init__ refuses None
         model = load_seq2seq_lm(self.lm_name)
         model_type = model.config.model_type
         if self.use_kv_cache and model_type not in RELATIVE_POSITION_DECODERS:
@@ -287,8 +311,12 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
         def encode(ids: th.Tensor, mask: th.Tensor) -> th.Tensor:
             return self._encode(self._hf_model(), ids, mask)
 
-        def decode(ids, mask, encoder_hidden, encoder_mask, past):  # type: ignore[no-untyped-def]
-            return self._decode(self._hf_model(), ids, mask, encoder_hidden, encoder_mask, past)
+        def decode(
+            ids: th.Tensor, mask: th.Tensor, encoder_hidden: th.Tensor, encoder_mask: th.Tensor, past: EncoderDecoderCache
+        ) -> tuple[th.Tensor, EncoderDecoderCache]:
+            hidden, new_past = self._decode(self._hf_model(), ids, mask, encoder_hidden, encoder_mask, past)
+            assert new_past is not None  # given a past, the decoder returns the updated one
+            return hidden, new_past
 
         return Seq2SeqRolloutCache(encode, decode, self.prompt_width, self.decoder_start_token_id)
 
@@ -343,13 +371,13 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
         hidden, _ = self._decode(model, decoder_ids, decoder_mask, encoder_hidden, prompt_mask)  # (S, W, H)
         return action_hidden(hidden, first_columns, lengths)  # (N, H)
 
-    def _last_hidden_per_step(self, obs: PyTorchObs) -> th.Tensor:
+    def _last_hidden_per_step(self, obs: PyTorchObs, model: PreTrainedModel | None = None) -> th.Tensor:
         """(B, H) decoder hidden state that predicts each observation's next token, one full forward per row."""
         ids, mask = self._tokens(obs)
         generated = mask[:, self.prompt_width :].sum(dim=1)  # (B,) tokens generated so far
         width = int(generated.max().item()) + 1
         decoder_ids, decoder_mask = decoder_inputs(ids, mask, self.prompt_width, self.decoder_start_token_id, width)
         prompt_ids, prompt_mask = _crop_left(ids[:, : self.prompt_width], mask[:, : self.prompt_width])
-        model = self._hf_model()
+        model = self._hf_model() if model is None else model
         hidden, _ = self._decode(model, decoder_ids, decoder_mask, self._encode(model, prompt_ids, prompt_mask), prompt_mask)
         return hidden[th.arange(len(ids), device=ids.device), generated]

@@ -155,6 +155,26 @@ def test_reference_is_the_t5_with_adapters_disabled(ragged_task, tiny_t5_path):
     assert np.abs(buffer.log_probs - buffer.ref_log_probs).max() > 1e-3
 
 
+def test_per_step_hidden_runs_the_model_it_is_given(ragged_task, tiny_t5_path):
+    # LMForwards._last_hidden_per_step(obs, model) runs ``model`` (NLPO's masking policy passes its own); the seq2seq
+    # override took no model argument.
+    env = toy_vec_env(ragged_task, n_envs=2)
+    policy = t5_ppo(env, tiny_t5_path, policy_kwargs=dict(use_lora=False)).policy  # ref_lm: a frozen copy
+    obs = env.reset()
+    for _ in range(3):  # some generated tokens in the decoder's input
+        obs, _, _, _ = env.step(env.action_space.sample()[None].repeat(2))
+    obs_tensor = obs_as_tensor(obs, policy.device)
+    generator = th.Generator().manual_seed(0)
+    with th.no_grad():
+        before = policy._last_hidden_per_step(obs_tensor)
+        for param in policy.lm.parameters():  # the trained weights move, the reference's do not
+            param.add_(th.randn(param.shape, generator=generator) * 0.1)
+        after = policy._last_hidden_per_step(obs_tensor)
+        reference = policy._last_hidden_per_step(obs_tensor, policy.ref_lm)
+    assert not th.allclose(after, before, atol=1e-3)
+    th.testing.assert_close(reference, before)
+
+
 def test_lora_targets_t5_attention_in_encoder_and_decoder(ragged_task, tiny_t5_path):
     policy = t5_ppo(toy_vec_env(ragged_task, n_envs=1), tiny_t5_path).policy
     trainable = [name for name, p in policy.named_parameters() if p.requires_grad]

@@ -167,6 +167,8 @@ class KLController(nn.Module):
     :param horizon: number of tokens over which β may change by at most a factor of about e^0.2
     """
 
+    kl_coef: th.Tensor  # a registered buffer (nn.Module's __getattr__ would type it Tensor | Module)
+
     @renamed_kwargs(target_kl="kl_target")
     def __init__(self, kl_coef: float = 0.05, kl_target: float | None = None, horizon: int = 10_000):
         super().__init__()

@@ -7,8 +7,10 @@ import warnings
 from typing import Any
 
 from gymnasium import spaces
+from stable_baselines3.common.type_aliases import PyTorchObs
 from transformers import PreTrainedModel
 
+from sb3_textrl.common.segments import SEGMENT_LENGTHS
 from sb3_textrl.envs.text_env import TextObservationSpace, tokenizer_fingerprint
 from sb3_textrl.lm.precision import check_mixed_precision
 from sb3_textrl.models import load_tokenizer
@@ -22,6 +24,24 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) ->
         raise TypeError(
             "TransformerLMPolicy needs Dict observations with 'input_ids' and 'attention_mask' "
             f"(a TextGenerationEnv, see sb3_textrl.register_text_task); got {observation_space}"
+        )
+
+
+def refuse_segments(obs: PyTorchObs, method: str) -> None:
+    """
+    Refuse a training batch of whole-episode segments in a policy method that reads single steps.
+
+    :param obs: the observations the method got
+    :param method: the method's name, for the message
+    """
+    # Some learners (sb3-contrib's TRPO) read training batches through get_distribution()/predict_values(); with
+    # TextRolloutBuffer those batches are whole episode segments, which only evaluate_actions() understands.
+    if isinstance(obs, dict) and SEGMENT_LENGTHS in obs:
+        raise NotImplementedError(
+            f"{method}() got a training batch of whole-episode segments (TextRolloutBuffer): this learner (e.g. "
+            "sb3_contrib.TRPO) reads training batches through get_distribution()/predict_values() instead of "
+            "evaluate_actions(), which the text policies do not support. Train with PPO, A2C or MaskablePPO "
+            "(see docs/algorithms.md)."
         )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch as th
 from peft import PeftModel
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from sb3_textrl.common.layer_split import LayerSplit
 
 @functools.cache
-def cache_kwarg(module_class: type) -> str:
+def cache_kwarg(module_class: type[nn.Module]) -> str:
     """The name of a Hugging Face module's past-cache argument (transformers 5.2x renamed ``past_key_values``)."""
     return "cache" if "cache" in inspect.signature(module_class.forward).parameters else "past_key_values"
 
@@ -37,7 +37,8 @@ def run_with_cache(module: nn.Module, past: Any, use_cache: bool, **inputs: th.T
     A Hugging Face trunk, encoder-decoder's decoder... on ``inputs``: its final hidden states, and the updated cache
     (``use_cache``; else None), whichever name the module's transformers version gives the cache argument.
     """
-    out = module(**inputs, use_cache=use_cache, **{cache_kwarg(type(module)): past})
+    cache_name = cache_kwarg(type(module))  # type: ignore[arg-type]  # a class is hashable (python/mypy#11470)
+    out = module(**inputs, use_cache=use_cache, **{cache_name: past})
     if not use_cache:
         return out.last_hidden_state, None
     return out.last_hidden_state, out["cache"] if "cache" in out else out["past_key_values"]
@@ -74,7 +75,8 @@ class LMForwards:
     _tokens = staticmethod(observation_tokens)
 
     def _hf_model(self) -> PreTrainedModel:
-        return self.lm.get_base_model() if isinstance(self.lm, PeftModel) else self.lm
+        # peft types its base model as a plain nn.Module: here it is the Hugging Face model it wraps.
+        return cast(PreTrainedModel, self.lm.get_base_model()) if isinstance(self.lm, PeftModel) else self.lm
 
     # -- precision ----------------------------------------------------------------------------------------
     def autocast_dtype(self) -> th.dtype | None:
