@@ -35,7 +35,9 @@ def _print_samples(title: str, samples: list[Sample]) -> None:
 
 def _envs(config: DemoConfig) -> tuple[VecEnv, VecEnv, list[int]]:
     """The grouped training envs, the eval env and the held-out prompt indices of the eval env."""
-    env_kwargs = dict(tokenizer=config.lm, max_new_tokens=config.n_steps, max_prompt_tokens=config.max_prompt_tokens)
+    env_kwargs: dict[str, Any] = dict(
+        tokenizer=config.lm, max_new_tokens=config.n_steps, max_prompt_tokens=config.max_prompt_tokens
+    )
     if config.dataset is not None:
         env_kwargs["dataset"] = config.dataset
     if config.reward_model is not None:

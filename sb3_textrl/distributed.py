@@ -142,7 +142,7 @@ class GradientAverager:
     def _on_accumulated(self, parameter: th.Tensor) -> None:
         if not self._queued:
             self._queued = True
-            th.autograd.Variable._execution_engine.queue_callback(self._all_reduce)  # type: ignore[attr-defined]
+            th.autograd.Variable._execution_engine.queue_callback(self._all_reduce)
 
     @th.no_grad()
     def _all_reduce(self) -> None:
@@ -318,9 +318,10 @@ def make_data_parallel(model: OnPolicyAlgorithm, context: DistributedContext | N
         raise TypeError(f"make_data_parallel needs an on-policy SB3 algorithm such as PPO, got {type(model).__name__}")
     if not context.is_distributed or not _initialized():
         return model
-    if getattr(model, "target_kl", None) is not None:
+    target_kl = getattr(model, "target_kl", None)  # PPO's; other on-policy algorithms have none
+    if target_kl is not None:
         raise ValueError(
-            f"PPO(target_kl={model.target_kl}) stops an epoch when this rank's approximate KL is too high; the ranks "
+            f"PPO(target_kl={target_kl}) stops an epoch when this rank's approximate KL is too high; the ranks "
             "would decide differently and wait for each other forever. Build PPO with target_kl=None under "
             "data parallel (the policy's own policy_kwargs=dict(kl_target=...), the adaptive KL penalty, is supported)."
         )

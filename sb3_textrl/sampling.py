@@ -100,11 +100,11 @@ def load_generator(model: str | os.PathLike | None, env: VecEnv, device: str = "
     :param seed: seed of the wrapper model
     :return: the model
     """
-    if model is not None and str(model).endswith(".zip"):
-        if not Path(model).is_file():
-            raise FileNotFoundError(f"saved model {model} not found; pass a .zip written by model.save() or an LM path")
-        return PPO.load(model, env=env, device=device)
-    lm = None if model is None else os.fspath(model)
+    lm = None if model is None else os.fspath(model)  # str(path_like) is no path unless it is a str or Path
+    if lm is not None and lm.endswith(".zip"):
+        if not Path(lm).is_file():
+            raise FileNotFoundError(f"saved model {lm} not found; pass a .zip written by model.save() or an LM path")
+        return PPO.load(Path(lm), env=env, device=device)  # SB3 opens a str or Path, not any os.PathLike
     return PPO(
         TransformerLMPolicy, env, policy_kwargs=dict(lm=lm), n_steps=1, batch_size=env.num_envs, device=device, seed=seed
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -17,7 +18,7 @@ from sb3_textrl.envs.news_data import generate_news_examples
 from sb3_textrl.evaluation import METRICS, EvalResult, evaluate, generate_samples, kl_to_reference
 from sb3_textrl.evaluation_report import escape_cell
 from sb3_textrl.metrics import distinct_n, lead_n, rouge_scores, split_sentences, words
-from sb3_textrl.sampling import DecodingSettings, decoding
+from sb3_textrl.sampling import DecodingSettings, decoding, load_generator
 
 # Tiny news settings: short prompts and completions keep each evaluate() call around a second.
 NEWS = dict(max_prompt_tokens=96, max_new_tokens=5, n_articles=16)
@@ -272,6 +273,23 @@ def test_cli_eval_of_a_saved_run(trained, capsys):
     data = json.loads((path.parent / "eval.json").read_text())
     assert data["config"]["baselines"] == ["lead3"] and data["config"]["env_kwargs"]["n_articles"] == 16
     assert (path.parent / "eval.md").is_file()
+
+
+class PathLikeOnly:
+    """An ``os.PathLike`` that is not a ``pathlib.Path`` (SB3's loader opens only str, Path and open files)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __fspath__(self):
+        return os.fspath(self.path)
+
+
+def test_load_generator_opens_any_path_like(trained):
+    model, path = trained
+    loaded = load_generator(PathLikeOnly(path), model.get_env(), device="cpu")
+    for mine, theirs in zip(model.policy.state_dict().values(), loaded.policy.state_dict().values()):
+        assert th.equal(mine, theirs)
 
 
 def test_evaluate_is_exported():

@@ -27,7 +27,7 @@ def parse_dataclass_options(options_class: type[T], description: str | None, ski
         raise TypeError(f"parse_dataclass_options needs a dataclass, got {options_class!r}")
     defaults = options_class()
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in fields(defaults):  # type: ignore[arg-type]
+    for field in fields(defaults):
         if field.name in skip:
             continue
         value: Any = getattr(defaults, field.name)

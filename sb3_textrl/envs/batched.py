@@ -20,6 +20,7 @@ Monitor's own records at 0.) The cost is one extra round trip to the envs per st
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -120,7 +121,8 @@ class BatchedRewardVecEnv(VecEnvWrapper):
         try:
             rewards = score_batch(self.reward_fn, prompts, completions, references, self.task_id)
         except Exception as error:
-            error.add_note(f"(batched scoring of the episodes that env(s) {ending} of the VecEnv ended in one step)")
+            if sys.version_info >= (3, 11):  # add_note is new in 3.11; on 3.10 the error goes up without the note
+                error.add_note(f"(batched scoring of the episodes that env(s) {ending} of the VecEnv ended in one step)")
             raise
         self.n_reward_calls += 1
         self.n_scored += len(ending)

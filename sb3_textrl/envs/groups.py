@@ -17,7 +17,8 @@ Two pieces make it, so that it works with any SB3 VecEnv (``DummyVecEnv``, ``Sub
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
@@ -50,7 +51,7 @@ class GroupWaitWrapper(gym.Wrapper):
         self._first_obs = obs
         return obs, info
 
-    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         if np.size(action) == 1 and int(np.asarray(action).item()) == WAIT_ACTION:
             if self._first_obs is None:
                 raise RuntimeError(
@@ -162,7 +163,9 @@ def make_group_vec_env(
         raise ValueError("make_group_vec_env sets prompt_order_seed itself (seed + group); leave it out of env_kwargs")
 
     k = samples_per_prompt
-    fns = [functools.partial(_make_member, env_id, seed + rank, seed + rank // k, kwargs) for rank in range(n_envs)]
+    fns: list[Callable[[], gym.Env]] = [
+        functools.partial(_make_member, env_id, seed + rank, seed + rank // k, kwargs) for rank in range(n_envs)
+    ]
     envs: VecEnv = (vec_env_cls or DummyVecEnv)(fns, **(vec_env_kwargs or {}))
     envs.seed(seed)  # first resets get seed + rank, as with make_vec_env
     if batched_rewards:

@@ -103,6 +103,10 @@ class ActionMask:
     """
 
     per_episode: bool = True
+    # Set by bind() on the bound copy (annotations only: an unbound mask has none of them).
+    vocab_size: int
+    tokenizer: PreTrainedTokenizerBase
+    stop_token_ids: set[int]
 
     def bind(self, tokenizer: PreTrainedTokenizerBase, stop_token_ids: set[int]) -> ActionMask:
         """

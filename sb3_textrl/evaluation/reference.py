@@ -60,7 +60,7 @@ def reference_identity(policy: TransformerLMPolicy) -> str | None:
 
 def sampling_truncated(policy: TransformerLMPolicy) -> bool:
     """Whether the sampling distribution is truncated (top-k, top-p, NLPO): it then differs from π_ref on equal weights."""
-    top_k = policy.top_k is not None and policy.top_k < int(policy.action_space.n)  # type: ignore[attr-defined]
+    top_k = policy.top_k is not None and policy.top_k < int(policy.action_space.n)
     top_p = policy.top_p is not None and policy.top_p < 1.0
     return top_k or top_p or policy.nlpo_top_p is not None
 

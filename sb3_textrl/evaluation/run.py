@@ -240,7 +240,7 @@ def _model_systems(
 
 def _completion_kls(
     policy: TransformerLMPolicy, samples: list[Sample], identity: str | None, batch_size: int, progress_bar: bool
-) -> tuple[Sequence[float | None], bool]:
+) -> tuple[Sequence[float | None] | np.ndarray, bool]:
     """
     Each completion's KL to the reference under the current decoding, and whether the KL pass was skipped.
 

@@ -106,7 +106,7 @@ def _generate_samples_env_loop(
         mask_kwargs = {"action_masks": get_action_masks(env)} if masked else {}
         actions, _ = model.predict(obs, deterministic=deterministic, **mask_kwargs)  # type: ignore[arg-type]
         obs, _, dones, infos = env.step(actions)
-        for slot in np.flatnonzero(dones):
+        for slot in np.flatnonzero(dones).tolist():
             k = finished[slot]
             if k == len(queues[slot]):
                 continue  # an env past its queue runs spare episodes until the others are done

@@ -113,6 +113,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def _inserted_id(cursor: sqlite3.Cursor) -> int:
+    """The id of the row an INSERT just added (``lastrowid`` is typed optional, but an INSERT always sets it)."""
+    assert cursor.lastrowid is not None
+    return int(cursor.lastrowid)
+
+
 class FeedbackStore:
     """
     Prompts, candidates and human judgements (1-5 ratings, A/B/tie/skip preferences) in one SQLite file.
@@ -265,7 +271,7 @@ class FeedbackStore:
                 "INSERT INTO prompts (text, task, reference, article, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (str(text), task, reference, article, json.dumps(metadata or {}), _now()),
             )
-        return int(cursor.lastrowid)
+        return _inserted_id(cursor)
 
     def add_candidate(self, prompt_id: int, text: str, *, model: str, settings: dict[str, Any] | None = None) -> int:
         """
@@ -283,7 +289,7 @@ class FeedbackStore:
                 "INSERT INTO candidates (prompt_id, text, model, settings, created_at) VALUES (?, ?, ?, ?, ?)",
                 (prompt_id, str(text), model, json.dumps(settings or {}), _now()),
             )
-        return int(cursor.lastrowid)
+        return _inserted_id(cursor)
 
     def add_pair(self, prompt_id: int, candidate_a: int, candidate_b: int) -> int:
         """
@@ -300,7 +306,7 @@ class FeedbackStore:
                 "INSERT INTO items (kind, prompt_id, candidate_a, candidate_b, created_at) VALUES ('pair', ?, ?, ?, ?)",
                 (prompt_id, candidate_a, candidate_b, _now()),
             )
-        return int(cursor.lastrowid)
+        return _inserted_id(cursor)
 
     def request_rating(self, candidate_id: int) -> int:
         """
@@ -314,7 +320,7 @@ class FeedbackStore:
                 "INSERT INTO items (kind, prompt_id, candidate_a, created_at) VALUES ('single', ?, ?, ?)",
                 (row["prompt_id"], candidate_id, _now()),
             )
-        return int(cursor.lastrowid)
+        return _inserted_id(cursor)
 
     @staticmethod
     def _require(db: sqlite3.Connection, table: str, row_id: int) -> sqlite3.Row:
@@ -397,7 +403,7 @@ class FeedbackStore:
                 "INSERT INTO judgements (item_id, rater, choice, score, created_at) VALUES (?, ?, ?, ?, ?)",
                 (item_id, rater, choice, score, now),
             )
-        return int(cursor.lastrowid)
+        return _inserted_id(cursor)
 
     def record_preference(self, pair_id: int, rater: str, choice: str) -> int:
         """

@@ -58,6 +58,7 @@ def format_item(item: dict[str, Any], done: int, total: int, width: int = 80) ->
     :param width: line width to wrap to
     """
     view = item_view(item)
+    assert view is not None  # item_view returns None only for no item
     rule = "─" * width
     lines = [rule, f"Item {done + 1} of {total}  ({done} judged)", rule, "ARTICLE", _wrap(view["article"], width), ""]
     if view["kind"] == "pair":
@@ -88,7 +89,7 @@ def run_terminal_rater(
     rater = check_rater(rater)
     width = width or min(shutil.get_terminal_size().columns, MAX_WIDTH)
     owned = not isinstance(store, FeedbackStore)
-    feedback = FeedbackStore(store) if owned else store
+    feedback = store if isinstance(store, FeedbackStore) else FeedbackStore(store)
     session = _Session(feedback, rater, stdin or sys.stdin, stdout or sys.stdout, width)
     try:
         session.say(f"Rating as {rater}. Answers: {PAIR_HELP}; single summaries: {SINGLE_HELP}.")

@@ -89,6 +89,7 @@ def create_app(store_path: str | os.PathLike, token: str, *, default_rater: str 
     :raises FeedbackStoreError: when the database is not a (compatible) feedback store
     """
     from flask import Flask
+    from flask.json.provider import DefaultJSONProvider
 
     if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
         raise ValueError(f"the token must be a string of at least {MIN_TOKEN_LENGTH} characters: use secrets.token_urlsafe()")
@@ -99,6 +100,7 @@ def create_app(store_path: str | os.PathLike, token: str, *, default_rater: str 
 
     app = Flask(__name__)  # templates/ and static/ sit next to this module
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # a judgement is a few bytes
+    assert isinstance(app.json, DefaultJSONProvider)  # Flask's default provider, the one with sort_keys
     app.json.sort_keys = False
     store = _add_request_store(app, store_path)
     _add_token_check(app, token.encode())

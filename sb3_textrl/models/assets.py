@@ -25,18 +25,16 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from filelock import FileLock, Timeout
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2TokenizerFast,
-    LlamaForCausalLM,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers import __version__ as transformers_version
+
+# isort: split
+# transformers 5 resolves *TokenizerFast names lazily (here to GPT2Tokenizer); its type-checking imports omit them.
+from transformers import GPT2TokenizerFast  # type: ignore[attr-defined]
 
 from sb3_textrl.common.deprecation import renamed_kwargs
 from sb3_textrl.common.names import MINILM_NAME
@@ -281,7 +279,7 @@ def _convert_embedded_lm(out_dir: Path, gguf_path: Path) -> dict[str, Any]:
         del config.quantization_config
     config.name_or_path = EMBEDDED_LM_NAME
     config.dtype = torch.float32
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(cast(LlamaConfig, config))  # the embedded LM is a Llama model: GGUF gives a LlamaConfig
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = copy.deepcopy(gguf_model.generation_config)
     del gguf_model

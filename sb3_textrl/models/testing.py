@@ -149,8 +149,9 @@ def tiny_t5(
         dropout_rate=0.0,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
-        decoder_start_token_id=pad_token_id,
     )
+    # Set after construction: T5Config's typed signature lists its own fields only (it takes this one as **kwargs).
+    config.decoder_start_token_id = pad_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = T5ForConditionalGeneration(config)

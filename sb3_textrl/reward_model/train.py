@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -227,7 +227,7 @@ def train_reward_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model, tokenizer = load_backbone(cfg.backbone, progress_bar=cfg.progress_bar)
-        model.to(device)
+        cast(torch.nn.Module, model).to(device)  # the stub of PreTrainedModel.to (functools.wraps) keeps an unbound self
         positions = max_positions(model)
         max_length = min(cfg.max_length, positions) if positions else cfg.max_length
         encoder = PairEncoder(tokenizer, max_length)

@@ -152,7 +152,7 @@ class LearnedRewardModel(TextReward):
         return dict(self._settings)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)
+        type(self).__init__(self, **state)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, normalize={self.normalize}, device={str(self.device)!r})"

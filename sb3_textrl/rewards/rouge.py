@@ -25,7 +25,7 @@ def split_sentences(text: str) -> list[str]:
     :param text: Text to split. Existing line breaks are treated as sentence boundaries too.
     :return: The non-empty sentences, stripped.
     """
-    sentences = []
+    sentences: list[str] = []
     for line in text.splitlines():
         sentences.extend(part.strip() for part in _SENTENCE_END.split(line))
     return [s for s in sentences if s]
