@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         register_text_task,
     )
     from sb3_textrl.evaluation import EvalResult, evaluate
+    from sb3_textrl.export import export_lm
     from sb3_textrl.maskable import MaskableTextRolloutBuffer, MaskableTransformerLMPolicy
     from sb3_textrl.policies import TransformerLMPolicy
     from sb3_textrl.rewards import HumanReward, LearnedRewardModel, RougeReward, TextReward
@@ -51,6 +52,7 @@ __getattr__, __dir__ = lazy_exports(
         "sb3_textrl.envs.task_ids": ("list_text_tasks",),
         "sb3_textrl.envs.text_env": ("TextGenerationEnv", "TextObservationSpace", "TextPrompt"),
         "sb3_textrl.evaluation": ("EvalResult", "evaluate"),
+        "sb3_textrl.export": ("export_lm",),
         "sb3_textrl.maskable": ("MaskableTextRolloutBuffer", "MaskableTransformerLMPolicy"),
         "sb3_textrl.policies": ("TransformerLMPolicy",),
         "sb3_textrl.rewards.base": ("TextReward",),
@@ -80,6 +82,7 @@ __all__ = [
     "TextSampleCallback",
     "TransformerLMPolicy",
     "evaluate",
+    "export_lm",
     "list_text_tasks",
     "make_group_vec_env",
     "make_text_task_env",

@@ -78,7 +78,8 @@ print(json.dumps(problems))
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["install-assets"], ["demo"], ["tasks"], ["sample"], ["sft"], ["rate"], ["train-rm"], ["eval"], ["plot"]]
+    "command",
+    [[], ["install-assets"], ["demo"], ["tasks"], ["sample"], ["sft"], ["rate"], ["train-rm"], ["eval"], ["export"], ["plot"]],
 )
 def test_help_of_every_command(command: list[str]):
     env = os.environ | {"PYTHONPATH": str(REPO)}

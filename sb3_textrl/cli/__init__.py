@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from sb3_textrl.cli import demo, evaluate, install_assets, plot, rate, sample, sft, tasks, train_rm
+from sb3_textrl.cli import demo, evaluate, export, install_assets, plot, rate, sample, sft, tasks, train_rm
 
 # The subcommands, in the order --help lists them.
-COMMANDS = (install_assets, demo, tasks, sample, sft, rate, train_rm, evaluate, plot)
+COMMANDS = (install_assets, demo, tasks, sample, sft, rate, train_rm, evaluate, export, plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
