@@ -11,10 +11,8 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
-from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_textrl.common.advantages import (
@@ -24,7 +22,7 @@ from sb3_textrl.common.advantages import (
     no_group_message,
     normalized_task_rewards,
 )
-from sb3_textrl.common.kl import KLReducer, episode_kl, kl_alarms, mean_episode_kl, penalized_rewards, token_kl
+from sb3_textrl.common.kl import KLReducer, penalized_rewards, token_kl
 from sb3_textrl.common.sb3_bridge import find_algorithm, record_metrics, rollout_extras
 from sb3_textrl.common.segments import (
     Segment,
@@ -39,9 +37,10 @@ from sb3_textrl.common.segments import (
 from sb3_textrl.common.waits import final_waits, prompt_only, waited
 from sb3_textrl.nlpo import NLPO_ALLOWED, pack_allowed, unpack_allowed
 from sb3_textrl.policies import TransformerLMPolicy
+from sb3_textrl.rollout_metrics import RolloutMetrics
 
 
-class TextRolloutBuffer(RolloutBuffer):
+class TextRolloutBuffer(RolloutMetrics, RolloutBuffer):
     """
     Rollout buffer for text envs, a drop-in ``rollout_buffer_class`` for SB3's ``PPO``.
 
@@ -52,8 +51,9 @@ class TextRolloutBuffer(RolloutBuffer):
     - Before computing advantages it adds the per-token KL penalty −β·(log π − log π_ref) to the rewards, scoring
       the reference model once per segment, adapts β when the policy's controller has a target, and records
       ``rollout/task_reward``, ``rollout/kl_to_ref``, ``rollout/kl_coef`` and ``rollout/completion_len`` in the
-      algorithm's logger. The estimate, the per-episode statistic and β's rule are :mod:`sb3_textrl.common.kl`'s.
-      SB3 hands a buffer neither the policy nor the algorithm: both come through :mod:`sb3_textrl.common.sb3_bridge`.
+      algorithm's logger (:class:`~sb3_textrl.rollout_metrics.RolloutMetrics`). The estimate, the per-episode statistic
+      and β's rule are :mod:`sb3_textrl.common.kl`'s. SB3 hands a buffer neither the policy nor the algorithm: both come
+      through :mod:`sb3_textrl.common.sb3_bridge`.
 
     - With a policy built with ``trainable_layers``, it also keeps the hidden state entering the first trainable block
       at every token of every segment (from the rollout's KV cache: 4·H bytes a token in float32, context included),
@@ -129,9 +129,10 @@ class TextRolloutBuffer(RolloutBuffer):
         self._warned_kl: set[str] = set()
         self._completion_kls: list[float] = []
         self._warned_critic = False
-        if not isinstance(observation_space, spaces.Dict) or "input_ids" not in observation_space.spaces:
+        ids_space = observation_space.spaces.get("input_ids") if isinstance(observation_space, spaces.Dict) else None
+        if ids_space is None or ids_space.shape is None:
             raise TypeError(f"TextRolloutBuffer needs a text env's Dict observation space, got {observation_space}")
-        self.width = int(observation_space["input_ids"].shape[0])
+        self.width = int(ids_space.shape[0])
         # Columns of the prompt (TextObservationSpace); None: no prompt region known, so no waiting steps recognised.
         self.prompt_width: int | None = getattr(observation_space, "max_prompt_tokens", None)
         self.policy: TransformerLMPolicy | None = None
@@ -147,8 +148,7 @@ class TextRolloutBuffer(RolloutBuffer):
 
     def reset(self) -> None:
         if getattr(self, "full", False) and self.generator_ready:
-            # The previous rollout was trained and SB3 recorded its train/explained_variance over every step: record
-            # the trained steps' value instead, before the next dump writes it.
+            # SB3 recorded the trained rollout's train/explained_variance over every step: record the trained steps' one
             record_metrics({"explained_variance": self.explained_variance()}, prefix="train/")
         # Per-step arrays as in RolloutBuffer, but no per-step observations.
         shape = (self.buffer_size, self.n_envs)
@@ -205,7 +205,38 @@ class TextRolloutBuffer(RolloutBuffer):
         after_done = np.asarray(episode_start).astype(bool).reshape(self.n_envs)
         # An observation without generated tokens begins an episode, whatever SB3's episode_start says (after a wait).
         begins = after_done | at_prompt
-        wait_before = waited(self._at_prompt, at_prompt, after_done)
+        new_contexts = self._extend_segments(obs, begins, waited(self._at_prompt, at_prompt, after_done))
+        self._at_prompt = at_prompt
+        if policy is not None and policy.layer_split is not None:
+            self._keep_split_hidden(policy, obs, new_contexts)
+        self.actions[self.pos] = np.asarray(action).reshape(self.n_envs)
+        self.rewards[self.pos] = np.asarray(reward)
+        self.task_rewards[self.pos] = np.asarray(reward)
+        self.episode_starts[self.pos] = begins
+        self.values[self.pos] = value.clone().cpu().numpy().flatten()
+        self.log_probs[self.pos] = log_prob.clone().cpu().numpy().flatten()
+        if extras.nlpo_allowed is not None:
+            packed = pack_allowed(extras.nlpo_allowed)  # (n_envs, ceil(V / 8))
+            if self.nlpo_allowed is None:
+                self.nlpo_allowed = np.zeros((self.buffer_size, *packed.shape), dtype=np.uint8)
+            self.nlpo_allowed[self.pos] = packed
+        self.pos += 1
+        if self.pos == self.buffer_size:
+            self.full = True
+            if policy is not None:
+                policy.bootstrap_after_rollout = True
+            self.contexts = np.stack([ids for ids, _ in self._context_rows])
+            self.context_masks = np.stack([mask for _, mask in self._context_rows])
+
+    def _extend_segments(self, obs: dict[str, np.ndarray], begins: np.ndarray, wait_before: np.ndarray) -> list[int]:
+        """
+        Put each env's step in its episode segment: one more step of the open one, or a new one storing its context.
+
+        :param obs: the step's observations
+        :param begins: (n_envs,) bool, whether the step begins an episode
+        :param wait_before: (n_envs,) bool, whether the env's previous step waited for its group (lock-step)
+        :return: the envs whose context was stored at this step
+        """
         new_contexts = []
         for env in range(self.n_envs):
             segment = self._open[env]
@@ -229,27 +260,7 @@ class TextRolloutBuffer(RolloutBuffer):
             self.segments.append(segment)
             self._open[env] = segment
             new_contexts.append(env)
-        self._at_prompt = at_prompt
-        if policy is not None and policy.layer_split is not None:
-            self._keep_split_hidden(policy, obs, new_contexts)
-        self.actions[self.pos] = np.asarray(action).reshape(self.n_envs)
-        self.rewards[self.pos] = np.asarray(reward)
-        self.task_rewards[self.pos] = np.asarray(reward)
-        self.episode_starts[self.pos] = begins
-        self.values[self.pos] = value.clone().cpu().numpy().flatten()
-        self.log_probs[self.pos] = log_prob.clone().cpu().numpy().flatten()
-        if extras.nlpo_allowed is not None:
-            packed = pack_allowed(extras.nlpo_allowed)  # (n_envs, ceil(V / 8))
-            if self.nlpo_allowed is None:
-                self.nlpo_allowed = np.zeros((self.buffer_size, *packed.shape), dtype=np.uint8)
-            self.nlpo_allowed[self.pos] = packed
-        self.pos += 1
-        if self.pos == self.buffer_size:
-            self.full = True
-            if policy is not None:
-                policy.bootstrap_after_rollout = True
-            self.contexts = np.stack([ids for ids, _ in self._context_rows])
-            self.context_masks = np.stack([mask for _, mask in self._context_rows])
+        return new_contexts
 
     def _mark_final_waits(self, dones: np.ndarray) -> None:
         """Tell whether the rollout's last step waited too: the observation after it shows the same prompt alone."""
@@ -285,7 +296,8 @@ class TextRolloutBuffer(RolloutBuffer):
         if policy is not None:
             policy.note_rollout()
             self._check_warmup(policy)
-        task_rewards, norm_metrics = self.task_rewards, {}
+        task_rewards = self.task_rewards
+        norm_metrics: dict[str, float] = {}
         if self.normalize_rewards:
             task_rewards, norm_metrics = normalized_task_rewards(
                 self.task_rewards, self.episode_starts, dones, self.reward_rms, self.REWARD_CLIP
@@ -366,75 +378,6 @@ class TextRolloutBuffer(RolloutBuffer):
     def _reference_log_probs(self, policy: TransformerLMPolicy, chunk: list[Segment], actions: th.Tensor) -> th.Tensor:
         """(N,) log π_ref of one chunk's actions, segment after segment (MaskableTextRolloutBuffer adds the masks)."""
         return policy.reference_log_probs(self._segment_batch(chunk), actions)
-
-    def _episode_metrics(self, kl: np.ndarray, dones: np.ndarray) -> dict[str, float]:
-        """Means over the episodes that ended in this rollout (the KL and length over those wholly in it)."""
-        starts_here, ends_here = episode_bounds(self.segments, self.episode_starts, dones, self.buffer_size)
-        ended = [s for s, ends in zip(self.segments, ends_here) if ends]
-        task = [float(self.task_rewards[s.start : s.start + s.length, s.env].sum()) for s in ended]
-        whole = [s for s, starts, ends in zip(self.segments, starts_here, ends_here) if starts and ends]
-        self._completion_kls = episode_kl(flat_steps(kl, whole), [s.length for s in whole]).tolist()
-        metrics: dict[str, float] = {}
-        if task:
-            metrics["task_reward"] = float(np.mean(task))
-        mean_kl = mean_episode_kl(self._completion_kls)
-        if mean_kl is not None:
-            metrics["kl_to_ref"] = mean_kl
-            metrics["completion_len"] = float(np.mean([s.length for s in whole]))
-        return metrics
-
-    def _check_kl(self, policy: TransformerLMPolicy) -> None:
-        """Warn once each when the mean per-completion KL to the reference explodes or is clearly negative."""
-        alarms = kl_alarms(
-            self._completion_kls, policy.kl_controller.value, self.kl_warn_threshold, self.kl_negative_tolerance
-        )
-        for condition, message in alarms.items():
-            self._warn_kl_once(condition, message)
-
-    def _warn_kl_once(self, condition: str, message: str) -> None:
-        if condition in self._warned_kl:
-            return
-        self._warned_kl.add(condition)
-        warnings.warn(message, stacklevel=4)
-        algorithm = find_algorithm()
-        if algorithm is not None:
-            algorithm.logger.warn(f"Warning: {message}")
-
-    # -- explained variance over the trained steps ----------------------------------------------------------
-    def trained_steps(self) -> np.ndarray:
-        """(buffer_size, n_envs) bool: the steps that ``get()`` yields (every step with GAE; complete groups otherwise)."""
-        if self.trained_segments is None:
-            return np.ones(self.values.shape, dtype=bool)
-        mask = np.zeros(self.values.shape, dtype=bool)
-        trained = [self.segments[i] for i in self.trained_segments]
-        scatter_steps(mask, trained, np.ones(sum(s.length for s in trained), dtype=bool))
-        return mask
-
-    def explained_variance(self) -> float:
-        """
-        Explained variance of the rollout's values about its returns over the trained steps (SB3's formula).
-
-        :return: 1 − Var[returns − values] / Var[returns]; NaN with a frozen value head (``critic=False``), with no
-            trained step, or when the returns do not vary
-        """
-        if self.policy is not None and not getattr(self.policy, "critic", True):
-            return float("nan")
-        mask = self.trained_steps()
-        if not mask.any():
-            return float("nan")
-        return float(explained_variance(self.values[mask], self.returns[mask]))
-
-    def record_train_metrics(self, logger: Logger) -> None:
-        """
-        Record this rollout's ``train/explained_variance`` (:meth:`explained_variance`) in ``logger``, over SB3's.
-
-        The buffer does it by itself when the next rollout starts; a callback that dumps the logs after the last update
-        (as :class:`~sb3_textrl.callbacks.TextEvalCallback` does) calls it first.
-
-        :param logger: the algorithm's logger
-        """
-        if self.full and self.generator_ready:
-            logger.record("train/explained_variance", self.explained_variance())
 
     # -- minibatches of whole segments --------------------------------------------------------------------
     def get(self, batch_size: int | None = None) -> Generator[DictRolloutBufferSamples, None, None]:  # type: ignore[override]

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from transformers import PreTrainedTokenizerBase
 
+from sb3_textrl.envs.arguments import check_lengths_and_render_mode, checked_penalty, resolve_stop_ids
 from sb3_textrl.envs.masks import MaskSpec, resolve_action_mask
 from sb3_textrl.rewards.base import RewardFn, TextReward, reward_name, score_batch
 
@@ -129,6 +129,8 @@ class TextGenerationEnv(gym.Env):
     # render_fps is unused by text rendering; declaring it (as Gymnasium's toy-text envs do) keeps
     # gymnasium.utils.env_checker.check_env free of "No render fps was declared" warnings.
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
+    observation_space: TextObservationSpace
+    action_space: spaces.Discrete
 
     def __init__(
         self,
@@ -148,15 +150,9 @@ class TextGenerationEnv(gym.Env):
         length_penalty: float = 0.0,
     ):
         super().__init__()
-        self.missing_eos_penalty = self._checked_penalty("missing_eos_penalty", missing_eos_penalty, task_id)
-        self.length_penalty = self._checked_penalty("length_penalty", length_penalty, task_id)
-        if max_new_tokens < 1:
-            raise ValueError(f"{task_id}: max_new_tokens must be >= 1, got {max_new_tokens}")
-        if max_prompt_tokens < 1:
-            raise ValueError(f"{task_id}: max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            # A TypeError makes SB3's make_vec_env (which asks for "rgb_array" by default) retry without it.
-            raise TypeError(f"{task_id}: render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.missing_eos_penalty = checked_penalty("missing_eos_penalty", missing_eos_penalty, task_id)
+        self.length_penalty = checked_penalty("length_penalty", length_penalty, task_id)
+        check_lengths_and_render_mode(max_new_tokens, max_prompt_tokens, render_mode, self.metadata["render_modes"], task_id)
         self.prompts = [p if isinstance(p, TextPrompt) else TextPrompt(str(p)) for p in prompts]
         if not self.prompts:
             raise ValueError(f"{task_id}: the task has no prompts; give at least one")
@@ -166,10 +162,7 @@ class TextGenerationEnv(gym.Env):
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.render_mode = render_mode
-        self.stop_token_ids = self._default_stop_ids(tokenizer) if stop_token_ids is None else set(stop_token_ids)
-        if not self.stop_token_ids:
-            raise ValueError(f"{task_id}: the tokenizer has no EOS token; pass stop_token_ids=[...]")
-
+        self.stop_token_ids = resolve_stop_ids(tokenizer, stop_token_ids, task_id)
         self.prompt_ids = self._tokenize_prompts(add_special_tokens)
         self.action_mask = resolve_action_mask(action_mask, tokenizer, self.stop_token_ids, task_id)
         self._episode_masks: dict[int, np.ndarray] = {}  # prompt index -> allowed ids, for per-episode masks
@@ -194,25 +187,6 @@ class TextGenerationEnv(gym.Env):
         # Set by a batched scorer (BatchedRewardVecEnv) just before the step that ends the episode:
         # (token, completion text, task reward), used by that step instead of a call to the reward.
         self._preset: tuple[int, str, float] | None = None
-
-    @staticmethod
-    def _checked_penalty(name: str, value: float | None, task_id: str) -> float:
-        value = 0.0 if value is None else float(value)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(
-                f"{task_id}: {name} must be a finite number >= 0 (it is subtracted from the reward), got {value}; "
-                "use 0 or None for no penalty"
-            )
-        return value
-
-    @staticmethod
-    def _default_stop_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-        stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        # Chat-tuned models end their turn with an end-of-turn token that is not always the tokenizer's EOS.
-        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if getattr(tokenizer, "chat_template", None) else None
-        if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
-            stop.add(end_of_turn)
-        return stop
 
     def _tokenize_prompts(self, add_special_tokens: bool) -> list[np.ndarray]:
         encoded = self.tokenizer([p.text for p in self.prompts], add_special_tokens=add_special_tokens)["input_ids"]
@@ -300,7 +274,8 @@ class TextGenerationEnv(gym.Env):
         self._mask[slot] = 1
         self._n_generated += 1
         terminated, truncated = self._ends_episode(token, self._n_generated)
-        reward, info = 0.0, {}
+        reward: float = 0.0
+        info: dict[str, Any] = {}
         if terminated or truncated:
             self._episode_over = True
             # A preset for another token (a wrapper changed the action) is ignored: the env scores by itself.
@@ -381,7 +356,8 @@ class TextGenerationEnv(gym.Env):
 
     def completion_text(self) -> str:
         """The completion so far, decoded."""
-        return self.tokenizer.decode(self.completion_ids(), skip_special_tokens=True)
+        # decode() is typed for batches too; one sequence of ids decodes to one string
+        return cast(str, self.tokenizer.decode(self.completion_ids(), skip_special_tokens=True))
 
     # -- batched scoring (see sb3_textrl.envs.batched) ---------------------------------------------------------
     @property

@@ -151,18 +151,7 @@ def score_batch(
             f"it must return exactly one float per completion, in the same order."
         )
 
-    if values.dtype.kind in "biuf":
-        values = values.astype(np.float64)
-    else:
-        converted = [_to_float(v) for v in values.tolist()]
-        bad = [i for i, v in enumerate(converted) if v is None]
-        if bad:
-            examples = ", ".join(f"[{i}]={values[i]!r}" for i in bad[:3])
-            raise ValueError(
-                f"{where} returned {len(bad)} non-numeric value(s) ({examples}); every entry must be a number (int or float)."
-            )
-        values = np.asarray(converted, dtype=np.float64)
-
+    values = _as_float64(values, where)
     not_finite = np.flatnonzero(~np.isfinite(values))
     if len(not_finite) > 0:
         examples = ", ".join(f"[{i}]={values[i]}" for i in not_finite[:3])
@@ -172,6 +161,26 @@ def score_batch(
             f"(e.g. return 0.0 for an empty completion)."
         )
     return values
+
+
+def _as_float64(values: np.ndarray, where: str) -> np.ndarray:
+    """
+    A reward's values as float64, refused (ValueError) when one is not a number.
+
+    :param values: the reward's values, a flat array (``dtype=object`` unless the reward returned an array)
+    :param where: the reward and task, naming them in the error
+    :return: float64 array of the same length
+    """
+    if values.dtype.kind in "biuf":
+        return values.astype(np.float64)
+    converted = [_to_float(v) for v in values.tolist()]
+    bad = [i for i, v in enumerate(converted) if v is None]
+    if bad:
+        examples = ", ".join(f"[{i}]={values[i]!r}" for i in bad[:3])
+        raise ValueError(
+            f"{where} returned {len(bad)} non-numeric value(s) ({examples}); every entry must be a number (int or float)."
+        )
+    return np.asarray(converted, dtype=np.float64)
 
 
 def _with_context(error: Exception, message: str) -> Exception:

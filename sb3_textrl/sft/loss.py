@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch as th
 import torch.nn.functional as F
@@ -17,7 +17,8 @@ from sb3_textrl.sft.data import IGNORE_INDEX, SFTExample, collate_sft
 
 
 def _hf_model(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    # peft types the base model as an nn.Module; under a causal LM's adapters it is the PreTrainedModel
+    return cast(PreTrainedModel, model.get_base_model()) if isinstance(model, PeftModel) else model
 
 
 def target_nll(model: PreTrainedModel | PeftModel, batch: dict[str, Any]) -> tuple[th.Tensor, int]:

@@ -68,7 +68,9 @@ def _describe(value: Any) -> Any:
     return value
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+def _checked_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """``output_dir`` as a Path, refused when it is a file, or a directory not empty without ``overwrite``."""
+    output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"Output path {output_dir} exists and is a file; choose a directory path for the model.")
     if output_dir.is_dir() and any(output_dir.iterdir()):
@@ -82,6 +84,7 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
         protected = {Path.cwd().resolve(), *Path.cwd().resolve().parents, Path.home().resolve()}
         if resolved in protected:
             raise ValueError(f"Refusing to replace {resolved}: it holds the working or home directory. Choose a subdirectory.")
+    return output_dir
 
 
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: Path, result: SFTResult) -> None:

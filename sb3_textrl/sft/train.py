@@ -29,7 +29,7 @@ from sb3_textrl.common.deprecation import renamed_kwargs
 from sb3_textrl.models import _quiet_progress, load_causal_lm, load_tokenizer
 from sb3_textrl.sft.data import IGNORE_INDEX, SftData, SFTExample, _batches, _groups, _split, collate_sft, load_sft_examples
 from sb3_textrl.sft.loss import _hf_model, _to_device, evaluate_sft_loss, target_nll
-from sb3_textrl.sft.output import SAVED_NAMES, SFTResult, _check_output_dir, _describe, _save
+from sb3_textrl.sft.output import SAVED_NAMES, SFTResult, _checked_output_dir, _describe, _save
 
 
 def lora_kwargs(model: PreTrainedModel, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -47,10 +47,11 @@ def lora_kwargs(model: PreTrainedModel, overrides: dict[str, Any] | None = None)
     return kwargs
 
 
-def _device(device: str | th.device) -> th.device:
-    if str(device) == "auto":
-        return th.device("cuda" if th.cuda.is_available() else "cpu")
-    return th.device(device)
+def _device_and_bf16(device: str | th.device, bf16: bool | None) -> tuple[th.device, bool]:
+    """The torch device (``"auto"``: CUDA when present), and whether to autocast to bfloat16 (None: where supported)."""
+    torch_device = th.device(("cuda" if th.cuda.is_available() else "cpu") if str(device) == "auto" else device)
+    use_bf16 = (torch_device.type == "cuda" and th.cuda.is_bf16_supported()) if bf16 is None else bf16
+    return torch_device, use_bf16
 
 
 @dataclass(frozen=True)
@@ -82,14 +83,22 @@ class _Optim:
 def _load_data(
     lm: str | os.PathLike | None,
     data: SftData,
+    task: str | None,
+    task_kwargs: dict[str, Any] | None,
     eval_data: SftData,
     eval_fraction: float,
     rng: random.Random,
     limit: int | None,
     load: dict[str, Any],
 ) -> tuple[PreTrainedTokenizerBase, list[SFTExample], list[SFTExample], dict[str, int]]:
-    """Step 1: the tokenizer, the training and held-out examples, and the truncation counts of both."""
+    """
+    Step 1: the tokenizer, the training and held-out examples, and the truncation counts of both.
+
+    ``data`` comes from ``task`` (made with ``task_kwargs``) when None; ``load`` holds the other arguments of
+    :func:`load_sft_examples` (the token budgets and the data's fields).
+    """
     tokenizer = load_tokenizer(lm)
+    load = dict(task=task, task_kwargs=task_kwargs, **load)
     examples, counts = load_sft_examples(data, tokenizer, limit=limit, **load)
     if eval_data is None:
         train, held_out = _split(examples, eval_fraction, rng)
@@ -111,17 +120,29 @@ def _load_model(
     with th.random.fork_rng(devices=[]):  # seeded LoRA init without touching the caller's RNG
         th.manual_seed(seed)
         with _quiet_progress(progress_bar):
-            model = load_causal_lm(lm)
+            base = load_causal_lm(lm)
+        model: PreTrainedModel | PeftModel = base
         if use_lora:
             with warnings.catch_warnings():  # peft calls a transformers method that transformers 5 deprecates
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                model = get_peft_model(model, LoraConfig(**lora_kwargs(model, lora_config)))
-    model.to(device)
+                model = get_peft_model(base, LoraConfig(**lora_kwargs(base, lora_config)))
+    # mypy reads transformers' @wraps(nn.Module.to) on PreTrainedModel.to as a function without its bound self
+    model.to(device)  # type: ignore[arg-type]
     if gradient_checkpointing:
         _hf_model(model).gradient_checkpointing_enable()
         if use_lora:
             _hf_model(model).enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
     return model
+
+
+@dataclass(frozen=True)
+class _Training:
+    """What steps 3 and 4 measured (:meth:`_Trainer.run`)."""
+
+    loss_before: float | None  # mean held-out loss per summary token, None without a held-out set
+    losses: list[float]  # the loss of each optimizer step
+    seconds: float  # spent training (evaluation excluded)
+    loss_after: float | None
 
 
 @dataclass
@@ -158,6 +179,26 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return group_loss
 
+    def held_out_loss(self, held_out: list[SFTExample], progress_bar: bool) -> float | None:
+        """Step 4: the mean held-out loss per summary token, or None without a held-out set."""
+        if not held_out:
+            return None
+        return evaluate_sft_loss(
+            self.model,
+            held_out,
+            pad_token_id=self.pad_id,
+            batch_size=self.optim.batch_size,
+            device=self.device,
+            bf16=self.bf16,
+            progress_bar=progress_bar,
+        )
+
+    def run(self, train: list[SFTExample], held_out: list[SFTExample], rng: random.Random, progress_bar: bool) -> _Training:
+        """Steps 3 and 4: the held-out loss, every epoch, the held-out loss again."""
+        loss_before = self.held_out_loss(held_out, progress_bar)
+        losses, seconds = self.fit(train, rng, progress_bar)
+        return _Training(loss_before, losses, seconds, self.held_out_loss(held_out, progress_bar))
+
     def epoch(self, train: Sequence[SFTExample], rng: random.Random, bar: tqdm) -> list[float]:
         """Step 3: one pass over ``train`` in shuffled batches; returns the loss of each optimizer step."""
         losses = []
@@ -181,18 +222,50 @@ class _Trainer:
         return losses, time.perf_counter() - start
 
 
-def _held_out_loss(model: PreTrainedModel | PeftModel, held_out: list[SFTExample], **kwargs: Any) -> float | None:
-    """Step 4: the mean held-out loss per summary token, or None without a held-out set."""
-    return evaluate_sft_loss(model, held_out, **kwargs) if held_out else None
+def _result(
+    output_dir: Path,
+    config: dict[str, Any],
+    train: list[SFTExample],
+    held_out: list[SFTExample],
+    counts: dict[str, int],
+    training: _Training,
+) -> SFTResult:
+    """What the run did: the examples, their truncation counts, and what training measured."""
+    return SFTResult(
+        output_dir=output_dir,
+        eval_loss_before=training.loss_before,
+        eval_loss_after=training.loss_after,
+        train_time_s=training.seconds,
+        n_examples=len(train),
+        n_eval_examples=len(held_out),
+        n_train_tokens=sum(len(e.target_ids) for e in train),
+        optimizer_steps=len(training.losses),
+        n_prompts_truncated=counts["prompts_truncated"],
+        n_targets_truncated=counts["targets_truncated"],
+        train_losses=training.losses,
+        config=config,
+    )
 
 
 def _plain_model(model: PreTrainedModel | PeftModel, gradient_checkpointing: bool) -> PreTrainedModel:
-    """Step 5, before saving: LoRA merged into the weights (from_pretrained needs no peft), checkpointing off."""
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
+    """Before saving: LoRA merged into the weights (from_pretrained needs no peft), checkpointing off."""
+    plain = model.merge_and_unload() if isinstance(model, PeftModel) else model
     if gradient_checkpointing:
-        model.gradient_checkpointing_disable()
-    return model
+        plain.gradient_checkpointing_disable()
+    return plain
+
+
+def _save_model(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    result: SFTResult,
+    gradient_checkpointing: bool,
+    progress_bar: bool,
+) -> None:
+    """Step 5: the plain model (:func:`_plain_model`), its tokenizer and ``result``, saved in ``result.output_dir``."""
+    plain = _plain_model(model, gradient_checkpointing)
+    with _quiet_progress(progress_bar):
+        _save(plain.to("cpu"), tokenizer, result.output_dir, result)  # type: ignore[arg-type]  # as in _load_model
 
 
 @renamed_kwargs(progress="progress_bar")
@@ -270,11 +343,9 @@ def train_sft(
     :param progress_bar: show progress bars (``progress``: its deprecated name)
     :return: the held-out loss before and after, timings and counts
     """
-    # The arguments, recorded in sft_result.json (under the names the file has always used: SAVED_NAMES).
-    config = {SAVED_NAMES.get(k, k): _describe(v) for k, v in locals().items()}
-    output_dir = Path(output_dir)
-    _check_output_dir(output_dir, overwrite)  # before any work: a run must not fail at the end
     learning_rate = (2e-4 if use_lora else 5e-5) if learning_rate is None else learning_rate
+    config = {SAVED_NAMES.get(k, k): _describe(v) for k, v in locals().items()}  # the arguments, for sft_result.json
+    output_dir = _checked_output_dir(output_dir, overwrite)  # before any work: a run must not fail at the end
     optim = _Optim(
         epochs=epochs,
         learning_rate=learning_rate,
@@ -285,43 +356,18 @@ def train_sft(
         max_grad_norm=max_grad_norm,
         group_by_length=group_by_length,
     )
-    config["learning_rate"] = learning_rate
-    torch_device = _device(device)
-    use_bf16 = (torch_device.type == "cuda" and th.cuda.is_bf16_supported()) if bf16 is None else bf16
+    torch_device, use_bf16 = _device_and_bf16(device, bf16)
     rng = random.Random(seed)
-
     load = dict(
-        task=task,
         max_prompt_tokens=max_prompt_tokens,
         max_target_tokens=max_target_tokens,
         article_field=article_field,
         summary_field=summary_field,
-        task_kwargs=task_kwargs,
     )
-    tokenizer, train, held_out, counts = _load_data(lm, data, eval_data, eval_fraction, rng, limit, load)
+    tokenizer, train, held_out, counts = _load_data(lm, data, task, task_kwargs, eval_data, eval_fraction, rng, limit, load)
     model = _load_model(lm, torch_device, seed, use_lora, lora_config, gradient_checkpointing, progress_bar)
-    pad_id = int(tokenizer.pad_token_id)
-    evaluate = dict(pad_token_id=pad_id, batch_size=batch_size, device=torch_device, bf16=use_bf16, progress_bar=progress_bar)
-    loss_before = _held_out_loss(model, held_out, **evaluate)
-    trainer = _Trainer(model, optim, optim.total_steps(len(train)), pad_id, torch_device, use_bf16)
-    losses, train_time = trainer.fit(train, rng, progress_bar)
-    loss_after = _held_out_loss(model, held_out, **evaluate)
-
-    model = _plain_model(model, gradient_checkpointing)
-    result = SFTResult(
-        output_dir=output_dir,
-        eval_loss_before=loss_before,
-        eval_loss_after=loss_after,
-        train_time_s=train_time,
-        n_examples=len(train),
-        n_eval_examples=len(held_out),
-        n_train_tokens=sum(len(e.target_ids) for e in train),
-        optimizer_steps=len(losses),
-        n_prompts_truncated=counts["prompts_truncated"],
-        n_targets_truncated=counts["targets_truncated"],
-        train_losses=losses,
-        config=config,
-    )
-    with _quiet_progress(progress_bar):
-        _save(model.to("cpu"), tokenizer, output_dir, result)
+    trainer = _Trainer(model, optim, optim.total_steps(len(train)), int(tokenizer.pad_token_id), torch_device, use_bf16)
+    training = trainer.run(train, held_out, rng, progress_bar)
+    result = _result(output_dir, config, train, held_out, counts, training)
+    _save_model(model, tokenizer, result, gradient_checkpointing, progress_bar)
     return result
