@@ -26,7 +26,8 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from sb3_textrl.common.output_dir import check_output_dir, write_dir_atomically
-from sb3_textrl.envs.text_env import TextGenerationEnv, tokenizer_fingerprint
+from sb3_textrl.envs.arguments import default_stop_ids
+from sb3_textrl.envs.text_env import tokenizer_fingerprint
 from sb3_textrl.maskable import MaskableTransformerLMPolicy
 from sb3_textrl.models import load_tokenizer, resolve_lm_path
 from sb3_textrl.policies import TransformerLMPolicy
@@ -251,7 +252,7 @@ def _stop_ids(stop_token_ids: Sequence[int] | None, env: VecEnv | None, tokenize
         except AttributeError:
             stops = None
     if stops is None:
-        stops = TextGenerationEnv._default_stop_ids(tokenizer)  # the env's own rule: one home
+        stops = default_stop_ids(tokenizer)  # the env's own rule: one home
     ids = sorted({int(i) for i in stops})
     if not ids:
         raise ValueError("No stop token: the tokenizer has no EOS token. Pass stop_token_ids=[...] (CLI: --stop-token-id).")

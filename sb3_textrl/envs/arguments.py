@@ -59,13 +59,14 @@ def resolve_stop_ids(tokenizer: PreTrainedTokenizerBase, stop_token_ids: Sequenc
     :param task_id: the task, for the message
     :return: the stop token ids
     """
-    stop = _default_stop_ids(tokenizer) if stop_token_ids is None else set(stop_token_ids)
+    stop = default_stop_ids(tokenizer) if stop_token_ids is None else set(stop_token_ids)
     if not stop:
         raise ValueError(f"{task_id}: the tokenizer has no EOS token; pass stop_token_ids=[...]")
     return stop
 
 
-def _default_stop_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def default_stop_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """A text env's stop tokens when none are given: the tokenizer's EOS, and a chat template's end-of-turn token."""
     stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     # Chat-tuned models end their turn with an end-of-turn token that is not always the tokenizer's EOS.
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if getattr(tokenizer, "chat_template", None) else None
