@@ -15,6 +15,7 @@ from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
 from stable_baselines3.common.vec_env import VecNormalize
 
+from sb3_textrl.common import metric_keys as keys
 from sb3_textrl.common.advantages import (
     ADVANTAGES,
     critic_warning,
@@ -149,7 +150,7 @@ class TextRolloutBuffer(RolloutMetrics, RolloutBuffer):
     def reset(self) -> None:
         if getattr(self, "full", False) and self.generator_ready:
             # SB3 recorded the trained rollout's train/explained_variance over every step: record the trained steps' one
-            record_metrics({"explained_variance": self.explained_variance()}, prefix="train/")
+            record_metrics({keys.EXPLAINED_VARIANCE: self.explained_variance()}, prefix=keys.TRAIN)
         # Per-step arrays as in RolloutBuffer, but no per-step observations.
         shape = (self.buffer_size, self.n_envs)
         self.actions = np.zeros(shape, dtype=np.int64)
@@ -315,9 +316,9 @@ class TextRolloutBuffer(RolloutMetrics, RolloutBuffer):
             group_metrics = self._group_advantages(dones)
         self.metrics = self._episode_metrics(kl, dones) | group_metrics | norm_metrics
         if self.advantage == "gae" and self.waits.any():  # e.g. GAE on a lock-step VecEnv: waits are idle there too
-            self.metrics["group_wait_steps"] = float(self.waits.sum())
+            self.metrics[keys.GROUP_WAIT_STEPS] = float(self.waits.sum())
         if policy is not None:
-            self.metrics["kl_coef"] = policy.kl_controller.value
+            self.metrics[keys.KL_COEF] = policy.kl_controller.value
         self._adapt_kl_coef(policy)
         if policy is not None and policy.kl_controller.enabled:
             self._check_kl(policy)
@@ -325,7 +326,7 @@ class TextRolloutBuffer(RolloutMetrics, RolloutBuffer):
 
     def _adapt_kl_coef(self, policy: TransformerLMPolicy | None) -> None:
         """Feed this rollout's ``kl_to_ref`` (through ``kl_reducer``, if set) to β's controller."""
-        observed, n_tokens = self.metrics.get("kl_to_ref"), int(self.waits.size - self.waits.sum())
+        observed, n_tokens = self.metrics.get(keys.KL_TO_REF), int(self.waits.size - self.waits.sum())
         if self.kl_reducer is not None:  # called on every rollout: under data parallel it is a collective
             observed, n_tokens = self.kl_reducer(observed, n_tokens)
         # During a value-head warm-up the policy does not move: its KL says nothing about β.
@@ -352,12 +353,12 @@ class TextRolloutBuffer(RolloutMetrics, RolloutBuffer):
         # Siblings: episodes that start the same context (prompt, padding included) at the same step (after any waits,
         # so members that waited for different numbers of steps meet).
         rows = [self._context_rows[s.context] for s in self.segments]
-        keys = [
+        group_keys = [
             (s.start, ids.tobytes() + mask.tobytes()) if here else None
             for s, (ids, mask), here in zip(self.segments, rows, starts_here)
         ]
         advantages, self.trained_segments, n_groups = group_advantages(
-            self.advantage, self.segments, keys, ends_here, self.rewards
+            self.advantage, self.segments, group_keys, ends_here, self.rewards
         )
         self.advantages[:] = advantages
         self.returns = self.advantages + self.values
@@ -365,7 +366,7 @@ class TextRolloutBuffer(RolloutMetrics, RolloutBuffer):
         dropped = self.buffer_size * self.n_envs - waits - sum(self.segments[i].length for i in self.trained_segments)
         if not n_groups:
             warnings.warn(no_group_message(self.advantage, training=False), stacklevel=3)
-        return {"groups": float(n_groups), "group_dropped_steps": float(dropped), "group_wait_steps": float(waits)}
+        return {keys.GROUPS: float(n_groups), keys.GROUP_DROPPED_STEPS: float(dropped), keys.GROUP_WAIT_STEPS: float(waits)}
 
     def _score_reference(self, policy: TransformerLMPolicy, steps_per_batch: int = 512) -> np.ndarray:
         """log π_ref of every stored action: one no-grad forward per segment, about ``steps_per_batch`` at a time."""

@@ -24,6 +24,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from sb3_textrl.common import metric_keys as keys
 from sb3_textrl.common.kv_cache import RolloutKVCache
 from sb3_textrl.common.segments import SEGMENT_LENGTHS
 
@@ -256,7 +257,7 @@ class NLPOMaskRefresh(BaseCallback):
             if self.verbose:
                 print(f"NLPO: masking policy refreshed ({self.n_refreshes}) at step {self.num_timesteps}")
         self.n_rollouts += 1
-        self.logger.record("rollout/nlpo_refreshes", self.n_refreshes)
+        self.logger.record(keys.ROLLOUT + keys.NLPO_REFRESHES, self.n_refreshes)
 
     def _on_step(self) -> bool:
         return True

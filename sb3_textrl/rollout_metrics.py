@@ -12,6 +12,7 @@ import numpy as np
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.utils import explained_variance
 
+from sb3_textrl.common import metric_keys as keys
 from sb3_textrl.common.kl import episode_kl, kl_alarms, mean_episode_kl
 from sb3_textrl.common.sb3_bridge import find_algorithm
 from sb3_textrl.common.segments import Segment, episode_bounds, flat_steps, scatter_steps
@@ -53,11 +54,11 @@ class RolloutMetrics:
         self._completion_kls = episode_kl(flat_steps(kl, whole), [s.length for s in whole]).tolist()
         metrics: dict[str, float] = {}
         if task:
-            metrics["task_reward"] = float(np.mean(task))
+            metrics[keys.TASK_REWARD] = float(np.mean(task))
         mean_kl = mean_episode_kl(self._completion_kls)
         if mean_kl is not None:
-            metrics["kl_to_ref"] = mean_kl
-            metrics["completion_len"] = float(np.mean([s.length for s in whole]))
+            metrics[keys.KL_TO_REF] = mean_kl
+            metrics[keys.COMPLETION_LEN] = keys.mean_completion_length([s.length for s in whole])
         return metrics
 
     # -- KL alarms ----------------------------------------------------------------------------------------
@@ -112,4 +113,4 @@ class RolloutMetrics:
         :param logger: the algorithm's logger
         """
         if self.full and self.generator_ready:
-            logger.record("train/explained_variance", self.explained_variance())
+            logger.record(keys.TRAIN + keys.EXPLAINED_VARIANCE, self.explained_variance())

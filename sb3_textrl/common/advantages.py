@@ -28,6 +28,7 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 
+from sb3_textrl.common.metric_keys import REWARD_NORM_MEAN, REWARD_NORM_STD
 from sb3_textrl.common.segments import Segment, scatter_steps
 
 ADVANTAGES = ("gae", "rloo", "grpo")
@@ -152,4 +153,4 @@ def normalized_task_rewards(
     normalized = task_rewards / std
     normalized[ends] = (task_rewards[ends] - mean) / std
     normalized = np.clip(normalized, -clip, clip).astype(np.float32)
-    return normalized, {"reward_norm_mean": mean, "reward_norm_std": std}
+    return normalized, {REWARD_NORM_MEAN: mean, REWARD_NORM_STD: std}
