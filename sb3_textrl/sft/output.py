@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +11,8 @@ from typing import Any
 
 import torch as th
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sb3_textrl.common.output_dir import write_dir_atomically
 
 RESULT_FILE = "sft_result.json"
 SAVED_NAMES = {"progress_bar": "progress"}
@@ -68,44 +67,13 @@ def _describe(value: Any) -> Any:
     return value
 
 
-def _checked_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """``output_dir`` as a Path, refused when it is a file, or a directory not empty without ``overwrite``."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"Output path {output_dir} exists and is a file; choose a directory path for the model.")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"Output directory {output_dir} exists and is not empty. Choose a new directory, or pass overwrite=True "
-                "(CLI: --overwrite) to replace it."
-            )
-        # Replacing deletes the directory: never a folder that holds the working directory or the home directory.
-        resolved = output_dir.resolve()
-        protected = {Path.cwd().resolve(), *Path.cwd().resolve().parents, Path.home().resolve()}
-        if resolved in protected:
-            raise ValueError(f"Refusing to replace {resolved}: it holds the working or home directory. Choose a subdirectory.")
-    return output_dir
-
-
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: Path, result: SFTResult) -> None:
     """Write model, tokenizer and result to a temporary sibling, then swap it in: no half-written model dir."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A plain mkdir (mkdtemp would make it private to this user): the model dir gets the umask's permissions.
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(str(directory))
+        tokenizer.save_pretrained(str(directory))
         # default=repr: task_kwargs may hold objects (a reward) that JSON cannot write
-        (tmp / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=repr) + "\n")
-        file_mode = (tmp / RESULT_FILE).stat().st_mode & 0o777
-        for path in tmp.iterdir():  # safetensors writes private (0600) files
-            if path.is_file():
-                path.chmod(file_mode)
-        if output_dir.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, stale / output_dir.name)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (directory / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=repr) + "\n")
+
+    write_dir_atomically(output_dir, write)

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from sb3_textrl.common.deprecation import renamed_kwargs
+from sb3_textrl.common.output_dir import check_output_dir
 from sb3_textrl.models import _quiet_progress, load_causal_lm, load_tokenizer
 from sb3_textrl.sft.data import IGNORE_INDEX, SftData, SFTExample, _batches, _groups, _split, collate_sft, load_sft_examples
 from sb3_textrl.sft.loss import _hf_model, _to_device, evaluate_sft_loss, target_nll
-from sb3_textrl.sft.output import SAVED_NAMES, SFTResult, _checked_output_dir, _describe, _save
+from sb3_textrl.sft.output import SAVED_NAMES, SFTResult, _describe, _save
 
 
 def lora_kwargs(model: PreTrainedModel, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -345,7 +346,7 @@ def train_sft(
     """
     learning_rate = (2e-4 if use_lora else 5e-5) if learning_rate is None else learning_rate
     config = {SAVED_NAMES.get(k, k): _describe(v) for k, v in locals().items()}  # the arguments, for sft_result.json
-    output_dir = _checked_output_dir(output_dir, overwrite)  # before any work: a run must not fail at the end
+    output_dir = check_output_dir(output_dir, overwrite)  # before any work: a run must not fail at the end
     optim = _Optim(
         epochs=epochs,
         learning_rate=learning_rate,
