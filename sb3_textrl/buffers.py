@@ -378,7 +378,7 @@ class TextRolloutBuffer(RolloutMetrics, RolloutBuffer):
 
     def _reference_log_probs(self, policy: TransformerLMPolicy, chunk: list[Segment], actions: th.Tensor) -> th.Tensor:
         """(N,) log π_ref of one chunk's actions, segment after segment (MaskableTextRolloutBuffer adds the masks)."""
-        return policy.reference_log_probs(self._segment_batch(chunk), actions)
+        return policy.reference_log_probs(self.segment_batch(chunk), actions)
 
     # -- minibatches of whole segments --------------------------------------------------------------------
     def get(self, batch_size: int | None = None) -> Generator[DictRolloutBufferSamples, None, None]:  # type: ignore[override]
@@ -411,8 +411,11 @@ class TextRolloutBuffer(RolloutMetrics, RolloutBuffer):
     def _scatter(array: np.ndarray, chunk: list[Segment], values: np.ndarray) -> None:
         scatter_steps(array, chunk, values)
 
-    def _segment_batch(self, chunk: list[Segment]) -> dict[str, th.Tensor]:
-        """Token layout of a chunk (:mod:`sb3_textrl.common.segments`): each row its segment's context and actions."""
+    def segment_batch(self, chunk: list[Segment]) -> dict[str, th.Tensor]:
+        """
+        The policy's input for a chunk of stored segments, as training gets it (:mod:`sb3_textrl.common.segments`):
+        each row its segment's context and actions; pair it with ``flat_steps(buffer.actions, chunk)``.
+        """
         contexts = [s.context for s in chunk]
         actions = [self.actions[s.start : s.start + s.length, s.env] for s in chunk]
         ids, mask, starts = append_actions(self.contexts[contexts], self.context_masks[contexts], actions)
@@ -428,7 +431,7 @@ class TextRolloutBuffer(RolloutMetrics, RolloutBuffer):
         def flat(array: np.ndarray) -> th.Tensor:
             return self.to_torch(self._flat(array, chunk).astype(np.float32))
 
-        observations = self._segment_batch(chunk)
+        observations = self.segment_batch(chunk)
         if self.nlpo_allowed is not None:  # the rollout's NLPO sets, so training masks exactly as the rollout did
             n_tokens = int(self.action_space.n)  # type: ignore[attr-defined]
             allowed = unpack_allowed(self._flat(self.nlpo_allowed, chunk), n_tokens)

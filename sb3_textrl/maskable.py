@@ -208,4 +208,4 @@ class MaskableTextRolloutBuffer(TextRolloutBuffer, MaskableDictRolloutBuffer):
         if not isinstance(policy, MaskableTransformerLMPolicy):
             return super()._reference_log_probs(policy, chunk, actions)
         masks = th.as_tensor(self._masks(chunk), device=self.device)
-        return policy.reference_log_probs(self._segment_batch(chunk), actions, action_masks=masks)
+        return policy.reference_log_probs(self.segment_batch(chunk), actions, action_masks=masks)

@@ -136,7 +136,7 @@ def test_stop_rules_and_greedy_tokens_match_hf_generate(eos_lm):
     model = toy_ppo(env, eos_lm)  # fresh LoRA: the policy's distribution is the plain LM's
     policy, prompts = model.policy, text_env_of(env).prompt_ids
     out = decode(policy, prompts, max_new_tokens=8, stop_token_ids={EOS}, deterministic=True)
-    lm = policy._hf_model()
+    lm = policy.hf_model
     for row, prompt in enumerate(prompts):
         expected = lm.generate(th.as_tensor(prompt)[None], attention_mask=th.ones(1, len(prompt), dtype=th.long),
                                max_new_tokens=8, do_sample=False, eos_token_id=EOS, pad_token_id=EOS)[0, len(prompt):]

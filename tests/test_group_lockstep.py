@@ -10,6 +10,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from sb3_textrl import make_group_vec_env, register_text_task
+from sb3_textrl.common.segments import flat_steps
 from sb3_textrl.envs.groups import GroupLockstepVecEnv
 from sb3_textrl.envs.text_env import TextObservationSpace
 
@@ -179,6 +180,6 @@ def test_episodes_after_waits_replay_the_rollout_log_probs(tiny_lm, trainable_la
     assert waits.sum() > 0 and (buffer.step_split is not None) == (trainable_layers is not None)
     chunk = buffer.segments
     with th.no_grad():
-        actions = th.as_tensor(buffer._flat(buffer.actions, chunk))
-        _, log_prob, _ = model.policy.evaluate_actions(buffer._segment_batch(chunk), actions)
-    np.testing.assert_allclose(log_prob.numpy(), buffer._flat(buffer.log_probs, chunk), atol=1e-4)
+        actions = th.as_tensor(flat_steps(buffer.actions, chunk))
+        _, log_prob, _ = model.policy.evaluate_actions(buffer.segment_batch(chunk), actions)
+    np.testing.assert_allclose(log_prob.numpy(), flat_steps(buffer.log_probs, chunk), atol=1e-4)

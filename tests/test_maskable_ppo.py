@@ -21,6 +21,7 @@ from sb3_textrl import (
     TransformerLMPolicy,
     register_text_task,
 )
+from sb3_textrl.common.segments import flat_steps
 from sb3_textrl.envs.news_data import generate_news_examples
 from sb3_textrl.models import tiny_gpt2, train_small_tokenizer
 
@@ -137,9 +138,9 @@ def test_untuned_policy_has_zero_kl_to_the_masked_reference(position_task, tiny_
     # Against the unmasked reference the "KL" would be the log of the mass the mask removes (~ln 3 per token).
     segments = list(range(len(buffer.segments)))
     chunk = [buffer.segments[i] for i in segments]
-    actions = th.as_tensor(buffer._flat(buffer.actions, chunk))
-    unmasked = model.policy.reference_log_probs(buffer._segment_batch(chunk), actions).numpy()
-    assert (buffer._flat(buffer.log_probs, chunk) - unmasked).mean() > 0.5
+    actions = th.as_tensor(flat_steps(buffer.actions, chunk))
+    unmasked = model.policy.reference_log_probs(buffer.segment_batch(chunk), actions).numpy()
+    assert (flat_steps(buffer.log_probs, chunk) - unmasked).mean() > 0.5
 
 
 class TeeBuffer(MaskableTextRolloutBuffer):

@@ -11,6 +11,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import DictRolloutBuffer
 
 from sb3_textrl import TextRolloutBuffer
+from sb3_textrl.common.segments import flat_steps
 from sb3_textrl.policies import TransformerLMPolicy
 
 
@@ -35,8 +36,8 @@ def rollout_segments(model: PPO, n_steps: int = 9) -> tuple[dict[str, th.Tensor]
     model.policy.set_training_mode(False)
     model.collect_rollouts(model.env, callback, buffer, n_rollout_steps=n_steps)
     chunk = buffer.segments
-    actions = th.as_tensor(buffer._flat(buffer.actions, chunk))
-    return buffer._segment_batch(chunk), actions, buffer._flat(buffer.log_probs, chunk)
+    actions = th.as_tensor(flat_steps(buffer.actions, chunk))
+    return buffer.segment_batch(chunk), actions, flat_steps(buffer.log_probs, chunk)
 
 
 def evaluated_log_probs(model: PPO, obs: dict[str, th.Tensor], actions: th.Tensor) -> np.ndarray:
@@ -95,7 +96,7 @@ def test_save_load_keeps_precision_and_checkpointing(ragged_task, tiny_lm, tmp_p
     model.save(tmp_path / "run")
     loaded = PPO.load(tmp_path / "run", env=toy_vec_env(ragged_task), device="cpu")
     assert loaded.policy.mixed_precision == "bf16" and loaded.policy.gradient_checkpointing is True
-    assert loaded.policy._hf_model().is_gradient_checkpointing
+    assert loaded.policy.hf_model.is_gradient_checkpointing
 
 
 def gradients(model: PPO, obs: dict[str, th.Tensor], actions: th.Tensor) -> tuple[dict[str, th.Tensor], int]:
@@ -103,7 +104,7 @@ def gradients(model: PPO, obs: dict[str, th.Tensor], actions: th.Tensor) -> tupl
     policy = model.policy
     policy.set_training_mode(True)
     policy.optimizer.zero_grad()
-    first_layer = next(iter(policy._hf_model().transformer.h[0].children()))
+    first_layer = next(iter(policy.hf_model.transformer.h[0].children()))
     calls = []
     hook = first_layer.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -139,9 +140,9 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_gradients(r
 def test_ppo_learns_with_gradient_checkpointing_and_full_fine_tuning(ragged_task, tiny_lm):
     model = toy_ppo(toy_vec_env(ragged_task), tiny_lm, n_steps=9, learning_rate=1e-3,
                     policy_kwargs=dict(gradient_checkpointing=True, use_lora=False))
-    before = model.policy._hf_model().transformer.h[0].mlp.c_fc.weight.detach().clone()
+    before = model.policy.hf_model.transformer.h[0].mlp.c_fc.weight.detach().clone()
     model.learn(18)
-    assert not th.equal(before, model.policy._hf_model().transformer.h[0].mlp.c_fc.weight)
+    assert not th.equal(before, model.policy.hf_model.transformer.h[0].mlp.c_fc.weight)
     # The frozen reference copy neither trains nor checkpoints.
     assert not model.policy.ref_lm.transformer.h[0].mlp.c_fc.weight.requires_grad
 

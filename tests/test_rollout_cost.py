@@ -13,6 +13,7 @@ from transformers.cache_utils import DummyLayer, LinearAttentionLayer
 
 from sb3_textrl import TextRolloutBuffer
 from sb3_textrl.common.kv_cache import RolloutKVCache, last_valid_index
+from sb3_textrl.common.segments import flat_steps
 
 
 def counting_trunk(calls: list[int]):
@@ -81,9 +82,9 @@ def test_envs_on_one_prompt_prefill_it_once_and_train_on_the_same_log_probs(tiny
     assert cache.prefilled_rows == 1  # 4 envs, one prompt: one prefill row (the new episodes' bootstrap is skipped)
     chunk = buffer.segments
     with th.no_grad():
-        actions = th.as_tensor(buffer._flat(buffer.actions, chunk))
-        _, log_prob, _ = model.policy.evaluate_actions(buffer._segment_batch(chunk), actions)
-    np.testing.assert_allclose(log_prob.numpy(), buffer._flat(buffer.log_probs, chunk), atol=1e-5)
+        actions = th.as_tensor(flat_steps(buffer.actions, chunk))
+        _, log_prob, _ = model.policy.evaluate_actions(buffer.segment_batch(chunk), actions)
+    np.testing.assert_allclose(log_prob.numpy(), flat_steps(buffer.log_probs, chunk), atol=1e-5)
 
 
 class KeepBootstrap(TextRolloutBuffer):

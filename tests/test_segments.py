@@ -149,8 +149,8 @@ def test_buffer_and_kl_to_reference_build_the_same_segment_batch(ragged_task, ti
     monkeypatch.setattr(model.policy, "reference_log_probs", spy)
     kl_to_reference(model.policy, samples, batch_size=len(samples))
     ((evaluated, actions),) = seen  # one batch of every episode
-    stored = buffer._segment_batch(whole)
+    stored = buffer.segment_batch(whole)
     assert evaluated.keys() == stored.keys()
     for key, value in stored.items():
         assert evaluated[key].dtype == value.dtype and th.equal(evaluated[key], value), key
-    assert actions.tolist() == buffer._flat(buffer.actions, whole).tolist()
+    assert actions.tolist() == flat_steps(buffer.actions, whole).tolist()

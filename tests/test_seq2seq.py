@@ -11,6 +11,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from transformers import AutoModelForSeq2SeqLM, BartConfig, BartForConditionalGeneration
 
 from sb3_textrl import Seq2SeqLMPolicy, TextRolloutBuffer, TransformerLMPolicy
+from sb3_textrl.common.segments import flat_steps
 from sb3_textrl.envs.news_data import generate_news_examples
 from sb3_textrl.evaluation import generate_samples
 from sb3_textrl.models import tiny_gpt2, tiny_t5, train_small_tokenizer
@@ -124,8 +125,8 @@ def test_reference_is_the_t5_with_adapters_disabled(ragged_task, tiny_t5_path):
     # teacher-forced, to float noise against the rollout's cached steps.
     model.learn(12)
     buffer = model.rollout_buffer
-    batch = buffer._segment_batch(buffer.segments)
-    actions = th.as_tensor(buffer._flat(buffer.actions, buffer.segments))
+    batch = buffer.segment_batch(buffer.segments)
+    actions = th.as_tensor(flat_steps(buffer.actions, buffer.segments))
     with th.no_grad():
         _, policy_log_probs, _ = policy.evaluate_actions(batch, actions)
     assert th.equal(policy_log_probs, policy.reference_log_probs(batch, actions))

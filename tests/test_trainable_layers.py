@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from sb3_textrl import MaskableTextRolloutBuffer, MaskableTransformerLMPolicy, TextRolloutBuffer
 from sb3_textrl.common.kv_cache import positions_from_mask
 from sb3_textrl.common.layer_split import LayerSplit, find_blocks
+from sb3_textrl.common.segments import flat_steps
 from sb3_textrl.policies import SPLIT_HIDDEN
 
 N_BLOCKS = 4
@@ -71,10 +72,10 @@ def collect(model, n_steps: int = 9):
 
 def split_and_full_batches(buffer):
     chunk = buffer.segments
-    split = buffer._segment_batch(chunk)
+    split = buffer.segment_batch(chunk)
     assert SPLIT_HIDDEN in split
     full = {k: v for k, v in split.items() if k != SPLIT_HIDDEN}
-    actions = th.as_tensor(buffer._flat(buffer.actions, chunk))
+    actions = th.as_tensor(flat_steps(buffer.actions, chunk))
     return split, full, actions
 
 
@@ -112,7 +113,7 @@ def test_top_blocks_from_kept_hidden_states_equal_the_full_forward(family_lm, us
     assert len(buffer.segments) > 3
     split, full, actions = assert_split_equals_full(policy, buffer)
     # The kept hidden states are those of a full teacher-forced forward at the first trainable block.
-    hf = policy._hf_model()
+    hf = policy.hf_model
     mask = full["attention_mask"]
     with policy.layer_split.capture(hf) as captured:
         policy._trunk(hf, full["input_ids"], mask, positions_from_mask(mask))
@@ -122,7 +123,7 @@ def test_top_blocks_from_kept_hidden_states_equal_the_full_forward(family_lm, us
     # And training on them reproduces the rollout's own log-probs.
     with th.no_grad():
         _, log_prob, _ = policy.evaluate_actions(split, actions)
-    np.testing.assert_allclose(log_prob.numpy(), buffer._flat(buffer.log_probs, buffer.segments), atol=1e-4)
+    np.testing.assert_allclose(log_prob.numpy(), flat_steps(buffer.log_probs, buffer.segments), atol=1e-4)
 
 
 def test_only_the_top_blocks_train_and_the_reference_shares_the_lower_ones(family_lm):
@@ -164,7 +165,7 @@ def test_gradient_checkpointing_and_bf16_with_trainable_layers(gpt2_lm):
         _, full_log_prob, _ = bf16.policy.evaluate_actions(full, actions)
     # bf16 rounds the lower blocks differently in a cached step and a teacher-forced forward; both stay close.
     np.testing.assert_allclose(split_log_prob.numpy(), full_log_prob.numpy(), atol=0.1)
-    np.testing.assert_allclose(split_log_prob.numpy(), buffer._flat(buffer.log_probs, buffer.segments), atol=0.1)
+    np.testing.assert_allclose(split_log_prob.numpy(), flat_steps(buffer.log_probs, buffer.segments), atol=0.1)
 
 
 def test_maskable_ppo_masks_and_nlpo_with_trainable_layers(gpt2_lm):
@@ -190,7 +191,7 @@ def test_maskable_ppo_masks_and_nlpo_with_trainable_layers(gpt2_lm):
             th.testing.assert_close(x, y, atol=1e-5, rtol=0)
         th.testing.assert_close(model.policy.reference_log_probs(split, actions, action_masks=masks),
                                 model.policy.reference_log_probs(full, actions, action_masks=masks), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(a[1].numpy(), buffer._flat(buffer.log_probs, buffer.segments), atol=1e-4)
+    np.testing.assert_allclose(a[1].numpy(), flat_steps(buffer.log_probs, buffer.segments), atol=1e-4)
 
 
 class PredictBetweenSteps(BaseCallback):
@@ -236,7 +237,7 @@ def test_ppo_learns_saves_and_loads_with_trainable_layers(gpt2_lm, tmp_path):
     assert changed and all("lora" in n or "value_net" in n for n in changed)
     assert all(f".h.{N_BLOCKS - 1}." in n for n in changed if "lora" in n)
     sizes = model.rollout_buffer.size_in_bytes()
-    hidden = model.policy.layer_split and model.policy._hf_model().config.n_embd
+    hidden = model.policy.layer_split and model.policy.hf_model.config.n_embd
     assert sizes["step_split"] == 8 * 2 * hidden * 4 and sizes["context_split"] > 0
     model.save(tmp_path / "run")
     loaded = PPO.load(tmp_path / "run", env=toy_vec_env(task, n_envs=2), device="cpu")

@@ -74,6 +74,12 @@ class LMForwards:
 
     _tokens = staticmethod(observation_tokens)
 
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The Hugging Face model the policy runs: ``lm`` itself, or the model that peft's LoRA wraps (its layers hold
+        the adapters)."""
+        return self._hf_model()
+
     def _hf_model(self) -> PreTrainedModel:
         # peft types its base model as a plain nn.Module: here it is the Hugging Face model it wraps.
         return cast(PreTrainedModel, self.lm.get_base_model()) if isinstance(self.lm, PeftModel) else self.lm
