@@ -166,7 +166,8 @@ def sample_for_rating(
     """
     Generate two candidates for each of ``n_prompts`` prompts of ``task`` and store them as pairs to judge.
 
-    By default both candidates come from the embedded LM, A greedy and B sampled.
+    By default both candidates come from the embedded LM, source a greedy and source b sampled. Each pair shows them
+    in a seeded random order (``settings["source"]`` of a candidate says which side it is).
 
     :param db: the feedback database (created if missing)
     :param task: a registered text task
@@ -180,7 +181,7 @@ def sample_for_rating(
     :param progress_bar: show progress bars
     :return: the ids of the stored pairs
     """
-    from sb3_textrl.feedback import FeedbackStore
+    from sb3_textrl.feedback import FeedbackStore, random_pair_orders
 
     source_a = source_a or CandidateSource()
     source_b = source_b or CandidateSource(source_a.model, DecodingSettings(greedy=False))
@@ -195,8 +196,10 @@ def sample_for_rating(
         candidates.append(generate_candidates(generator, env, indices, source.decoding, progress_bar=progress_bar))
     env.close()
     pair_ids = []
+    # Which source is shown first is drawn per pair (seeded), so "A" is no source and carries no position bias.
+    swaps = random_pair_orders(len(indices), seed)
     with FeedbackStore(db) as store:
-        for index, sample_a, sample_b in zip(indices, *candidates):
+        for index, sample_a, sample_b, swap in zip(indices, *candidates, swaps):
             prompt = prompts[index]
             prompt_id = store.add_prompt(
                 prompt.text, task=task, reference=prompt.reference, article=prompt.meta.get("article"),
@@ -205,9 +208,10 @@ def sample_for_rating(
             ids = [
                 store.add_candidate(
                     prompt_id, sample.completion, model=source.label,
-                    settings={"decoding": source.decoding.describe(), "seed": seed, "task_reward": sample.reward},
+                    settings={"source": side, "decoding": source.decoding.describe(), "seed": seed,
+                              "task_reward": sample.reward},
                 )
-                for source, sample in ((source_a, sample_a), (source_b, sample_b))
+                for side, source, sample in (("a", source_a, sample_a), ("b", source_b, sample_b))
             ]
-            pair_ids.append(store.add_pair(prompt_id, *ids))
+            pair_ids.append(store.add_pair(prompt_id, *(ids[::-1] if swap else ids)))
     return pair_ids

@@ -22,7 +22,7 @@ from sb3_textrl.feedback import (
     PreferencePair,
     empty_preferences_message,
 )
-from sb3_textrl.feedback.store import MIGRATIONS
+from sb3_textrl.feedback.store import BREAK_S, MIGRATIONS, PACE_WINDOW, Progress, random_pair_orders, recent_pace
 
 WRITER = Path(__file__).with_name("feedback_writer.py")
 
@@ -40,6 +40,19 @@ def fill(store: FeedbackStore, n_prompts: int = 3) -> dict[str, list[int]]:
         ids["pairs"].append(store.add_pair(prompt, a, b))
         ids["singles"] += [store.request_rating(a), store.request_rating(b)]
     return ids
+
+
+class Clock:
+    """A clock the test moves by hand: the store stamps the rows it writes with its time."""
+
+    def __init__(self, start: datetime = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
 
 
 def raw(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
@@ -261,6 +274,140 @@ def test_newer_schema_is_refused_untouched(tmp_path):
         FeedbackStore(path)
     assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION + 1,)]
     assert raw(path, "SELECT COUNT(*) FROM candidates") == [(2,)]
+
+
+# -- shown order, position bias, pace ----------------------------------------------------------------------------------
+def test_random_pair_orders_are_seeded_and_balanced():
+    for n in (2, 5, 16, 101):
+        orders = random_pair_orders(n, seed=3)
+        assert orders == random_pair_orders(n, seed=3)  # reproducible from the seed
+        assert n // 2 <= sum(orders) <= n - n // 2  # half swapped (the odd one by a coin flip): both orders occur
+    assert random_pair_orders(16, seed=0) != random_pair_orders(16, seed=1)
+    assert random_pair_orders(0, seed=0) == []
+    assert {random_pair_orders(1, seed) == [True] for seed in range(20)} == {True, False}
+
+
+def test_a_judgement_follows_the_shown_order_and_position_bias_counts_it(tmp_path):
+    with FeedbackStore(tmp_path / "fb.db") as store:
+        prompt = store.add_prompt("Summarise")
+        a = store.add_candidate(prompt, "from source a", model="m", settings={"source": "a"})
+        b = store.add_candidate(prompt, "from source b", model="m", settings={"source": "b"})
+        swapped = store.add_pair(prompt, b, a)  # source b shown first, as A
+        assert [c["text"] for c in store.item(swapped)["candidates"]] == ["from source b", "from source a"]
+        assert store.position_bias() == (None, 0)
+        store.record_preference(swapped, "ann", "A")  # ann chose what she saw as A: source b
+        assert store.preference_pairs() == [PreferencePair("Summarise", "from source b", "from source a")]
+        straight = store.add_pair(prompt, a, b)
+        store.record_preference(straight, "ann", "B")
+        store.record_preference(straight, "bob", "A")
+        store.record_preference(swapped, "bob", "tie")  # no preference: not counted
+        assert store.position_bias() == (2 / 3, 3)
+        assert store.position_bias("ann") == (0.5, 2)
+        assert store.position_bias("bob") == (1.0, 1)
+        assert store.position_bias("nobody") == (None, 0)
+
+
+def test_recent_pace_is_the_median_recent_gap_without_breaks():
+    start = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+
+    def at(*offsets: float) -> list[str]:
+        return [(start + timedelta(seconds=t)).isoformat() for t in offsets]
+
+    assert recent_pace([]) is None
+    assert recent_pace(at(0)) is None
+    assert recent_pace(at(0, 10)) is None  # one gap is no pace yet
+    assert recent_pace(at(0, 10, 40)) == 20.0  # gaps 10 and 30
+    assert recent_pace(at(40, 0, 10)) == 20.0  # in any order
+    assert recent_pace(at(0, 10, 40, 40 + BREAK_S + 1, 60 + BREAK_S + 1)) == 20.0  # the break is left out
+    assert recent_pace(at(0, BREAK_S + 1, 2 * BREAK_S + 2)) is None  # nothing but breaks
+    # only the last PACE_WINDOW gaps: 5 old slow ones (100 s), then PACE_WINDOW fast ones (5 s)
+    slow = [100.0 * k for k in range(6)]
+    assert recent_pace(at(*slow, *(500 + 5.0 * k for k in range(1, PACE_WINDOW + 1)))) == 5.0
+    assert recent_pace(at(0, 100, 200, 205)) == 100.0  # but the median of a mixed window
+    # stamps as old rows hold them: naive (taken as UTC), or not timestamps at all (skipped)
+    assert recent_pace(["2026-01-01T10:00:00", "2026-01-01T10:00:30+00:00", "x", "2026-01-01T10:01:30"]) == 45.0
+    assert recent_pace([start, start + timedelta(seconds=8), start + timedelta(seconds=16)]) == 8.0
+
+
+def test_progress_report_times_a_rater_from_their_judgements(tmp_path):
+    clock = Clock()
+    path = tmp_path / "fb.db"
+    with FeedbackStore(path, clock=clock) as store:
+        ids = fill(store, 3)  # 3 pairs + 6 singles = 9 items
+        pairs, candidates = ids["pairs"], ids["candidates"]
+        assert store.progress_report("ann") == Progress(0, 9, None)
+
+        store.record_preference(pairs[0], "ann", "A")
+        clock.advance(10)
+        store.record_preference(pairs[1], "ann", "B")
+        assert store.progress_report("ann") == Progress(2, 9, None)  # one gap: no pace, so no ETA
+        assert store.progress_report("ann").eta_s is None
+        clock.advance(30)
+        store.record_preference(pairs[2], "ann", "tie")
+        report = store.progress_report("ann")
+        assert report == Progress(3, 9, 20.0)  # the median of 10 s and 30 s
+        assert (report.left, report.eta_s) == (6, 120.0)
+
+        # a lunch break does not count; the next gaps do
+        clock.advance(3600)
+        store.record_rating(candidates[0], "ann", 4)
+        assert store.progress_report("ann").pace_s == 20.0
+        clock.advance(12)
+        store.record_rating(candidates[1], "ann", 2)
+        assert store.progress_report("ann").pace_s == 12.0  # gaps 10, 30, 12
+
+        # an undone judgement is no longer timed; its replacement is, from the judgement before it
+        clock.advance(50)
+        store.record_rating(candidates[2], "ann", 5)
+        assert store.progress_report("ann").pace_s == 21.0  # 10, 30, 12, 50
+        store.undo_last("ann")
+        assert store.progress_report("ann") == Progress(5, 9, 12.0)  # 10, 30, 12
+        clock.advance(8)
+        store.record_rating(candidates[2], "ann", 4)
+        assert store.progress_report("ann") == Progress(6, 9, 21.0)  # 10, 30, 12, 58 (not 50 and 8)
+
+        # another rater has their own pace, and a rater with nothing left has no ETA
+        assert store.progress_report("bob") == Progress(0, 9, None)
+        for candidate in candidates[3:]:
+            clock.advance(5)
+            store.record_rating(candidate, "ann", 3)
+        done = store.progress_report("ann")
+        assert (done.done, done.left, done.eta_s) == (9, 0, None)
+    # the clock's times are what is on disk, in UTC ISO 8601
+    assert raw(path, "SELECT MIN(created_at) FROM judgements")[0][0] == "2026-03-02T09:00:00.000+00:00"
+
+
+def test_a_database_of_the_current_schema_keeps_its_judgements(tmp_path):
+    """A store written with the current CREATE statements (raw SQL, timestamps as this code writes them) reads back
+    with the new readers: judgements, preference pairs, pace and position bias."""
+    path = tmp_path / "v2.db"
+    db = sqlite3.connect(path)
+    for migration in MIGRATIONS:
+        db.executescript(migration)
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+    db.execute("INSERT INTO prompts (text, created_at) VALUES ('p', '2026-01-01T00:00:00.000+00:00')")
+    for k in range(6):
+        db.execute("INSERT INTO candidates (prompt_id, text, model, created_at) VALUES (1, ?, 'm', '2026-01-01')",
+                   (f"c{k}",))
+    for k in range(3):
+        db.execute("INSERT INTO items (kind, prompt_id, candidate_a, candidate_b, created_at) VALUES ('pair', 1, ?, ?, 'x')",
+                   (2 * k + 1, 2 * k + 2))
+    db.execute("INSERT INTO items (kind, prompt_id, candidate_a, created_at) VALUES ('single', 1, 1, 'x')")
+    db.execute("INSERT INTO raters VALUES ('ann', '2026-01-01T10:00:00.000+00:00')")
+    for item, choice, stamp in ((1, "A", "10:00:00.000"), (2, "B", "10:00:20.500"), (3, "A", "10:00:50.500")):
+        db.execute("INSERT INTO judgements (item_id, rater, choice, created_at) VALUES (?, 'ann', ?, ?)",
+                   (item, choice, f"2026-01-01T{stamp}+00:00"))
+    db.commit()
+    db.close()
+
+    with FeedbackStore(path) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        assert [(j["item_id"], j["choice"]) for j in store.judgements()] == [(1, "A"), (2, "B"), (3, "A")]
+        assert [(p.chosen, p.rejected) for p in store.preference_pairs()] == [("c0", "c1"), ("c3", "c2"), ("c4", "c5")]
+        assert store.progress_report("ann") == Progress(3, 4, 25.25)  # gaps 20.5 and 30
+        assert store.position_bias() == (2 / 3, 3)
+        store.record_rating(1, "ann", 5)  # and it takes new judgements
+        assert store.progress_report("ann").done == 4
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------

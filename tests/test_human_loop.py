@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
 import time
 
@@ -9,7 +11,8 @@ import numpy as np
 import pytest
 
 from sb3_textrl import register_text_task
-from sb3_textrl.feedback import FeedbackStore
+from sb3_textrl.feedback import FeedbackStore, PreferencePair
+from sb3_textrl.feedback.views import item_view
 from sb3_textrl.rewards.human import HumanReward, rating_to_reward
 from sb3_textrl.sampling import CandidateSource, DecodingSettings, pick_prompts, sample_for_rating
 from tests.helpers import PROMPTS, shout, toy_ppo, toy_vec_env
@@ -80,6 +83,20 @@ def test_sample_stores_two_candidates_per_prompt(tmp_path, tiny_lm):
         assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
+def shown_pairs(db) -> list[list[tuple[str, str, str]]]:
+    """Each pair's candidates in the order the raters see them: (source, decoding, text) of A, then of B."""
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute(
+            "SELECT a.settings, a.text, b.settings, b.text FROM items i JOIN candidates a ON a.id = i.candidate_a "
+            "JOIN candidates b ON b.id = i.candidate_b WHERE i.kind = 'pair' ORDER BY i.id"
+        ).fetchall()
+    finally:
+        con.close()
+    return [[(json.loads(s)["source"], json.loads(s)["decoding"], t) for s, t in ((sa, ta), (sb, tb))]
+            for sa, ta, sb, tb in rows]
+
+
 def test_greedy_candidates_are_reproducible(tmp_path, tiny_lm):
     task = "SampleToy2-v0"
     register_text_task(task, prompts=PROMPTS, reward=shout, tokenizer=tiny_lm, max_new_tokens=5,
@@ -88,10 +105,41 @@ def test_greedy_candidates_are_reproducible(tmp_path, tiny_lm):
     for name in ("a.db", "b.db"):
         sample_for_rating(tmp_path / name, task=task, n_prompts=2, source_a=CandidateSource(tiny_lm), n_envs=2,
                           device="cpu", progress_bar=False)
-        with FeedbackStore(tmp_path / name) as store:
-            item = store.next_item("r")
-            texts.append(item["candidates"][0]["text"])
+        greedy = [text for pair in shown_pairs(tmp_path / name) for source, _, text in pair if source == "a"]
+        texts.append(greedy)
     assert texts[0] == texts[1]
+
+
+def test_pairs_show_the_sources_in_a_seeded_random_order(tmp_path, tiny_lm):
+    """Every pair used to show source a (greedy) as A: a position bias that went straight into the reward model."""
+    task = "SampleToyOrder-v0"
+    register_text_task(task, prompts=PROMPTS, reward=shout, tokenizer=tiny_lm, max_new_tokens=5,
+                              max_prompt_tokens=16)
+    runs, pair_ids = {}, {}
+    for name, seed in (("a.db", 0), ("b.db", 0), ("c.db", 1)):
+        pair_ids[name] = sample_for_rating(tmp_path / name, task=task, n_prompts=5, source_a=CandidateSource(tiny_lm),
+                                           n_envs=2, seed=seed, device="cpu", progress_bar=False)
+        runs[name] = shown_pairs(tmp_path / name)
+    first_shown = {name: [pair[0][0] for pair in pairs] for name, pairs in runs.items()}
+    assert set(first_shown["a.db"]) == {"a", "b"}  # both orders occur
+    assert first_shown["a.db"].count("b") in (2, 3)  # about half of the pairs swapped
+    assert first_shown["a.db"] == first_shown["b.db"]  # deterministic for a seed
+    assert first_shown["a.db"] != first_shown["c.db"]  # and drawn again for another
+    made = [("a", "greedy"), ("b", "sample:temperature=1.0")]
+    for pairs in runs.values():  # whatever the order, each candidate knows its source and how it was made
+        assert all(sorted((source, decoding) for source, decoding, _ in pair) == made for pair in pairs)
+
+    db = tmp_path / "a.db"
+    swapped = first_shown["a.db"].index("b")
+    (_, _, sampled_text), (_, _, greedy_text) = runs["a.db"][swapped]
+    assert sampled_text != greedy_text
+    with FeedbackStore(db) as store:
+        pair_id = pair_ids["a.db"][swapped]
+        view = item_view(store.item(pair_id))
+        assert (view["text_a"], view["text_b"]) == (sampled_text, greedy_text)  # the raters see source b as A
+        store.record_preference(pair_id, "ann", "A")
+        [pair] = store.preference_pairs()
+    assert pair == PreferencePair(pair.prompt, chosen=sampled_text, rejected=greedy_text)
 
 
 def test_rating_to_reward_scale():

@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import urllib.error
 import urllib.request
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -169,10 +170,10 @@ def test_api_judge_undo_and_raters_are_separate(server, rating_db):
 
     answer = json.loads(http("POST", f"{server}/api/judge", {"rater": "ann", "kind": "pair", "pair_id": ids["pair1"],
                                                             "choice": "b"})[2])
-    assert answer["progress"] == {"done": 1, "total": 3}
+    assert answer["progress"] == {"done": 1, "total": 3, "eta_s": None, "eta": None}  # no pace yet
     answer = json.loads(http("POST", f"{server}/api/judge", {"rater": "bob", "kind": "single",
                                                             "candidate_id": ids["single"], "score": 2})[2])
-    assert answer["progress"] == {"done": 1, "total": 3}
+    assert answer["progress"] == {"done": 1, "total": 3, "eta_s": None, "eta": None}
     stored = judgements(db)
     assert [(j["item_id"], j["rater"], j["choice"], j["score"]) for j in stored] == [
         (ids["pair1"], "ann", "B", None), (ids["single_item"], "bob", None, 2)]
@@ -183,7 +184,7 @@ def test_api_judge_undo_and_raters_are_separate(server, rating_db):
 
     # undo takes back only the asking rater's last judgement
     assert json.loads(http("POST", f"{server}/api/undo", {"rater": "ann"})[2]) == {
-        "undone": True, "progress": {"done": 0, "total": 3}}
+        "undone": True, "progress": {"done": 0, "total": 3, "eta_s": None, "eta": None}}
     assert json.loads(http("POST", f"{server}/api/undo", {"rater": "ann"})[2])["undone"] is False
     assert [(j["rater"], j["score"]) for j in judgements(db)] == [("bob", 2)]
 
@@ -294,6 +295,8 @@ def test_browser_keyboard_rating_undo_progress_and_escaping(browser, expect, ser
         assert page.locator("#candidate-a img, #slot script").count() == 0
         assert page.evaluate("window.__xss") is None
         assert page.text_content("#progress") == "0 / 3"
+        assert page.locator("#eta").count() == 0  # no pace yet, so no estimate
+        assert "a A is better · b B is better · t tie · s skip · u undo" in " ".join(page.text_content("#keys").split())
 
         # a = A is better: stored in SQLite, progress moves, the second pair comes (fetched and swapped in by JS)
         page.keyboard.press("a")
@@ -316,12 +319,14 @@ def test_browser_keyboard_rating_undo_progress_and_escaping(browser, expect, ser
         page.keyboard.press("Escape")
         page.evaluate("document.activeElement.blur()")
 
-        page.keyboard.press("2")  # B is better
+        page.keyboard.press("b")  # B is better
         expect(page.locator("#progress")).to_have_text("1 / 3")
         page.keyboard.press("t")  # tie on the second pair
         expect(page.locator("#progress")).to_have_text("2 / 3")
         assert page.get_attribute("#item", "data-kind") == "single"
+        assert "1–5 score this summary" in page.text_content("#keys")
         page.keyboard.press("a")  # not a rating key for a single item: nothing happens
+        expect(page.locator("#status")).to_contain_text("letters judge pairs only")
         page.keyboard.press("4")
         expect(page.locator("#progress")).to_have_text("3 / 3")
         assert "Nothing left to judge" in page.text_content("#item")
@@ -348,6 +353,65 @@ def test_browser_keyboard_rating_undo_progress_and_escaping(browser, expect, ser
         assert page.get_attribute("#item", "data-pair-id") == str(late)
         assert page.text_content("#candidate-b .text") == "late B"
         assert page.evaluate("window.__xss") is None
+    finally:
+        page.close()
+
+
+def test_browser_digits_on_a_pair_store_nothing(browser, expect, server, rating_db):
+    """"1"/"2" once meant A/B on a pair: a rater who thought they were scoring stated a preference unawares."""
+    db, ids = rating_db
+    page = browser.new_page()
+    page.set_default_timeout(10_000)
+    try:
+        page.goto(f"{server}/?token={TOKEN}&rater=ann")
+        assert page.get_attribute("#item", "data-kind") == "pair"
+        for digit in ("2", "1", "5"):
+            page.keyboard.press(digit)
+            expect(page.locator("#status")).to_contain_text(f'"{digit}" does nothing here (digits score single')
+        expect(page.locator("#status")).to_contain_text("press a, b, t, s, u")
+        page.wait_for_timeout(300)  # time for a request, had one been sent
+        assert judgements(db) == []
+        assert page.text_content("#progress") == "0 / 3"
+        assert page.get_attribute("#item", "data-pair-id") == str(ids["pair1"])
+        page.keyboard.press("b")  # the letter does judge it
+        expect(page.locator("#progress")).to_have_text("1 / 3")
+        assert [(j["item_id"], j["choice"]) for j in judgements(db)] == [(ids["pair1"], "B")]
+    finally:
+        page.close()
+
+
+def test_page_and_api_show_the_time_left_from_the_raters_pace(browser, expect, server, rating_db):
+    db, ids = rating_db
+    with FeedbackStore(db) as store:  # three more pairs: six items
+        for k in range(3):
+            prompt = store.add_prompt(f"Summarize: extra {k}", article=f"Extra article {k}.")
+            store.add_pair(prompt, store.add_candidate(prompt, f"extra {k} a", model="tiny"),
+                           store.add_candidate(prompt, f"extra {k} b", model="tiny"))
+    # ann judged three items 30 s apart, the last one 30 s ago (judgements at chosen times through the store's clock)
+    when = [datetime.now(timezone.utc) - timedelta(seconds=90)]
+    with FeedbackStore(db, clock=lambda: when[0]) as store:
+        store.record_preference(ids["pair1"], "ann", "A")
+        when[0] += timedelta(seconds=30)
+        store.record_preference(ids["pair2"], "ann", "B")
+        when[0] += timedelta(seconds=30)
+        store.record_rating(ids["single"], "ann", 4)
+    _, _, text = http("GET", f"{server}/api/next?rater=ann")
+    assert json.loads(text)["progress"] == {"done": 3, "total": 6, "eta_s": 90, "eta": "about 2 min left"}
+
+    page = browser.new_page()
+    page.set_default_timeout(10_000)
+    try:
+        page.goto(f"{server}/?token={TOKEN}&rater=ann")
+        assert page.text_content("#progress") == "3 / 6"
+        assert page.text_content("#eta") == "about 2 min left"  # 3 left at 30 s each
+        # a judgement now, about 30 s after the last: 2 left at the same pace
+        page.keyboard.press("t")
+        expect(page.locator("#progress")).to_have_text("4 / 6")
+        expect(page.locator("#eta")).to_have_text("about 1 min left")
+        # bob has judged nothing: no pace, no estimate
+        page.goto(f"{server}/?token={TOKEN}&rater=bob")
+        assert page.text_content("#progress") == "0 / 6"
+        assert page.locator("#eta").count() == 0
     finally:
         page.close()
 

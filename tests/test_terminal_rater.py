@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,19 @@ def rating_db(tmp_path) -> tuple[Path, dict[str, int]]:
     return path, ids
 
 
+class Clock:
+    """A clock the test moves by hand: the store stamps the rows it writes with its time."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
 def stored(db: Path) -> list[tuple]:
     with FeedbackStore(db) as store:
         return [(j["item_id"], j["rater"], j["choice"], j["score"]) for j in store.judgements()]
@@ -54,9 +68,9 @@ def test_answers_are_stored_with_undo_and_retries(rating_db):
     assert recorded == 4  # a, B, t, 4 (the undo is not subtracted)
     assert stored(db) == [(ids["pair1"], "ann", "B", None), (ids["pair2"], "ann", "tie", None),
                           (ids["single_item"], "ann", None, 4)]
-    assert "? = help] > a/1 = A is better, b/2 = B is better, t = tie, s = skip" in out
+    assert "? = help] > a = A is better, b = B is better, t = tie, s = skip, u = undo, q = quit" in out
     assert "Unknown answer 'x'" in out
-    assert "Unknown answer '7'" in out
+    assert "'7' is not an answer for a pair: digits score single summaries only" in out
     assert "Unknown answer 'a': type one of 1 (bad)" in out
     assert "Undone: your last judgement." in out
     assert "Item 1 of 3" in out and "Item 3 of 3" in out
@@ -94,6 +108,43 @@ def test_an_empty_store_and_undo_when_nothing_is_left(tmp_path):
     assert "Nothing to undo." in out
 
 
+def test_digits_on_a_pair_are_refused_with_a_hint(rating_db):
+    """"1" and "2" once meant A and B on a pair, so a rater who thought they were scoring stated a preference."""
+    db, ids = rating_db
+    recorded, out = rate(db, "1\n2\nq\n")
+    assert recorded == 0
+    assert stored(db) == []  # neither digit was read as A or B
+    assert "'1' is not an answer for a pair: digits score single summaries only; on a pair type a (A is better)" in out
+    assert "'2' is not an answer for a pair" in out
+    # the same item is asked again, and a letter then judges it
+    recorded, out = rate(db, "1\na\nq\n")
+    assert recorded == 1 and stored(db) == [(ids["pair1"], "ann", "A", None)]
+    # digits still score single items: past both pairs, "2" is a rating
+    rate(db, "s\n2\nq\n")
+    assert stored(db)[-1] == (ids["single_item"], "ann", None, 2)
+
+
+def test_header_shows_the_time_left_once_there_is_a_pace(rating_db):
+    db, ids = rating_db
+    _, out = rate(db, "q\n")
+    assert "Item 1 of 3  (0 judged)" in out  # no pace yet, so no estimate
+    with FeedbackStore(db) as store:
+        for k in range(3):
+            prompt = store.add_prompt(f"Summarize: extra {k}")
+            store.add_pair(prompt, store.add_candidate(prompt, "x", model="m"), store.add_candidate(prompt, "y", model="m"))
+    clock = Clock(datetime.now(timezone.utc) - timedelta(minutes=10))
+    with FeedbackStore(db, clock=clock) as store:  # ann judged three items, 40 s apart, ten minutes ago
+        for pair in (ids["pair1"], ids["pair2"]):
+            store.record_preference(pair, "ann", "A")
+            clock.advance(40)
+        store.record_rating(ids["single"], "ann", 3)
+    # 3 items left at 40 s each: 2 min; bob, who has no pace, sees none
+    _, out = rate(db, "q\n")
+    assert "Item 4 of 6  (3 judged, about 2 min left)" in out
+    _, out = rate(db, "q\n", rater="bob")
+    assert "Item 1 of 6  (0 judged)" in out
+
+
 class CtrlCAfter(io.StringIO):
     """Answers from a string, then Ctrl+C (as a terminal delivers it: KeyboardInterrupt while reading)."""
 
@@ -121,7 +172,7 @@ def test_cli_terminal_subprocess(rating_db):
     db, ids = rating_db
     result = subprocess.run(
         [sys.executable, "-m", "sb3_textrl.cli", "rate", "--db", str(db), "--terminal", "--rater", "carol"],
-        input="2\nq\n", capture_output=True, text=True, cwd=REPO, timeout=120,
+        input="b\nq\n", capture_output=True, text=True, cwd=REPO, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "Rating as carol" in result.stdout

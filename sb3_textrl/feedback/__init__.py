@@ -6,7 +6,10 @@ from sb3_textrl.feedback.store import (
     FeedbackStore,
     FeedbackStoreError,
     PreferencePair,
+    Progress,
     empty_preferences_message,
+    random_pair_orders,
+    recent_pace,
 )
 
 __all__ = [
@@ -15,5 +18,8 @@ __all__ = [
     "FeedbackStore",
     "FeedbackStoreError",
     "PreferencePair",
+    "Progress",
     "empty_preferences_message",
+    "random_pair_orders",
+    "recent_pace",
 ]

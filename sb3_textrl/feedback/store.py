@@ -10,25 +10,45 @@ waiting up to ``timeout_s`` (``busy_timeout``) rather than failing with "databas
 Schema versions live in ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades an older database in place, and a
 database written by a newer version of sb3_textrl, or one that is not a feedback store, is refused with a clear
 message.
+
+Shown order: a pair's ``candidate_a`` is the candidate both raters show first, as "A", so a judgement's ``A``/``B``
+is always what the rater saw, and :meth:`FeedbackStore.preference_pairs` reads chosen/rejected from it whatever the
+order. Which *source* went first is up to whoever queues the pair, and is recorded with the candidates:
+:func:`~sb3_textrl.sampling.sample_for_rating` stores each candidate with ``settings["source"]`` = ``"a"`` or ``"b"``
+(its ``source_a``/``source_b``) and draws each pair's order with :func:`random_pair_orders`, so a pair whose
+``candidate_a`` has source ``"b"`` was shown swapped. Pairs written before that (no ``"source"``) always showed source
+a (greedy, by default) first. :meth:`FeedbackStore.position_bias` is the share of A/B judgements that chose the
+candidate shown first.
+
+Pace: :meth:`FeedbackStore.progress_report` estimates the time a rater has left from the ``created_at`` of their
+recent judgements (see :func:`recent_pace`); no column is needed for it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import combinations
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 CHOICES = ("A", "B", "tie", "skip")
 MIN_SCORE, MAX_SCORE = 1, 5
+PACE_WINDOW = 10
+"""The pace is read from the gaps between a rater's last ``PACE_WINDOW + 1`` judgements."""
+BREAK_S = 300.0
+"""A gap longer than this (seconds) is a break, not the time an item took, and does not count towards the pace."""
+MIN_PACE_GAPS = 2
+"""Gaps (after dropping breaks) needed before there is a pace, hence an ETA: one gap alone is too noisy."""
 
 _V1 = """
 CREATE TABLE prompts (
@@ -109,8 +129,89 @@ class PreferencePair:
     source: str = "preference"
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+@dataclass(frozen=True)
+class Progress:
+    """
+    Where one rater stands, as both raters show it.
+
+    :param done: items this rater has judged
+    :param total: all items in the store
+    :param pace_s: this rater's recent seconds per judgement (:func:`recent_pace`), None until there is one
+    """
+
+    done: int
+    total: int
+    pace_s: float | None = None
+
+    @property
+    def left(self) -> int:
+        """Items still to judge."""
+        return max(self.total - self.done, 0)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Estimated seconds until this rater is done: items left times the pace (None without a pace, or when done)."""
+        if self.pace_s is None or self.left == 0:
+            return None
+        return self.left * self.pace_s
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _stamp(when: datetime) -> str:
+    """A row's timestamp: UTC ISO 8601 with milliseconds (a naive datetime is taken as UTC)."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _parse_stamp(stamp: str | datetime) -> datetime | None:
+    """A timestamp as an aware datetime (naive ones are UTC); None for text that is not ISO 8601 (hand-made rows)."""
+    if isinstance(stamp, datetime):
+        when = stamp
+    else:
+        try:
+            when = datetime.fromisoformat(stamp)
+        except (TypeError, ValueError):
+            return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def recent_pace(stamps: Sequence[str | datetime], window: int = PACE_WINDOW, break_s: float = BREAK_S) -> float | None:
+    """
+    A rater's recent seconds per judgement: the median of the gaps between their last ``window + 1`` judgements,
+    leaving out breaks (gaps longer than ``break_s``). The median, not the mean, so one slow item does not swing it.
+
+    :param stamps: the times of the rater's judgements (ISO 8601 text as stored, or datetimes), in any order
+    :param window: how many of the most recent gaps to look at
+    :param break_s: gaps longer than this are breaks
+    :return: the pace, or None with fewer than :data:`MIN_PACE_GAPS` gaps to go on
+    """
+    times = [when for when in map(_parse_stamp, stamps) if when is not None]
+    recent = sorted(times)[-(window + 1):]
+    gaps = [(later - earlier).total_seconds() for earlier, later in zip(recent, recent[1:])]
+    gaps = [gap for gap in gaps if gap <= break_s]
+    return float(median(gaps)) if len(gaps) >= MIN_PACE_GAPS else None
+
+
+def random_pair_orders(n_pairs: int, seed: int) -> list[bool]:
+    """
+    Which pairs to show swapped (the second source as "A"), drawn once when the pairs are queued: a seeded, balanced
+    draw, half of the pairs swapped (the odd one out by a coin flip), so the first-shown position carries no source
+    and a reward model learns no position bias from it.
+
+    :param n_pairs: how many pairs
+    :param seed: the draw's seed (the same seed gives the same orders)
+    :return: one flag per pair, True for "show swapped"
+    """
+    rng = random.Random(f"pair-order-{seed}")  # its own stream: independent of any other draw seeded with ``seed``
+    swapped = [i < n_pairs // 2 for i in range(n_pairs)]
+    if n_pairs % 2:
+        swapped[-1] = rng.random() < 0.5
+    rng.shuffle(swapped)
+    return swapped
 
 
 def _inserted_id(cursor: sqlite3.Cursor) -> int:
@@ -125,12 +226,17 @@ class FeedbackStore:
 
     :param path: database file; created with the current schema when missing
     :param timeout_s: how long a write waits for another writer's transaction before failing
+    :param clock: what time it is, for the rows' timestamps (default: now, UTC); tests pass their own to place
+        judgements at chosen times
     """
 
     SCHEMA_VERSION = SCHEMA_VERSION
 
-    def __init__(self, path: str | os.PathLike, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike, timeout_s: float = 30.0, *, clock: Callable[[], datetime] | None = None
+    ) -> None:
         self.path = Path(path)
+        self._clock = clock or _utc_now
         if self.path.is_dir():
             raise FeedbackStoreError(f"{self.path} is a directory; pass the path of a database file, e.g. feedback.db")
         if not self.path.parent.is_dir():
@@ -173,6 +279,9 @@ class FeedbackStore:
                 if "locked" not in str(err) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
+
+    def _now(self) -> str:
+        return _stamp(self._clock())
 
     def close(self) -> None:
         """Close the connection."""
@@ -269,7 +378,7 @@ class FeedbackStore:
         with self._write() as db:
             cursor = db.execute(
                 "INSERT INTO prompts (text, task, reference, article, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (str(text), task, reference, article, json.dumps(metadata or {}), _now()),
+                (str(text), task, reference, article, json.dumps(metadata or {}), self._now()),
             )
         return _inserted_id(cursor)
 
@@ -287,7 +396,7 @@ class FeedbackStore:
             self._require(db, "prompts", prompt_id)
             cursor = db.execute(
                 "INSERT INTO candidates (prompt_id, text, model, settings, created_at) VALUES (?, ?, ?, ?, ?)",
-                (prompt_id, str(text), model, json.dumps(settings or {}), _now()),
+                (prompt_id, str(text), model, json.dumps(settings or {}), self._now()),
             )
         return _inserted_id(cursor)
 
@@ -304,7 +413,7 @@ class FeedbackStore:
                 self._require_candidate_of(db, candidate, prompt_id)
             cursor = db.execute(
                 "INSERT INTO items (kind, prompt_id, candidate_a, candidate_b, created_at) VALUES ('pair', ?, ?, ?, ?)",
-                (prompt_id, candidate_a, candidate_b, _now()),
+                (prompt_id, candidate_a, candidate_b, self._now()),
             )
         return _inserted_id(cursor)
 
@@ -318,7 +427,7 @@ class FeedbackStore:
             row = self._require(db, "candidates", candidate_id)
             cursor = db.execute(
                 "INSERT INTO items (kind, prompt_id, candidate_a, created_at) VALUES ('single', ?, ?, ?)",
-                (row["prompt_id"], candidate_id, _now()),
+                (row["prompt_id"], candidate_id, self._now()),
             )
         return _inserted_id(cursor)
 
@@ -392,7 +501,7 @@ class FeedbackStore:
             if item["kind"] != kind:
                 how = "rate its candidate with record_rating" if item["kind"] == "single" else "use record_preference"
                 raise FeedbackStoreError(f"item {item_id} is a {item['kind']} item; {how}")
-            now = _now()
+            now = self._now()
             db.execute("INSERT OR IGNORE INTO raters (name, first_seen) VALUES (?, ?)", (rater, now))
             # A new judgement of the same item by the same rater replaces the old one (kept, marked undone).
             db.execute(
@@ -451,7 +560,7 @@ class FeedbackStore:
             ).fetchone()
             if row is None:
                 return False
-            db.execute("UPDATE judgements SET undone_at = ? WHERE id = ?", (_now(), row["id"]))
+            db.execute("UPDATE judgements SET undone_at = ? WHERE id = ?", (self._now(), row["id"]))
         return True
 
     def progress(self, rater: str) -> tuple[int, int]:
@@ -461,6 +570,39 @@ class FeedbackStore:
         )[0][0]
         total = self._read("SELECT COUNT(*) FROM items")[0][0]
         return int(done), int(total)
+
+    def progress_report(self, rater: str) -> Progress:
+        """
+        :meth:`progress` with this rater's recent pace, hence an estimate of the time they have left.
+
+        The pace comes from the rater's judgements in force (an undone one took time but judged nothing; its
+        replacement's gap counts it), see :func:`recent_pace`.
+
+        :param rater: the rater's name
+        :return: done, total and pace
+        """
+        with self._lock:  # no judgement of another thread on this connection between the counts and the times
+            done, total = self.progress(rater)
+            rows = self._read(
+                "SELECT created_at FROM judgements WHERE rater = ? AND undone_at IS NULL ORDER BY id DESC LIMIT ?",
+                (rater, PACE_WINDOW + 1),
+            )
+        return Progress(done, total, recent_pace([row[0] for row in rows]))
+
+    def position_bias(self, rater: str | None = None) -> tuple[float | None, int]:
+        """
+        How often A/B judgements chose the candidate shown first (A): about 0.5 for raters who judge the texts alone,
+        when the order is random (see the module's "Shown order"). Ties and skips are left out.
+
+        :param rater: one rater's judgements only (default: everyone's)
+        :return: ``(share of A/B judgements choosing A, number of A/B judgements)``; the share is None without any
+        """
+        where = "undone_at IS NULL AND choice IN ('A', 'B')" + (" AND rater = ?" if rater is not None else "")
+        chose_first, n = self._read(
+            f"SELECT COALESCE(SUM(choice = 'A'), 0), COUNT(*) FROM judgements WHERE {where}",
+            () if rater is None else (rater,),
+        )[0]
+        return (chose_first / n if n else None), int(n)
 
     # -- reading judgements back ---------------------------------------------------------------------------------
     def ratings(self, candidate_ids: Sequence[int]) -> dict[int, float]:

@@ -1,8 +1,9 @@
 """The terminal rater (``sb3-textrl rate --terminal``): the same judgements as the rating page, typed at a prompt.
 
 It shows the article and the two candidate summaries (or one, to rate 1-5), reads one answer per line and stores it
-in the feedback database: ``a``/``1`` A is better, ``b``/``2`` B is better, ``t`` tie, ``s`` skip, ``1``-``5`` for a
-single summary, ``u`` undo, ``q`` quit.
+in the feedback database: on a pair ``a`` A is better, ``b`` B is better, ``t`` tie, ``s`` skip; on a single summary
+``1``-``5``; ``u`` undo, ``q`` quit. A digit on a pair is refused with a hint rather than read as A or B. Each item's
+header shows the rater's progress and, once they have a pace, the time left (the same estimate as the rating page).
 """
 
 from __future__ import annotations
@@ -16,10 +17,18 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from sb3_textrl.feedback.store import FeedbackStore
-from sb3_textrl.feedback.views import SCORES, check_rater, item_view
+from sb3_textrl.feedback.views import (
+    PAIR_KEY_HINT,
+    PAIR_KEYS,
+    SCORES,
+    UNDO_KEY,
+    check_rater,
+    eta_text,
+    item_view,
+)
 
-PAIR_ANSWERS = {"a": "A", "1": "A", "b": "B", "2": "B", "t": "tie", "s": "skip"}
-PAIR_HELP = "a/1 = A is better, b/2 = B is better, t = tie, s = skip, u = undo, q = quit"
+PAIR_ANSWERS = {key: choice for key, (choice, _) in PAIR_KEYS.items()}  # letters only: digits are scores
+PAIR_HELP = ", ".join(f"{key} = {label}" for key, (_, label) in PAIR_KEYS.items()) + f", {UNDO_KEY} = undo, q = quit"
 SINGLE_HELP = "1 (bad) .. 5 (excellent), u = undo, q = quit"
 PAIR_PROMPT = "Which is better? [a/b/t/s, u = undo, q = quit, ? = help] > "
 SINGLE_PROMPT = "Rating? [1-5, u = undo, q = quit, ? = help] > "
@@ -48,7 +57,7 @@ def _wrap(text: str, width: int, indent: str = "  ") -> str:
     )
 
 
-def format_item(item: dict[str, Any], done: int, total: int, width: int = 80) -> str:
+def format_item(item: dict[str, Any], done: int, total: int, width: int = 80, eta: str | None = None) -> str:
     """
     The text shown for one item of ``FeedbackStore.next_item``.
 
@@ -56,11 +65,13 @@ def format_item(item: dict[str, Any], done: int, total: int, width: int = 80) ->
     :param done: items this rater has judged
     :param total: items in the store
     :param width: line width to wrap to
+    :param eta: the estimated time left (:func:`~sb3_textrl.feedback.views.eta_text`), None before there is one
     """
     view = item_view(item)
     assert view is not None  # item_view returns None only for no item
     rule = "─" * width
-    lines = [rule, f"Item {done + 1} of {total}  ({done} judged)", rule, "ARTICLE", _wrap(view["article"], width), ""]
+    header = f"Item {done + 1} of {total}  ({done} judged{', ' + eta if eta else ''})"
+    lines = [rule, header, rule, "ARTICLE", _wrap(view["article"], width), ""]
     if view["kind"] == "pair":
         lines += ["SUMMARY A", _wrap(view["text_a"], width), "", "SUMMARY B", _wrap(view["text_b"], width), ""]
     else:
@@ -95,11 +106,11 @@ def run_terminal_rater(
         session.say(f"Rating as {rater}. Answers: {PAIR_HELP}; single summaries: {SINGLE_HELP}.")
         while True:
             item = feedback.next_item(rater)
-            done, total = feedback.progress(rater)
+            progress = feedback.progress_report(rater)
             if item is None:
-                if not session.wait_for_items(done, total):
+                if not session.wait_for_items(progress.done, progress.total):
                     break
-            elif not session.judge(item, done, total):
+            elif not session.judge(item, progress.done, progress.total, eta_text(progress.eta_s)):
                 session.say(f"Stopped. {session.recorded} judgement(s) recorded this session.")
                 return session.recorded
         session.say(f"Done. {session.recorded} judgement(s) recorded this session.")
@@ -147,24 +158,32 @@ class _Session:
             self.undo()
         return True
 
-    def judge(self, item: dict[str, Any], done: int, total: int) -> bool:
+    def judge(self, item: dict[str, Any], done: int, total: int, eta: str | None = None) -> bool:
         """Show an item and ask until it is judged (or the last judgement undone): ``False`` when the rater quits."""
-        self.say(format_item(item, done, total, self.width))
+        self.say(format_item(item, done, total, self.width, eta))
         is_pair = item["kind"] == "pair"
         while True:
             answer = self.ask(PAIR_PROMPT if is_pair else SINGLE_PROMPT)
             if answer is None or answer == "q":
                 return False
-            if answer == "u":
+            if answer == UNDO_KEY:
                 self.undo()
                 return True
             if self._record(item, is_pair, answer):
                 self.recorded += 1
                 self.say("Saved.")
                 return True
-            help_text = PAIR_HELP if is_pair else SINGLE_HELP
-            wants_help = answer in ("", "?", "h", "help")
-            self.say(help_text if wants_help else f"Unknown answer {answer!r}: type one of {help_text}.")
+            self.say(self._refusal(is_pair, answer))
+
+    @staticmethod
+    def _refusal(is_pair: bool, answer: str) -> str:
+        """What to tell a rater whose answer is no judgement of the item."""
+        help_text = PAIR_HELP if is_pair else SINGLE_HELP
+        if answer in ("", "?", "h", "help"):
+            return help_text
+        if is_pair and answer.isdigit():  # a score typed on a pair: say why it is refused, not just that it is
+            return f"{answer!r} is not an answer for a pair: {PAIR_KEY_HINT}."
+        return f"Unknown answer {answer!r}: type one of {help_text}."
 
     def _record(self, item: dict[str, Any], is_pair: bool, answer: str) -> bool:
         """Store the answer if it is a judgement of the item; ``False`` when it is not one."""

@@ -2,8 +2,10 @@
 single one 1-5, every judgement going to the SQLite feedback store.
 
 Start it with ``sb3-textrl rate --db feedback.db`` (or ``serve``), open the URL it prints, type your name, then use the
-keyboard: ``a``/``1`` A is better, ``b``/``2`` B is better, ``t`` tie, ``s`` skip, ``1``-``5`` for a single candidate,
-``u`` undo. Several people can rate at once, each under their own name.
+keyboard: on a pair ``a`` A is better, ``b`` B is better, ``t`` tie, ``s`` skip; on a single candidate ``1``-``5``;
+``u`` undo. Digits never judge a pair (nor letters a single candidate), and the page lists the keys the item on screen
+takes. It shows the rater's progress and, once they have a pace, an estimate of the time left (computed by the store,
+as for the terminal rater). Several people can rate at once, each under their own name.
 
 Secure by default, because it shows text written by a model and writes to a database:
 
@@ -31,7 +33,7 @@ from sb3_textrl.feedback.store import FeedbackStore, FeedbackStoreError
 
 # Shared with the terminal rater; importable from here as before.
 from sb3_textrl.feedback.views import MAX_RATER_LENGTH as MAX_RATER_LENGTH
-from sb3_textrl.feedback.views import SCORES, check_rater, item_view
+from sb3_textrl.feedback.views import PAIR_KEYS, SCORE_LABELS, SCORES, UNDO_KEY, check_rater, item_view, progress_view
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -186,7 +188,7 @@ def _add_pages(app: Flask, store: Callable[[], FeedbackStore], token: str, defau
                 rater = check_rater(rater)
             except ValueError as bad:
                 rater, error = "", str(bad)
-        context = _item_context(store(), rater) if rater else {"item": None, "done": 0, "total": 0, "rater": ""}
+        context = _item_context(store(), rater) if rater else {"item": None, "rater": ""}
         return render_template("rate.html", token=token, error=error, **context)
 
     @app.get("/item")
@@ -274,15 +276,24 @@ def _record_judgement(store: Callable[[], FeedbackStore], body: dict[str, Any], 
     )
 
 
-def _progress_json(feedback: FeedbackStore, rater: str) -> dict[str, int]:
-    done, total = feedback.progress(rater)
-    return {"done": done, "total": total}
+def _progress_json(feedback: FeedbackStore, rater: str) -> dict[str, Any]:
+    """The rater's progress for the API: ``done``, ``total``, ``eta_s`` and ``eta`` (None until there is a pace)."""
+    return progress_view(feedback.progress_report(rater))
 
 
 def _item_context(feedback: FeedbackStore, rater: str) -> dict[str, Any]:
-    """What the page and the item fragment render: the rater's next item and progress."""
-    done, total = feedback.progress(rater)
-    return {"item": item_view(feedback.next_item(rater)), "done": done, "total": total, "rater": rater}
+    """What the page and the item fragment render: the rater's next item, progress and the keys it takes."""
+    progress = progress_view(feedback.progress_report(rater))
+    return {
+        "item": item_view(feedback.next_item(rater)),
+        "done": progress["done"],
+        "total": progress["total"],
+        "eta": progress["eta"],
+        "rater": rater,
+        "pair_keys": PAIR_KEYS,
+        "score_labels": SCORE_LABELS,
+        "undo_key": UNDO_KEY,
+    }
 
 
 def rating_server(

@@ -1,5 +1,7 @@
 // Keyboard-driven rating: posts judgements to the JSON API and swaps in the next item, which the server renders
-// with Jinja's autoescaping (model text is never turned into HTML here).
+// with Jinja's autoescaping (model text is never turned into HTML here). The keys an item takes are those on its
+// buttons (data-key, rendered from the server's list), so the page accepts exactly the keys it shows: letters on a
+// pair, digits on a single summary.
 "use strict";
 
 (() => {
@@ -9,7 +11,7 @@
   const slot = document.getElementById("slot");
   const statusLine = document.getElementById("status");
   const POLL_MS = 3000; // how often an empty queue looks for new items (a live run may add some)
-  const PAIR_KEYS = { a: "A", 1: "A", b: "B", 2: "B", t: "tie", s: "skip" };
+  const JUDGING_KEY = /^[1-5abts]$/; // keys that judge some kind of item: pressed on the other kind, they get a hint
   const LABELS = { A: "A is better", B: "B is better", tie: "tie", skip: "skipped" };
   let busy = false;
   let pollTimer = null;
@@ -81,26 +83,32 @@
     act(() => post(page.undoUrl, { rater }), (answer) => (answer.undone ? "Undone." : "Nothing to undo."));
   }
 
+  function press(button) {
+    if (button.dataset.choice) choose(button.dataset.choice);
+    else if (button.dataset.score) rate(Number(button.dataset.score));
+    else if (button.dataset.action === "undo") undo();
+  }
+
   if (!rater || !currentItem()) return; // no rater yet: the page only shows the name field
 
   document.addEventListener("keydown", (event) => {
     if (event.repeat || event.ctrlKey || event.metaKey || event.altKey) return;
     if (event.target.closest("input, textarea, select")) return; // typing a name is not a judgement
     const key = event.key.toLowerCase();
-    const kind = currentItem().dataset.kind;
-    if (key === "u") undo();
-    else if (kind === "pair" && key in PAIR_KEYS) choose(PAIR_KEYS[key]);
-    else if (kind === "single" && /^[1-5]$/.test(key)) rate(Number(key));
-    else return;
+    const buttons = [...currentItem().querySelectorAll("button[data-key]")];
+    const button = buttons.find((b) => b.dataset.key === key);
+    if (button) press(button);
+    else if (JUDGING_KEY.test(key)) {
+      // e.g. "2" on a pair: it is no answer here, and saying so beats a silent key
+      const what = currentItem().dataset.kind === "pair" ? "digits score single summaries only" : "letters judge pairs only";
+      say(`"${key}" does nothing here (${what}): press ${buttons.map((b) => b.dataset.key).join(", ")}.`, true);
+    } else return;
     event.preventDefault();
   });
 
   slot.addEventListener("click", (event) => {
     const button = event.target.closest("button");
-    if (!button) return;
-    if (button.dataset.choice) choose(button.dataset.choice);
-    else if (button.dataset.score) rate(Number(button.dataset.score));
-    else if (button.dataset.action === "undo") undo();
+    if (button) press(button);
   });
 
   if (currentItem().dataset.kind === "none") pollTimer = setTimeout(() => refresh().catch(() => {}), POLL_MS);
