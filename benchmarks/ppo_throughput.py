@@ -17,8 +17,9 @@ Variants (16 envs, 64-token prompts, 64 new tokens, so one PPO rollout is 16 x 6
    with all weights trainable.
 3. ``floor``: time(generate) + n_epochs x time(fwd+bwd, LoRA) for those 1024 tokens.
 4. ``PPO fast``: ``TextRolloutBuffer`` (episode-grouped minibatches) and the rollout KV cache (the defaults).
-5. ``PPO naive``: SB3's default buffer (single-step minibatches), ``use_kv_cache=False`` and ``share_prefixes=False``
-   (one full forward per token in rollouts and in training, as a policy unaware of episodes would do).
+5. ``PPO naive``: SB3's per-step ``DictRolloutBuffer`` (single-step minibatches, passed explicitly),
+   ``use_kv_cache=False`` and ``share_prefixes=False`` (one full forward per token in rollouts and in training, as a
+   policy unaware of episodes would do).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
@@ -306,9 +308,11 @@ def make_ppo(args: argparse.Namespace, lm_dir: Path, device: torch.device, naive
     policy_kwargs: dict[str, Any] = dict(lm=str(lm_dir), kl_coef=args.kl_coef, mixed_precision=args.mixed_precision)
     extra: dict[str, Any] = {}
     if naive:
-        # A plain per-step policy: full forward every rollout step, one forward per step in training.
+        # A plain per-step policy: full forward every rollout step, one forward per step in training, SB3's per-step
+        # buffer (passed explicitly: without rollout_buffer_class the policy gives PPO a TextRolloutBuffer).
         policy_kwargs["use_kv_cache"] = False
         policy_kwargs["share_prefixes"] = False
+        extra["rollout_buffer_class"] = DictRolloutBuffer
     else:
         extra["rollout_buffer_class"] = TimedTextRolloutBuffer
     return PPO(
@@ -354,7 +358,7 @@ class PPORunner:
 def quiet_per_step_warning() -> Iterator[None]:
     # The naive path is meant to be slow: its "use TextRolloutBuffer" warning would only clutter the report.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="TransformerLMPolicy is being trained with SB3's default rollout buffer")
+        warnings.filterwarnings("ignore", message="TransformerLMPolicy is trained with rollout_buffer_class=DictRolloutBuffer")
         yield
 
 
@@ -473,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             log("PPO naive path (slow)...")
             naive = PPORunner(args, lm_dir, device, naive=True)
             naive.warm_up(args.naive_warmup_rollouts)
-            rows["naive"] = Timings("PPO.learn naive (default buffer, no KV cache)", tokens)
+            rows["naive"] = Timings("PPO.learn naive (per-step buffer, no KV cache)", tokens)
             for _ in range(args.naive_rollouts):
                 rows["naive"].seconds.append(timed(naive, device))
 

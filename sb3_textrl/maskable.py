@@ -6,7 +6,7 @@
     from sb3_textrl import MaskableTextRolloutBuffer, MaskableTransformerLMPolicy
 
     model = MaskablePPO(MaskableTransformerLMPolicy, "NewsSummary-v0", env_kwargs=...,  # the env's action_mask=
-                        rollout_buffer_class=MaskableTextRolloutBuffer)
+                        rollout_buffer_class=MaskableTextRolloutBuffer)  # the default, written out
 
 Where the mask enters (the same in rollouts, in ``evaluate_actions`` and in ``predict``): temperature, then the env's
 mask (and NLPO's top-p set, a subset of it, when ``nlpo_top_p`` is on), then top-k / top-p, which so choose among the
@@ -17,7 +17,6 @@ what training changed, not the probability mass that the mask removes.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Generator
 from typing import Any, cast
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch as th
 from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer, MaskableDictRolloutBufferSamples
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
@@ -33,7 +33,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 from sb3_textrl.buffers import Segment, TextRolloutBuffer
 from sb3_textrl.common.kl import action_log_probs
 from sb3_textrl.lm.heads import masked_fill_value
-from sb3_textrl.policies import GROUPED_SPEEDUP, TransformerLMPolicy
+from sb3_textrl.policies import TransformerLMPolicy
 
 MaskArray = th.Tensor | np.ndarray | None
 
@@ -146,27 +146,18 @@ class MaskableTransformerLMPolicy(TransformerLMPolicy, _MaskableActorCriticBase)
         logits = logits.masked_fill(~env_mask, masked_fill_value(logits.dtype))  # as the policy's _process_logits
         return action_log_probs(logits, actions)  # normalised as Categorical does
 
-    def _warn_per_step(self) -> None:
-        if self._warned_per_step:
-            return
-        self._warned_per_step = True
-        warnings.warn(
-            "MaskableTransformerLMPolicy is being trained with a per-step rollout buffer (sb3-contrib's default "
-            "MaskableDictRolloutBuffer), which re-encodes the whole context for every token, stores a float32 mask "
-            "over the vocabulary per step and applies no KL penalty. MaskableTextRolloutBuffer trains one forward per "
-            f"episode (the grouped path was {GROUPED_SPEEDUP} faster in benchmarks/ppo_throughput.py) and applies the "
-            "KL penalty: MaskablePPO(MaskableTransformerLMPolicy, env, "
-            "rollout_buffer_class=sb3_textrl.MaskableTextRolloutBuffer, ...).",
-            stacklevel=3,
-        )
+    @classmethod
+    def text_rollout_buffer_class(cls) -> type[RolloutBuffer]:
+        """:class:`MaskableTextRolloutBuffer`: MaskablePPO's rollout loop needs a maskable buffer."""
+        return MaskableTextRolloutBuffer
 
 
 class MaskableTextRolloutBuffer(TextRolloutBuffer, MaskableDictRolloutBuffer):
     """
-    :class:`~sb3_textrl.TextRolloutBuffer` for ``MaskablePPO`` (pass it as ``rollout_buffer_class``): stores every
-    step's env mask as bits (``np.packbits``: V/8 bytes a step instead of sb3-contrib's 4·V) and yields minibatches of
-    whole episode segments with their per-step masks, so training stays one forward per episode. The KL penalty
-    scores the reference under the same masks.
+    :class:`~sb3_textrl.TextRolloutBuffer` for ``MaskablePPO`` (its ``rollout_buffer_class`` when none is passed, see
+    :mod:`sb3_textrl.lm.algorithm`): stores every step's env mask as bits (``np.packbits``: V/8 bytes a step instead
+    of sb3-contrib's 4·V) and yields minibatches of whole episode segments with their per-step masks, so training
+    stays one forward per episode. The KL penalty scores the reference under the same masks.
 
     Arguments as :class:`~sb3_textrl.TextRolloutBuffer`.
     """

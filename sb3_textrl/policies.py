@@ -16,6 +16,7 @@ from typing import Any
 import torch as th
 from gymnasium import spaces
 from peft import LoraConfig, PeftModel
+from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
@@ -26,6 +27,7 @@ from sb3_textrl.common.kv_cache import RolloutKVCache
 from sb3_textrl.common.sb3_bridge import attach_rollout_extras
 from sb3_textrl.common.segments import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN
 from sb3_textrl.lm import lora, precision
+from sb3_textrl.lm.algorithm import GROUPED_SPEEDUP, configure_algorithm, per_step_buffer_message
 from sb3_textrl.lm.arguments import check_arguments, check_spaces, check_vocabulary, kl_target_argument, refuse_segments
 from sb3_textrl.lm.forward import LMForwards
 from sb3_textrl.lm.forward import cache_kwarg as _cache_kwarg
@@ -38,10 +40,6 @@ from sb3_textrl.nlpo import NLPOMasking, check_nlpo_top_p, renamed_state_keys
 # Imported from here by other modules (and so re-exported) though now defined in sb3_textrl.lm.
 __all__ = ["SEGMENT_LENGTHS", "SEGMENT_STARTS", "SPLIT_HIDDEN", "TransformerLMPolicy", "fast_mixed_precision"]
 __all__ += ["GROUPED_SPEEDUP", "MIXED_PRECISION_OPTIONS", "_cache_kwarg", "_masked_fill_value", "cpu_has_fast_bf16"]
-
-# Throughput measured by benchmarks/ppo_throughput.py (see docs/benchmarks.md): grouped buffer + KV cache
-# against SB3's default buffer with one full forward per token, end to end in PPO.learn (43x on 2 CPU cores).
-GROUPED_SPEEDUP = "about 40x"
 
 # The policy's arguments that _get_constructor_parameters saves under their own names (``lm`` is ``lm_name``).
 _SAVED_ARGUMENTS: tuple[str, ...] = ("kl_coef", "kl_target", "kl_horizon", "use_lora", "lora_config", "temperature")
@@ -57,7 +55,10 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
 
     During rollouts the policy keeps a KV cache per env (one batched one-token forward per SB3 step).
     With :class:`~sb3_textrl.buffers.TextRolloutBuffer`, training runs one teacher-forced forward per episode
-    and the buffer applies the per-token penalty −β·(log π − log π_ref) to the rewards.
+    and the buffer applies the per-token penalty −β·(log π − log π_ref) to the rewards. A stock ``PPO(
+    TransformerLMPolicy, env)`` (or ``A2C``) without ``rollout_buffer_class`` gets it: the policy gives the algorithm
+    building it its :meth:`text_rollout_buffer_class`, warns when a per-step buffer is passed explicitly, and refuses
+    ``VecNormalize(norm_obs=True)`` (:mod:`sb3_textrl.lm.algorithm`).
 
     :param observation_space: a :class:`~sb3_textrl.envs.TextObservationSpace` (from a text env)
     :param action_space: ``Discrete(len(tokenizer))``
@@ -75,9 +76,9 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
     :param top_k: keep only the k most likely tokens (same truncation in rollouts and in training)
     :param top_p: keep the smallest set of tokens whose probability reaches p (nucleus sampling)
     :param use_kv_cache: keep a KV cache across rollout steps (exact; turn off only to compare)
-    :param share_prefixes: with SB3's default (per-step) buffer, run one forward per distinct sequence of a minibatch
-        instead of one per step: the steps of an episode are prefixes of its longest observation (exact; turn off
-        only to compare)
+    :param share_prefixes: with a per-step buffer (SB3's ``DictRolloutBuffer``, passed explicitly), run one forward
+        per distinct sequence of a minibatch instead of one per step: the steps of an episode are prefixes of its
+        longest observation (exact; turn off only to compare)
     :param check_tokenizer: check that the env's tokenizer is the LM's (compares vocabularies)
     :param mixed_precision: autocast of every LM forward (rollout steps, training, reference scoring): ``"auto"``
         (bf16 on a CUDA device that supports it, none on CPU), ``"bf16"`` (on any device, CPU included) or ``"no"``
@@ -160,7 +161,9 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         check_arguments(self)  # before the LM is loaded
         # Set by TextRolloutBuffer when its last step is stored: the next predict_values() is SB3's bootstrap.
         self.bootstrap_after_rollout = False
-        self._warned_per_step = False
+        self._warned_per_step = False  # configure_algorithm sets it when it warns at construction
+        # Inside PPO(...): the text buffer by default, VecNormalize(norm_obs=True) refused, before the LM is loaded.
+        configure_algorithm(self)
         # ActorCriticPolicy builds a flatten extractor and calls self._build(); the MLP arguments are unused.
         kwargs["ortho_init"] = False
         kwargs["net_arch"] = []
@@ -202,6 +205,13 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
     def _make_rollout_cache(self) -> RolloutKVCache:
         """The cache that keeps every env's context across rollout steps."""
         return RolloutKVCache(self._cached_trunk)
+
+    @classmethod
+    def text_rollout_buffer_class(cls) -> type[RolloutBuffer]:
+        """The rollout buffer this policy trains with when the algorithm is given none (see :mod:`sb3_textrl.lm.algorithm`)."""
+        from sb3_textrl.buffers import TextRolloutBuffer  # here: buffers imports this module
+
+        return TextRolloutBuffer
 
     def _lora_kwargs(self, model: PreTrainedModel) -> dict[str, Any]:
         return lora.lora_kwargs(model, self.lora_config)
@@ -314,7 +324,7 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         Values, log-probs and entropies of the given actions, with gradients.
 
         With TextRolloutBuffer the observations are whole episode segments (one forward per segment);
-        with SB3's default buffer they are single steps (one forward per step, much slower).
+        with SB3's per-step DictRolloutBuffer they are single steps (one forward per step, much slower).
         """
         return self._evaluate(obs, actions)
 
@@ -405,22 +415,11 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         return None if self.nlpo is None else self.nlpo.allowed(obs, action_masks, rollout)
 
     def _warn_per_step(self) -> None:
+        """Warn once when trained on single steps with a per-step buffer not seen at construction (e.g. after load)."""
         if self._warned_per_step:
             return
         self._warned_per_step = True
-        penalty = (
-            f" The KL penalty to the reference (kl_coef={self.kl_controller.value:g}) is applied by TextRolloutBuffer "
-            "only: with this buffer it is NOT applied."
-            if self.kl_controller.enabled
-            else ""
-        )
-        warnings.warn(
-            "TransformerLMPolicy is being trained with SB3's default rollout buffer, which re-encodes the whole "
-            f"context for every single token. TextRolloutBuffer was {GROUPED_SPEEDUP} faster end to end in "
-            "benchmarks/ppo_throughput.py (one forward "
-            "per episode): PPO(TransformerLMPolicy, env, rollout_buffer_class=sb3_textrl.TextRolloutBuffer, ...)." + penalty,
-            stacklevel=3,
-        )
+        warnings.warn(per_step_buffer_message(self, None, self.text_rollout_buffer_class()), UserWarning, stacklevel=3)
 
     # -- mode and state ---------------------------------------------------------------------------------------
     def set_training_mode(self, mode: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -44,10 +45,11 @@ def toy_vec_env(task_id: str, n_envs: int = 3, seed: int = 0, **env_kwargs) -> V
 
 
 def toy_ppo(env: VecEnv | str, lm: str, grouped: bool = True, seed: int = 0, **kwargs) -> PPO:
+    """A small PPO of TransformerLMPolicy: ``grouped`` (TextRolloutBuffer) or SB3's per-step DictRolloutBuffer."""
     policy_kwargs = dict(lm=lm) | kwargs.pop("policy_kwargs", {})
-    defaults = dict(n_steps=10, batch_size=16, n_epochs=1, seed=seed, device="cpu")
-    if grouped:
-        defaults["rollout_buffer_class"] = TextRolloutBuffer
+    # Passed explicitly either way: PPO(TransformerLMPolicy, env) alone also gets TextRolloutBuffer (test_default_buffer).
+    buffer_class = TextRolloutBuffer if grouped else DictRolloutBuffer
+    defaults = dict(n_steps=10, batch_size=16, n_epochs=1, seed=seed, device="cpu", rollout_buffer_class=buffer_class)
     return PPO(TransformerLMPolicy, env, policy_kwargs=policy_kwargs, **(defaults | kwargs))
 
 

@@ -84,7 +84,7 @@ def test_value_warmup_bad_settings_refused(task, tiny_lm):
     with pytest.raises(ValueError, match="vf_coef=0 gives it no loss"):
         toy_ppo(env, tiny_lm, n_steps=3, batch_size=3, vf_coef=0.0, policy_kwargs=dict(value_warmup_rollouts=1)).learn(3)
     with pytest.raises(ValueError, match="needs TextRolloutBuffer"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the default buffer's slowness warning
+        warnings.simplefilter("ignore")  # the per-step buffer's slowness warning
         toy_ppo(env, tiny_lm, grouped=False, n_steps=3, batch_size=3, policy_kwargs=dict(value_warmup_rollouts=1)).learn(3)
 
 
@@ -233,8 +233,8 @@ def test_vec_normalize_rewards_only_works_with_text_envs(task, tiny_lm):
     assert model.rollout_buffer.contexts.dtype == np.int32 and "task_reward" in callback.last_metrics
     samples = generate_samples(model, venv, [0, 1, 2])  # the env loop, through the wrapper
     assert len(samples) == 3 and all(isinstance(s.completion, str) for s in samples)
-    with pytest.raises(TypeError, match="norm_obs=False"):
-        toy_ppo(VecNormalize(toy_vec_env(task, n_envs=2)), tiny_lm, n_steps=3, batch_size=6).learn(6)
+    with pytest.raises(ValueError, match="norm_obs=False"):  # refused when PPO is built (tests/test_default_buffer.py)
+        toy_ppo(VecNormalize(toy_vec_env(task, n_envs=2)), tiny_lm, n_steps=3, batch_size=6)
 
 
 # -- KL warnings ----------------------------------------------------------------------------------------------

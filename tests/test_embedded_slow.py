@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from stable_baselines3 import PPO
@@ -29,7 +31,12 @@ def test_fast_configuration_one_ppo_iteration(tmp_path):
     assert loaded.policy.lm_name is None  # the embedded default
 
 
-def test_issue_snippet_with_default_buffer():
-    # The one-liner with SB3's default buffer (slower path, warned about) still trains.
-    with pytest.warns(UserWarning, match="TextRolloutBuffer"):
-        PPO(TransformerLMPolicy, "NewsSummary-v0", n_steps=64, batch_size=64, n_epochs=1, device="cpu").learn(64)
+def test_issue_snippet_trains_with_the_text_buffer():
+    # The design card's one-liner: no rollout_buffer_class, yet TextRolloutBuffer (KL penalty, one forward per episode).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PPO(TransformerLMPolicy, "NewsSummary-v0", n_steps=64, batch_size=64, n_epochs=1, device="cpu")
+        model.learn(64)
+    assert not [w for w in caught if "re-encodes the whole context" in str(w.message)]
+    assert type(model.rollout_buffer) is TextRolloutBuffer
+    assert np.isfinite(model.rollout_buffer.metrics["kl_to_ref"]) and model.rollout_buffer.metrics["kl_coef"] == 0.05

@@ -9,6 +9,7 @@ import pytest
 import torch as th
 from helpers import register_toy_task, toy_vec_env
 from sb3_contrib import MaskablePPO
+from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer
 from sb3_contrib.common.maskable.utils import get_action_masks
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
@@ -39,9 +40,8 @@ def position_mask(prompt_ids: np.ndarray, generated_ids: np.ndarray) -> np.ndarr
 
 def maskable_ppo(env: VecEnv | str, lm: str, grouped: bool = True, seed: int = 0, **kwargs) -> MaskablePPO:
     policy_kwargs = dict(lm=lm) | kwargs.pop("policy_kwargs", {})
-    defaults = dict(n_steps=10, batch_size=16, n_epochs=1, seed=seed, device="cpu")
-    if grouped:
-        defaults["rollout_buffer_class"] = MaskableTextRolloutBuffer
+    buffer_class = MaskableTextRolloutBuffer if grouped else MaskableDictRolloutBuffer  # explicit: see test_default_buffer
+    defaults = dict(n_steps=10, batch_size=16, n_epochs=1, seed=seed, device="cpu", rollout_buffer_class=buffer_class)
     return MaskablePPO(MaskableTransformerLMPolicy, env, policy_kwargs=policy_kwargs, **(defaults | kwargs))
 
 
@@ -215,10 +215,12 @@ def test_policy_and_buffer_errors(position_task, tiny_lm):
         plain_buffer.learn(10)
 
 
-def test_default_maskable_buffer_works_and_warns(position_task, tiny_lm):
-    model = maskable_ppo(toy_vec_env(position_task, n_envs=2), tiny_lm, grouped=False, n_steps=6, batch_size=6)
+def test_per_step_maskable_buffer_works_and_warns(position_task, tiny_lm):
+    # sb3-contrib's MaskableDictRolloutBuffer passed explicitly: warned about when MaskablePPO is built.
     with pytest.warns(UserWarning, match="MaskableTextRolloutBuffer"):
-        model.learn(12, callback=MaskAudit())
+        model = maskable_ppo(toy_vec_env(position_task, n_envs=2), tiny_lm, grouped=False, n_steps=6, batch_size=6)
+    assert type(model.rollout_buffer) is MaskableDictRolloutBuffer
+    model.learn(12, callback=MaskAudit())
 
 
 def the_count(prompts, completions, references) -> list[float]:

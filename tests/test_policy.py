@@ -66,7 +66,7 @@ def test_grouped_evaluate_actions_matches_rollout_and_per_step(ragged_task, tiny
         # Grouped teacher-forced forward == the rollout's cached step-by-step forward.
         np.testing.assert_allclose(log_prob.numpy(), batch.old_log_prob.numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(values.flatten().numpy(), batch.old_values.numpy(), rtol=1e-4, atol=1e-5)
-        # ... and == the per-step path of SB3's default buffer, on observations rebuilt step by step.
+        # ... and == the per-step path of SB3's DictRolloutBuffer, on observations rebuilt step by step.
         # Both with prefix sharing (one forward per distinct sequence) and without (one forward per step).
         step_obs = per_step_observations(batch.observations)
         for share_prefixes in (True, False):
@@ -79,7 +79,7 @@ def test_grouped_evaluate_actions_matches_rollout_and_per_step(ragged_task, tiny
 
 
 def per_step_observations(segments: dict[str, th.Tensor]) -> dict[str, th.Tensor]:
-    """The observation of every step of every segment, as SB3's default buffer would store it."""
+    """The observation of every step of every segment, as SB3's per-step DictRolloutBuffer would store it."""
     ids, mask = [], []
     for row in range(len(segments["segment_lengths"])):
         start = int(segments["segment_starts"][row])

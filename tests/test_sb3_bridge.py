@@ -6,15 +6,19 @@ import numpy as np
 import pytest
 import torch as th
 from helpers import register_toy_task, toy_ppo, toy_vec_env
+from stable_baselines3 import PPO
 from stable_baselines3.common.logger import KVWriter, Logger
 
 import sb3_textrl.buffers
+from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy
 from sb3_textrl.common import sb3_bridge
 from sb3_textrl.common.sb3_bridge import (
     MAX_DEPTH,
+    AlgorithmSetup,
     RolloutExtras,
     attach_rollout_extras,
     find_algorithm,
+    find_algorithm_setup,
     record_metrics,
     rollout_extras,
 )
@@ -86,6 +90,46 @@ def test_finds_the_calling_algorithm_within_max_depth(toy_task, tiny_lm):
     assert as_method_of(model, lambda: record_metrics({"a": 1.0, "b": 2.0}, prefix="demo/")) is True
     model.logger.dump()
     assert capture.dumps == [{"demo/a": 1.0, "demo/b": 2.0}]
+
+
+# -- the algorithm that builds the policy -----------------------------------------------------------------------
+class SetupRecordingPolicy(TransformerLMPolicy):
+    """Records what find_algorithm_setup() sees from a policy's __init__ (where sb3_textrl.lm.algorithm calls it)."""
+
+    seen: list[AlgorithmSetup | None] = []
+
+    def __init__(self, *args, **kwargs):
+        SetupRecordingPolicy.seen.append(find_algorithm_setup())
+        super().__init__(*args, **kwargs)
+
+
+class DerivedPPO(PPO):
+    """A user's PPO subclass with its own __init__: one more __init__ frame above PPO's."""
+
+    def __init__(self, env, **kwargs):
+        super().__init__(SetupRecordingPolicy, env, rollout_buffer_class=None, **kwargs)
+
+
+def test_finds_the_algorithm_building_the_policy_and_its_init_arguments(toy_task, tiny_lm, tmp_path):
+    assert find_algorithm_setup() is None  # no algorithm on the stack
+    kwargs = dict(policy_kwargs=dict(lm=tiny_lm), batch_size=14, device="cpu")
+    model = PPO(SetupRecordingPolicy, toy_vec_env(toy_task, n_envs=2), n_steps=7, rollout_buffer_class=TextRolloutBuffer,
+                **kwargs)
+    setup = SetupRecordingPolicy.seen[-1]
+    assert setup.algorithm is model
+    assert setup.init_arguments["n_steps"] == 7 and setup.init_arguments["rollout_buffer_class"] is TextRolloutBuffer
+    assert "self" not in setup.init_arguments
+    # PPO.load runs _setup_model outside __init__: the algorithm, without arguments (what was saved is kept).
+    model.save(tmp_path / "run")
+    loaded = PPO.load(tmp_path / "run", device="cpu")
+    assert SetupRecordingPolicy.seen[-1] == AlgorithmSetup(loaded, None)
+    # Under a subclass's __init__, the arguments are those PPO.__init__ got (the innermost __init__ frame).
+    derived = DerivedPPO(toy_vec_env(toy_task, n_envs=2), n_steps=5, **(kwargs | dict(batch_size=10)))
+    setup = SetupRecordingPolicy.seen[-1]
+    assert setup.algorithm is derived and setup.init_arguments["n_steps"] == 5
+    assert setup.init_arguments["rollout_buffer_class"] is None and type(derived.rollout_buffer) is TextRolloutBuffer
+    # Outside _setup_model (a method of the algorithm, as in learn()): none.
+    assert as_method_of(model, find_algorithm_setup) is None
 
 
 # -- through SB3's PPO ------------------------------------------------------------------------------------------

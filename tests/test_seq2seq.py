@@ -78,7 +78,7 @@ def test_cached_rollout_matches_full_forwards(ragged_task, tiny_t5_path):
 
 
 def step_observations(segments: dict[str, th.Tensor]) -> dict[str, th.Tensor]:
-    """Every step's observation of every segment, as SB3's default buffer would store it."""
+    """Every step's observation of every segment, as SB3's per-step DictRolloutBuffer would store it."""
     ids, mask = [], []
     for row in range(len(segments["segment_lengths"])):
         start = int(segments["segment_starts"][row])
@@ -107,7 +107,7 @@ def test_segment_training_matches_rollout_and_per_step(ragged_task, tiny_t5_path
         # One encoder + one teacher-forced decoder forward per segment == the rollout's cached one-token steps.
         np.testing.assert_allclose(log_prob.numpy(), batch.old_log_prob.numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(values.flatten().numpy(), batch.old_values.numpy(), rtol=1e-4, atol=1e-5)
-        # ... and == SB3's default-buffer path, one full forward per step.
+        # ... and == SB3's per-step-buffer path, one full forward per step.
         with th.no_grad():
             step_values, step_log_prob, step_entropy = model.policy.evaluate_actions(
                 step_observations(batch.observations), actions

@@ -1,8 +1,9 @@
 """
-The links between SB3's rollout loop and sb3_textrl's buffer that SB3 has no place for, in one module.
+The links between SB3's algorithms and sb3_textrl's buffer and policy that SB3 has no place for, in one module.
 
-:class:`~sb3_textrl.buffers.TextRolloutBuffer` needs three things SB3 never hands a rollout buffer. The order of
-SB3's own calls (``stable_baselines3.common.on_policy_algorithm.OnPolicyAlgorithm``) rules out passing them in:
+:class:`~sb3_textrl.buffers.TextRolloutBuffer` needs three things SB3 never hands a rollout buffer, and the policy one
+thing SB3 never hands a policy (link 4). The order of SB3's own calls
+(``stable_baselines3.common.on_policy_algorithm.OnPolicyAlgorithm``) rules out passing them in:
 
 - ``_setup_model()`` builds the buffer *before* the policy, from ``rollout_buffer_class(n_steps, observation_space,
   action_space, device=..., gamma=..., gae_lambda=..., n_envs=..., **rollout_buffer_kwargs)``: there is no policy
@@ -32,12 +33,25 @@ So the links are:
    ``self`` of a frame a few levels up the call stack: :func:`find_algorithm` walks at most :data:`MAX_DEPTH`
    frames up from its caller. Outside an algorithm (a buffer filled by hand, as in tests) there is none, and
    :func:`record_metrics` does nothing.
+4. **The algorithm that is building the policy** (:func:`find_algorithm_setup`). With ``TransformerLMPolicy``, a
+   stock ``PPO(TransformerLMPolicy, env)`` must train with :class:`~sb3_textrl.buffers.TextRolloutBuffer` (the KL
+   penalty, one forward per episode), and a text env wrapped in ``VecNormalize(norm_obs=True)`` must be refused
+   before any rollout; :mod:`sb3_textrl.lm.algorithm` decides both when the policy is built. SB3 hands a policy
+   neither the algorithm nor its buffer, and the buffer's class alone cannot say whether the user chose SB3's
+   ``DictRolloutBuffer`` or left ``rollout_buffer_class=None`` (``OnPolicyAlgorithm._setup_model`` replaces None
+   with ``DictRolloutBuffer`` and builds the buffer *before* the policy; sb3-contrib's ``MaskablePPO._setup_model``
+   builds the policy first, with ``rollout_buffer_class`` still None). The policy is built inside the algorithm's
+   ``_setup_model`` (its frame's ``self`` is the algorithm), which ``PPO.__init__`` (``A2C.__init__``,
+   ``MaskablePPO.__init__``) calls itself: the arguments of that ``__init__`` frame say what the user passed.
+   ``PPO.load`` calls ``_setup_model`` outside ``__init__`` (``_init_setup_model=False``), so there are no
+   arguments, and what was saved is kept. A policy built by hand, outside ``_setup_model``, finds no algorithm.
 
 If SB3 ever offers a hook, each link has a direct replacement: a policy (or algorithm) argument to the buffer, or a
 ``bind(policy, algorithm)`` call after ``_setup_model``, would replace links 1 and 3 (``self.policy`` and
 ``self.algorithm.logger``); an ``extras`` dict returned by the policy and passed to ``add`` (as sb3-contrib passes
-``action_masks``) would replace link 2. Until then the rest of sb3_textrl goes through these functions only, so a
-change is made here.
+``action_masks``) would replace link 2; a ``policy_class.default_rollout_buffer_class`` read by ``_setup_model`` (or
+the algorithm passed to the policy) would replace link 4. Until then the rest of sb3_textrl goes through these
+functions only, so a change is made here.
 """
 
 from __future__ import annotations
@@ -46,7 +60,7 @@ import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
@@ -59,6 +73,10 @@ if TYPE_CHECKING:
 POLICY_ATTRIBUTE = "textrl_policy"  # on a rollout step's log-prob tensor: the policy that sampled it
 NLPO_ALLOWED_ATTRIBUTE = "nlpo_allowed"  # on the same tensor: (B, V) bool, the tokens NLPO allowed at that step
 MAX_DEPTH = 8  # frames find_algorithm looks at; the buffer calls it at most 5 frames below collect_rollouts
+# Frames find_algorithm_setup looks at. From its caller in sb3_textrl.lm.algorithm up to PPO.__init__ there are 5 (that
+# caller, the policy's __init__, OnPolicyAlgorithm's and PPO's _setup_model, PPO.__init__); every policy or algorithm
+# subclass with its own __init__ adds one.
+SETUP_MAX_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -140,3 +158,50 @@ def record_metrics(metrics: Mapping[str, float], prefix: str = ROLLOUT, max_dept
     for key, value in metrics.items():
         algorithm.logger.record(f"{prefix}{key}", value)
     return True
+
+
+@dataclass(frozen=True)
+class AlgorithmSetup:
+    """An SB3 algorithm whose ``_setup_model`` is running, and the arguments its ``__init__`` was called with."""
+
+    algorithm: BaseAlgorithm
+    # The named arguments of the algorithm's __init__ frame that called _setup_model (``rollout_buffer_class``,
+    # ``n_steps``...); None when _setup_model runs outside __init__ (``PPO.load``).
+    init_arguments: Mapping[str, Any] | None
+
+
+def _named_arguments(frame: FrameType) -> dict[str, Any]:
+    """The values of a frame's named parameters (not ``*args``/``**kwargs``, not its other locals)."""
+    code = frame.f_code
+    names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+    local_values = frame.f_locals
+    return {name: local_values[name] for name in names if name in local_values and name != "self"}
+
+
+def find_algorithm_setup(max_depth: int = SETUP_MAX_DEPTH) -> AlgorithmSetup | None:
+    """
+    The algorithm whose ``_setup_model`` is building the caller (a policy's ``__init__``), see link 4 of the module
+    docstring.
+
+    :param max_depth: how many frames to look at, starting with the caller's
+    :return: the algorithm and its ``__init__`` arguments (None outside ``__init__``, e.g. in ``PPO.load``); None when
+        no ``_setup_model`` of an SB3 algorithm is on the stack within ``max_depth`` frames (a policy built by hand)
+    """
+    frame = _caller(inspect.currentframe())
+    algorithm: BaseAlgorithm | None = None
+    try:
+        for _ in range(max_depth):
+            if frame is None:
+                break
+            candidate = frame.f_locals.get("self")
+            name = frame.f_code.co_name
+            if algorithm is not None:
+                if name == "__init__" and isinstance(candidate, BaseAlgorithm) and candidate is algorithm:
+                    # The innermost __init__ is the one that called _setup_model (PPO's, below a subclass's).
+                    return AlgorithmSetup(candidate, _named_arguments(frame))
+            elif name == "_setup_model" and isinstance(candidate, BaseAlgorithm):
+                algorithm = candidate
+            frame = frame.f_back
+        return None if algorithm is None else AlgorithmSetup(algorithm, None)
+    finally:
+        del frame  # a frame kept alive keeps every local of the stack alive

@@ -18,6 +18,7 @@ from transformers import DynamicCache, PreTrainedModel
 from sb3_textrl.common.kv_cache import last_valid_index, longest_extensions, positions_from_mask
 from sb3_textrl.common.segments import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, action_hidden, used_columns
 from sb3_textrl.lm import precision
+from sb3_textrl.lm.algorithm import check_token_ids
 from sb3_textrl.lm.heads import head_values, lm_logits, process_logits
 
 if TYPE_CHECKING:
@@ -45,8 +46,12 @@ def run_with_cache(module: nn.Module, past: Any, use_cache: bool, **inputs: th.T
 
 
 def observation_tokens(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
-    """The token ids and attention mask of text observations (single steps or segments), as int64."""
+    """
+    The token ids and attention mask of text observations (single steps or segments), as int64. Float ids must be
+    whole numbers (SB3's per-step buffers store float32): normalised ones are refused, not truncated to token 0.
+    """
     assert isinstance(obs, dict)
+    check_token_ids(obs["input_ids"])
     return obs["input_ids"].long(), obs["attention_mask"].long()
 
 
