@@ -151,3 +151,18 @@ def test_embedded_lm_dir_old_progress_keyword(tmp_path, monkeypatch, capsys):
         assert ("converting the embedded" in capsys.readouterr().err) is progress  # the value is honoured
     with pytest.raises(TypeError, match=r"embedded_lm_dir\(\) got both 'progress' and 'progress_bar'"):
         assets.embedded_lm_dir(progress=True, progress_bar=True)
+
+
+def test_kl_controller_current_beta_is_beta_and_old_state_dicts_load():
+    # kl_coef names the initial β (the policy's argument); the controller's current β is now `beta`.
+    from sb3_textrl.common.kl import KLController
+
+    controller = KLController(kl_coef=0.1, kl_target=1.0, horizon=100)
+    controller.update(2.0, 50)
+    assert controller.beta.item() == pytest.approx(0.1 * (1 + 0.2 * 50 / 100)) == controller.value
+    with pytest.warns(DeprecationWarning, match="use KLController.beta"):
+        assert controller.kl_coef is controller.beta
+    assert set(controller.state_dict()) == {"beta"}
+    restored = KLController(kl_coef=0.1, kl_target=1.0, horizon=100)
+    restored.load_state_dict({"kl_coef": controller.beta.clone()})  # a state dict saved before the rename
+    assert restored.value == controller.value

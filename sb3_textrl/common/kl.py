@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch as th
@@ -159,15 +160,16 @@ class KLController(nn.Module):
 
     The adaptive rule is the proportional controller of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
     Preferences", §2.2): β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon), with KL the mean per-episode sum of
-    the per-token estimate (:func:`mean_episode_kl`) and n the number of tokens in the batch. β lives in a buffer so
-    that ``model.save``/``PPO.load`` keep its current value.
+    the per-token estimate (:func:`mean_episode_kl`) and n the number of tokens in the batch. The current β lives in
+    the buffer :attr:`beta` (:attr:`value` as a float) so that ``model.save``/``PPO.load`` keep it; ``kl_coef``
+    always names the *initial* β, as the policy's argument does (``rollout/kl_coef`` logs the current one).
 
     :param kl_coef: initial β; 0 disables the penalty (and the reference forward passes)
     :param kl_target: target mean KL per episode, in nats; None keeps β fixed (``target_kl``, the old name, warns)
     :param horizon: number of tokens over which β may change by at most a factor of about e^0.2
     """
 
-    kl_coef: th.Tensor  # a registered buffer (nn.Module's __getattr__ would type it Tensor | Module)
+    beta: th.Tensor  # a registered buffer (nn.Module's __getattr__ would type it Tensor | Module)
 
     @renamed_kwargs(target_kl="kl_target")
     def __init__(self, kl_coef: float = 0.05, kl_target: float | None = None, horizon: int = 10_000):
@@ -182,7 +184,23 @@ class KLController(nn.Module):
             raise ValueError(f"horizon must be > 0, got {horizon}")
         self.kl_target = kl_target
         self.horizon = horizon
-        self.register_buffer("kl_coef", th.tensor(float(kl_coef), dtype=th.float64))
+        self.register_buffer("beta", th.tensor(float(kl_coef), dtype=th.float64))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Saved before 0.2 the current β was the buffer "kl_coef" (a second meaning of the initial β's name).
+        if prefix + "kl_coef" in state_dict and prefix + "beta" not in state_dict:
+            state_dict[prefix + "beta"] = state_dict.pop(prefix + "kl_coef")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def kl_coef(self) -> th.Tensor:
+        """Deprecated name of :attr:`beta`, the current β (``kl_coef`` names the initial β)."""
+        warnings.warn(
+            "KLController.kl_coef (the current β) is deprecated: use KLController.beta, or .value for a float",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.beta
 
     @property
     def target_kl(self) -> float | None:
@@ -193,7 +211,7 @@ class KLController(nn.Module):
     @property
     def value(self) -> float:
         """Current β."""
-        return float(self.kl_coef.item())
+        return float(self.beta.item())
 
     @property
     def enabled(self) -> bool:
@@ -202,7 +220,7 @@ class KLController(nn.Module):
 
     @property
     def adaptive(self) -> bool:
-        """Whether β follows a target KL (else it stays at ``kl_coef``)."""
+        """Whether β follows a target KL (else it stays at its initial ``kl_coef``)."""
         return self.kl_target is not None
 
     def update(self, mean_episode_kl: float, n_tokens: int) -> float:
@@ -215,8 +233,8 @@ class KLController(nn.Module):
         """
         if self.kl_target is not None and n_tokens > 0:
             error = min(max(mean_episode_kl / self.kl_target - 1.0, -0.2), 0.2)
-            self.kl_coef.mul_(1.0 + error * n_tokens / self.horizon)
+            self.beta.mul_(1.0 + error * n_tokens / self.horizon)
         return self.value
 
     def extra_repr(self) -> str:
-        return f"kl_coef={self.value:.4g}, kl_target={self.kl_target}, horizon={self.horizon}"
+        return f"beta={self.value:.4g}, kl_target={self.kl_target}, horizon={self.horizon}"
