@@ -90,10 +90,11 @@ def main(options: Options) -> dict[str, Any]:
         options.lm = tiny_lm(out)
     train_openings, held_out = OPENINGS[options.n_held_out :], OPENINGS[: options.n_held_out]
 
-    # The whole task definition: prompts, a reward, the tokenizer (the LM's) and a completion budget.
+    # The whole task definition: prompts, a reward, the tokenizer (the LM's) and a completion budget. The openings are
+    # text to continue, not requests: chat_template=False gives them to the LM as they are, not as chat messages.
     for task_id, openings in (("UpbeatReview-v0", train_openings), ("UpbeatReviewHeldOut-v0", held_out)):
         register_text_task(task_id, prompts=openings, reward=positivity, tokenizer=options.lm,
-                           max_new_tokens=options.max_new_tokens, max_prompt_tokens=16)
+                           max_new_tokens=options.max_new_tokens, max_prompt_tokens=16, chat_template=False)
 
     def score(model: PPO | str | None, label: str) -> dict[str, float]:
         # Sampled decoding (the distribution PPO trains), 4 samples of every held-out opening.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import re
@@ -247,6 +248,25 @@ def test_chat_template_truncation_keeps_the_template(chat_tokenizer, caplog, fre
         assert len(chat_tokenizer(p.text, add_special_tokens=False)["input_ids"]) <= 96
     messages = sb3_log_messages(caplog)
     assert len(messages) == 1 and "10 of 10 articles are longer" in messages[0]
+
+
+# The first 4 built-in prompts' token ids (sha256 of str(list of lists)), their lengths and the stop tokens, recorded
+# before custom tasks got chat templates (issue #14): NewsSummary-v0 templates its prompts itself and must not change.
+NEWS_TOKENS_BEFORE_CHAT_TASKS = {
+    "embedded": ("2caf8616f9d9d1f6", [278, 222, 218, 232], [2]),
+    "gpt2": ("d1cc12d03f17698f", [224, 175, 170, 188], [50256]),
+    "chat": ("49a8ccdfc0ec66dd", [259, 210, 205, 223], [50256]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEWS_TOKENS_BEFORE_CHAT_TASKS))
+def test_news_prompt_tokens_are_unchanged(name, gpt2_tokenizer, chat_tokenizer):
+    tokenizer = {"embedded": None, "gpt2": gpt2_tokenizer, "chat": chat_tokenizer}[name]
+    env = make_news(tokenizer, n_articles=4).unwrapped
+    ids = [env.prompt_ids[i].tolist() for i in range(4)]
+    digest = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
+    assert (digest, [len(i) for i in ids], sorted(env.stop_token_ids)) == NEWS_TOKENS_BEFORE_CHAT_TASKS[name]
+    assert all(p.templated is None and p.messages is None for p in env.prompts)
 
 
 def test_budget_too_small_for_the_template(gpt2_tokenizer):

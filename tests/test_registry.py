@@ -251,7 +251,7 @@ def test_missing_file_and_bad_records(tmp_path):
         load_prompts(str(tmp_path / "empty.txt"))
     with pytest.raises(ValueError, match=r"MyTask, prompt 1: a prompt record needs one of the fields"):
         load_prompts(["ok", {"body": "no prompt field"}], task_id="MyTask")
-    with pytest.raises(TypeError, match="prompt 0: a prompt must be a str, a dict or a TextPrompt, got int"):
+    with pytest.raises(TypeError, match="prompt 0: a prompt must be a str, a conversation .* or a TextPrompt; got int"):
         load_prompts([42])
 
 

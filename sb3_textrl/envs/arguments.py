@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from sb3_textrl.envs.chat import end_of_turn
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -66,10 +68,16 @@ def resolve_stop_ids(tokenizer: PreTrainedTokenizerBase, stop_token_ids: Sequenc
 
 
 def default_stop_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """A text env's stop tokens when none are given: the tokenizer's EOS, and a chat template's end-of-turn token."""
+    """
+    A text env's stop tokens when none are given: the tokenizer's EOS, and a chat template's end-of-turn token
+    (``<|im_end|>``, or the special token the template writes after an assistant message, e.g. ``<|eot_id|>``).
+    """
     stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if not getattr(tokenizer, "chat_template", None):
+        return stop
     # Chat-tuned models end their turn with an end-of-turn token that is not always the tokenizer's EOS.
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if getattr(tokenizer, "chat_template", None) else None
-    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
-        stop.add(end_of_turn)
+    turn_end = end_of_turn(tokenizer)
+    for token in (tokenizer.convert_tokens_to_ids("<|im_end|>"), None if turn_end is None else turn_end[1]):
+        if isinstance(token, int) and token != tokenizer.unk_token_id:
+            stop.add(token)
     return stop

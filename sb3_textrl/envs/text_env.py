@@ -14,6 +14,7 @@ from gymnasium import spaces
 from transformers import PreTrainedTokenizerBase
 
 from sb3_textrl.envs.arguments import check_lengths_and_render_mode, checked_penalty, resolve_stop_ids
+from sb3_textrl.envs.chat import encode_prompts, env_prompts
 from sb3_textrl.envs.masks import MaskSpec, resolve_action_mask
 from sb3_textrl.rewards.base import RewardFn, TextReward, reward_name, score_batch
 
@@ -33,14 +34,27 @@ class TextPrompt:
     """
     One prompt of a text task.
 
-    :param text: the prompt as the LM sees it (templates already applied)
+    :param text: the prompt's text, which the reward and the raters see; the LM is given it too unless ``templated``
+        is set. A prompt built with a template of its own (NewsSummary-v0's) holds the whole templated string here.
     :param reference: optional reference completion (e.g. a human summary) handed to the reward
     :param meta: anything else the task wants to keep with the prompt (ids, source, the raw article)
+    :param messages: the conversation (``[{"role": ..., "content": ...}, ...]``) of a conversational prompt, whose
+        ``text`` is the content of its last user message; once templated, the conversation the chat template was
+        given (a string prompt's is one user message, after the task's system prompt)
+    :param templated: the string the LM is given when the task applied the tokenizer's chat template
+        (:mod:`sb3_textrl.envs.chat`); None: the LM is given ``text``
     """
 
     text: str
     reference: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, Any]] | None = None
+    templated: str | None = None
+
+    @property
+    def lm_text(self) -> str:
+        """The string the LM is given: ``templated`` when set, else ``text``."""
+        return self.text if self.templated is None else self.templated
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -109,7 +123,8 @@ class TextGenerationEnv(gym.Env):
         chat-template tokenizers)
     :param task_id: the registered id, used in messages
     :param tokenizer_name: name or path the tokenizer came from (kept in the observation space)
-    :param add_special_tokens: let the tokenizer add its special tokens (e.g. BOS) to each prompt
+    :param add_special_tokens: let the tokenizer add its special tokens (e.g. BOS) to each prompt that is not
+        chat-templated (a templated prompt holds the template's own)
     :param render_mode: ``"ansi"`` or ``"human"``
     :param action_mask: which tokens the env allows next, read by sb3-contrib's ``MaskablePPO`` through
         :meth:`action_masks`: a callable ``(prompt_ids, generated_ids) -> bool array over the vocabulary``,
@@ -153,7 +168,7 @@ class TextGenerationEnv(gym.Env):
         self.missing_eos_penalty = checked_penalty("missing_eos_penalty", missing_eos_penalty, task_id)
         self.length_penalty = checked_penalty("length_penalty", length_penalty, task_id)
         check_lengths_and_render_mode(max_new_tokens, max_prompt_tokens, render_mode, self.metadata["render_modes"], task_id)
-        self.prompts = [p if isinstance(p, TextPrompt) else TextPrompt(str(p)) for p in prompts]
+        self.prompts = env_prompts(prompts, task_id)
         if not self.prompts:
             raise ValueError(f"{task_id}: the task has no prompts; give at least one")
         self.reward_fn = reward
@@ -189,7 +204,7 @@ class TextGenerationEnv(gym.Env):
         self._preset: tuple[int, str, float] | None = None
 
     def _tokenize_prompts(self, add_special_tokens: bool) -> list[np.ndarray]:
-        encoded = self.tokenizer([p.text for p in self.prompts], add_special_tokens=add_special_tokens)["input_ids"]
+        encoded = encode_prompts(self.tokenizer, self.prompts, add_special_tokens)
         too_long = sum(len(ids) > self.max_prompt_tokens for ids in encoded)
         if too_long:
             log_once(

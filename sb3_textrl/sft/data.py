@@ -177,7 +177,8 @@ def task_sft_examples(
         raise ValueError(
             f"Task {task!r} is not a text task (its env is {type(env).__name__}); SFT needs prompts with references."
         )
-    pairs = [(p.text, ids, p.reference) for p, ids in zip(env.prompts, env.prompt_ids) if p.reference]
+    # The text the LM was given (a chat-templated prompt's template ends with a newline: no separator before the target).
+    pairs = [(p.lm_text, ids, p.reference) for p, ids in zip(env.prompts, env.prompt_ids) if p.reference]
     if not pairs:
         raise ValueError(
             f"Task {task!r} has no references to learn from: register it with references=... (or prompt records with "
