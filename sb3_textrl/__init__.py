@@ -14,6 +14,7 @@ from sb3_textrl.envs.task_ids import mark_text_task
 if TYPE_CHECKING:
     from sb3_textrl.buffers import TextRolloutBuffer
     from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
+    from sb3_textrl.checkpoints import load_model, save_model
     from sb3_textrl.common.kl_controller import KLController
     from sb3_textrl.envs import (
         BatchedRewardVecEnv,
@@ -45,6 +46,7 @@ __getattr__, __dir__ = lazy_exports(
     {
         "sb3_textrl.buffers": ("TextRolloutBuffer",),
         "sb3_textrl.callbacks": ("TextEvalCallback", "TextSampleCallback"),
+        "sb3_textrl.checkpoints": ("load_model", "save_model"),
         "sb3_textrl.common.kl_controller": ("KLController",),
         "sb3_textrl.envs.batched": ("BatchedRewardVecEnv", "make_text_vec_env"),
         "sb3_textrl.envs.groups": ("make_group_vec_env",),
@@ -84,8 +86,10 @@ __all__ = [
     "evaluate",
     "export_lm",
     "list_text_tasks",
+    "load_model",
     "make_group_vec_env",
     "make_text_task_env",
     "make_text_vec_env",
     "register_text_task",
+    "save_model",
 ]

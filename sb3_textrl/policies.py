@@ -6,7 +6,6 @@ NLPO's masking in :mod:`sb3_textrl.nlpo`; the names other modules import from he
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import warnings
@@ -26,7 +25,7 @@ from sb3_textrl.common.kl import KLController, action_log_probs
 from sb3_textrl.common.kv_cache import RolloutKVCache
 from sb3_textrl.common.sb3_bridge import attach_rollout_extras
 from sb3_textrl.common.segments import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN
-from sb3_textrl.lm import lora, precision
+from sb3_textrl.lm import checkpoint, lora, precision
 from sb3_textrl.lm.algorithm import GROUPED_SPEEDUP, configure_algorithm, per_step_buffer_message
 from sb3_textrl.lm.arguments import check_arguments, check_spaces, check_vocabulary, kl_target_argument, refuse_segments
 from sb3_textrl.lm.forward import LMForwards
@@ -35,7 +34,7 @@ from sb3_textrl.lm.heads import make_value_head
 from sb3_textrl.lm.heads import masked_fill_value as _masked_fill_value
 from sb3_textrl.lm.precision import MIXED_PRECISION_OPTIONS, cpu_has_fast_bf16, fast_mixed_precision
 from sb3_textrl.models import load_causal_lm
-from sb3_textrl.nlpo import NLPOMasking, check_nlpo_top_p, renamed_state_keys
+from sb3_textrl.nlpo import NLPOMasking, check_nlpo_top_p
 
 # Imported from here by other modules (and so re-exported) though now defined in sb3_textrl.lm.
 __all__ = ["SEGMENT_LENGTHS", "SEGMENT_STARTS", "SPLIT_HIDDEN", "TransformerLMPolicy", "fast_mixed_precision"]
@@ -45,6 +44,7 @@ __all__ += ["GROUPED_SPEEDUP", "MIXED_PRECISION_OPTIONS", "_cache_kwarg", "_mask
 _SAVED_ARGUMENTS: tuple[str, ...] = ("kl_coef", "kl_target", "kl_horizon", "use_lora", "lora_config", "temperature")
 _SAVED_ARGUMENTS += ("top_k", "top_p", "use_kv_cache", "share_prefixes", "check_tokenizer", "mixed_precision")
 _SAVED_ARGUMENTS += ("gradient_checkpointing", "nlpo_top_p", "trainable_layers", "critic", "value_warmup_rollouts")
+_SAVED_ARGUMENTS += ("save_base_lm",)
 
 
 class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
@@ -105,6 +105,8 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         LoRA weight, and Adam skips those weights: no step, no moment). The count of rollouts seen is part of the
         policy's state, so ``save``/``load`` continue it rather than warm up again. Needs ``critic=True``,
         ``vf_coef > 0`` and :class:`~sb3_textrl.buffers.TextRolloutBuffer` (which counts the rollouts); 0: none
+    :param save_base_lm: keep the base LM's frozen weights in ``state_dict()`` (so in ``model.zip``). False: a
+        checkpoint holds what was trained and the LM's identity (path, weights' hash): :mod:`sb3_textrl.lm.checkpoint`
     :param kwargs: further :class:`~stable_baselines3.common.policies.ActorCriticPolicy` arguments
         (``optimizer_class``, ``optimizer_kwargs``, ...); ``net_arch`` and ``ortho_init`` have no effect: there is
         no MLP, and a pretrained LM is never re-initialised
@@ -137,10 +139,12 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         trainable_layers: int | None = None,
         critic: bool = True,
         value_warmup_rollouts: int = 0,
+        save_base_lm: bool = False,
         **kwargs: Any,
     ):
         check_spaces(observation_space, action_space)
-        self.lm_name = lm
+        self.lm_name = checkpoint.absolute_lm(lm)  # a relative directory saved as absolute: loads from any cwd
+        self.save_base_lm = save_base_lm
         self.kl_coef = kl_coef
         self.kl_target = kl_target_argument(kl_target, kwargs)  # also from target_kl=, its deprecated name
         self.kl_horizon = kl_horizon
@@ -171,7 +175,8 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
 
     # -- construction -------------------------------------------------------------------------------------
     def _build(self, lr_schedule: Schedule) -> None:
-        model = self._load_lm()
+        model = checkpoint.load_base_lm(self)  # a missing directory: the error names the lm= override
+        base_state = model.state_dict(keep_vars=True)  # the LM as loaded, before LoRA wraps it
         check_vocabulary(model, self.action_space, self.observation_space, self.lm_name, self.check_tokenizer)
         self.layer_split = lora.make_layer_split(model, self.trainable_layers)
         lm: PreTrainedModel | PeftModel = model
@@ -196,6 +201,7 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         self._rollout_cache = self._make_rollout_cache()
         trainable = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
+        self.base_weights = checkpoint.BaseWeights.of(self, base_state, self.ref_lm)  # what checkpoints may leave out
         self.set_training_mode(False)
 
     def _load_lm(self) -> PreTrainedModel:
@@ -431,14 +437,14 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         if mode:
             self._rollout_cache.reset()
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The state without the base LM's frozen, unchanged weights, unless ``save_base_lm`` (see ``lm/checkpoint.py``)."""
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        return checkpoint.without_base_weights(self, super().state_dict(*args, **kwargs), prefix)
+
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         self._rollout_cache.reset()
         if self.nlpo is not None:
             self.nlpo.cache.reset()
-        state_dict = renamed_state_keys(state_dict)  # NLPO's frozen copy as saved before NLPOMasking
-        if "n_rollouts" not in state_dict:  # saved before the rollout count existed: keep the current count
-            metadata = getattr(state_dict, "_metadata", None)
-            state_dict = collections.OrderedDict(state_dict, n_rollouts=self.n_rollouts.clone())
-            if metadata is not None:
-                state_dict._metadata = metadata
+        state_dict = checkpoint.loadable_state_dict(self, state_dict)  # older layouts, base LM weights left out
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

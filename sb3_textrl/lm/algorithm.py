@@ -58,6 +58,8 @@ def configure_algorithm(policy: TransformerLMPolicy) -> None:
     if setup is None:
         return  # built by hand
     algorithm = setup.algorithm
+    if algorithm.policy_kwargs.get("lm") not in (None, policy.lm_name):  # what model.save pickles: the absolute path
+        algorithm.policy_kwargs = {**algorithm.policy_kwargs, "lm": policy.lm_name}
     if algorithm.env is not None:
         refuse_observation_normalization(algorithm.env)
     arguments = setup.init_arguments
