@@ -174,14 +174,15 @@ class KLController(nn.Module):
     @renamed_kwargs(target_kl="kl_target")
     def __init__(self, kl_coef: float = 0.05, kl_target: float | None = None, horizon: int = 10_000):
         super().__init__()
-        if kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-        if kl_target is not None and kl_target <= 0:
-            raise ValueError(f"kl_target must be > 0 (or None for a fixed kl_coef), got {kl_target}")
+        # NaN passes every comparison: `nan < 0` is False, and a NaN β would switch the penalty off without a word.
+        if not math.isfinite(kl_coef) or kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0 and finite (0 turns the KL penalty off), got {kl_coef}")
+        if kl_target is not None and (not math.isfinite(kl_target) or kl_target <= 0):
+            raise ValueError(f"kl_target must be > 0 and finite (or None for a fixed kl_coef), got {kl_target}")
         if kl_target is not None and kl_coef == 0:
             raise ValueError("An adaptive KL controller (kl_target) needs kl_coef > 0 to start from")
-        if horizon <= 0:
-            raise ValueError(f"horizon must be > 0, got {horizon}")
+        if not math.isfinite(horizon) or horizon <= 0:
+            raise ValueError(f"horizon must be > 0 and finite, got {horizon}")
         self.kl_target = kl_target
         self.horizon = horizon
         self.register_buffer("beta", th.tensor(float(kl_coef), dtype=th.float64))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from typing import Any
 
@@ -54,9 +55,10 @@ def check_arguments(policy: Any) -> None:
     """
     temperature, top_k, top_p = policy.temperature, policy.top_k, policy.top_p
     trainable_layers, value_warmup_rollouts = policy.trainable_layers, policy.value_warmup_rollouts
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
+    # Written so that NaN fails them (every comparison with NaN is False).
+    if not (0 < temperature < math.inf):
+        raise ValueError(f"temperature must be > 0 and finite (1.0: the LM's own distribution), got {temperature}")
+    if top_k is not None and not top_k >= 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
