@@ -65,3 +65,14 @@ class CountingReward(TextReward):
     def score(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str | None]) -> list[float]:
         self.calls.append(list(completions))
         return shout(prompts, completions, references)
+
+
+def greedy_episode(model, env, obs) -> list[int]:
+    """The tokens ``model`` picks greedily in ``env`` from ``obs`` until the episode ends (one env, not a VecEnv)."""
+    tokens, done = [], False
+    while not done:
+        action = int(model.predict(obs, deterministic=True)[0])
+        tokens.append(action)
+        obs, _, terminated, truncated, _ = env.step(action)
+        done = terminated or truncated
+    return tokens

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_lm
-from helpers import PROMPTS, register_toy_task, toy_ppo, toy_vec_env
+from helpers import PROMPTS, greedy_episode, register_toy_task, toy_ppo, toy_vec_env
 from stable_baselines3 import PPO
 
 import sb3_textrl
@@ -43,12 +43,7 @@ def _predictions(model: PPO, tokenizer) -> list:
     for index in range(len(PROMPTS)):
         obs, _ = env.reset(seed=0, options={"prompt_index": index})
         obs_tensor, _ = model.policy.obs_to_tensor(obs)
-        tokens, done = [], False
-        while not done:
-            action = int(model.predict(obs, deterministic=True)[0])
-            tokens.append(action)
-            obs, _, terminated, truncated, _ = env.step(action)
-            done = terminated or truncated
+        tokens = greedy_episode(model, env, obs)
         with torch.no_grad():
             value, log_prob, _ = model.policy.evaluate_actions(obs_tensor, torch.tensor([tokens[0]]))
         out.append((tokens, round(float(value), 5), round(float(log_prob), 5)))

@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from helpers import PROMPTS, register_toy_task, shout, toy_ppo, toy_vec_env
+from helpers import PROMPTS, greedy_episode, register_toy_task, shout, toy_ppo, toy_vec_env
 from peft import PeftModel
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -60,12 +60,7 @@ def policy_greedy(model: PPO, env: TextGenerationEnv) -> list[tuple[np.ndarray, 
     for index in range(len(env.prompts)):
         obs, _ = env.reset(options={"prompt_index": index})
         prompt = obs["input_ids"][: env.max_prompt_tokens][obs["attention_mask"][: env.max_prompt_tokens].astype(bool)]
-        tokens, done = [], False
-        while not done:
-            action = int(model.predict(obs, deterministic=True)[0])
-            tokens.append(action)
-            obs, _, terminated, truncated, _ = env.step(action)
-            done = terminated or truncated
+        tokens = greedy_episode(model, env, obs)
         runs.append((prompt, tokens))
     return runs
 

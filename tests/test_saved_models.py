@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import greedy_episode
 from stable_baselines3 import PPO
 
 from sb3_textrl import TextGenerationEnv
@@ -51,10 +52,5 @@ def test_v0_1_0_model_zip_loads_and_predicts_the_same_tokens(v0_1_0_dir):
             value, log_prob, _ = model.policy.evaluate_actions(obs_tensor, torch.as_tensor(first).reshape(1))
         assert float(value.reshape(-1)[0]) == pytest.approx(expected["first_token_values"][index], abs=1e-5)
         assert float(log_prob.reshape(-1)[0]) == pytest.approx(expected["first_token_log_probs"][index], abs=1e-5)
-        tokens, done = [], False
-        while not done:
-            action = int(model.predict(obs, deterministic=True)[0])
-            tokens.append(action)
-            obs, _, terminated, truncated, _ = env.step(action)
-            done = terminated or truncated
+        tokens = greedy_episode(model, env, obs)
         assert tokens == expected["greedy_tokens"][index]
