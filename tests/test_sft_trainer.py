@@ -1,0 +1,97 @@
+"""SFT on transformers.Trainer: exact resume from a checkpoint, logs where SB3 logs them, TRL prompt/completion data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch as th
+from test_sft import FAST, market_rows
+from transformers import TrainerCallback
+
+from sb3_textrl.common import metric_keys as keys
+from sb3_textrl.models import load_causal_lm
+from sb3_textrl.plotting import read_csv_log, read_tensorboard_log
+from sb3_textrl.sft import train_sft
+
+
+class StopAt(TrainerCallback):
+    """Stops training after ``step`` optimizer steps, as a Ctrl-C or a killed job would (after its checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+# 24 examples, batches of 3 with 2 accumulated: 4 optimizer steps per epoch, 3 epochs = 12 steps. The stop at step 6
+# falls in the middle of the second epoch, so the resume skips the batches already trained on.
+RESUME = dict(eval_fraction=0.0, epochs=3, batch_size=3, gradient_accumulation_steps=2, learning_rate=3e-3,
+              save_steps=3, report_to="csv", logging_steps=1, **FAST)
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny_lm, tmp_path):
+    rows = market_rows(24, 0)
+    whole = train_sft(tiny_lm, rows, tmp_path / "whole", **RESUME)
+    assert whole.optimizer_steps == 12 and len(whole.train_losses) == 12
+
+    stopped = train_sft(tiny_lm, rows, tmp_path / "resumed", callbacks=[StopAt(6)], **RESUME)
+    assert stopped.optimizer_steps == 6
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    resumed = train_sft(tiny_lm, rows, tmp_path / "resumed", resume_from_checkpoint=True, **RESUME)
+
+    assert resumed.optimizer_steps == 12
+    # The per-step losses of the first 6 steps come from the checkpoint, the last 6 were trained again from it.
+    # Tolerance: CPU kernels are deterministic and the checkpoint keeps the weights, AdamW moments, scheduler and RNG
+    # states exactly (float32 safetensors / torch.save), so the runs agree to float32 rounding (measured: bit-equal).
+    assert resumed.train_losses == pytest.approx(whole.train_losses, rel=1e-6, abs=1e-7)
+    a, b = load_causal_lm(tmp_path / "whole").state_dict(), load_causal_lm(tmp_path / "resumed").state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    # A resume is not a restart: without it the second half alone is something else
+    assert not th.equal(a["transformer.h.0.mlp.c_fc.weight"], load_causal_lm(tiny_lm).state_dict()["transformer.h.0.mlp.c_fc.weight"])
+    # progress.csv holds every step once, the ones before the checkpoint kept from the first run
+    steps = [int(float(r[keys.TOTAL_TIMESTEPS])) for r in csv.DictReader(open(tmp_path / "resumed" / "progress.csv"))
+             if r.get(keys.TRAIN + keys.LOSS)]
+    assert steps == list(range(1, 13))
+
+
+def test_resume_needs_a_checkpoint(tiny_lm, tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint-"):
+        train_sft(tiny_lm, market_rows(8, 0), tmp_path / "new", resume_from_checkpoint=True, **FAST)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        train_sft(tiny_lm, market_rows(8, 0), tmp_path / "new", resume_from_checkpoint=tmp_path, **FAST)
+    with pytest.raises(ValueError, match="unknown log format"):
+        train_sft(tiny_lm, market_rows(8, 0), tmp_path / "new", report_to="wandb", **FAST)
+    with pytest.raises(ValueError, match="save_steps must be a positive"):
+        train_sft(tiny_lm, market_rows(8, 0), tmp_path / "new", save_steps=0, **FAST)
+    assert not (tmp_path / "new").exists()
+
+
+def test_logs_go_to_progress_csv_and_tensorboard_with_sb3_keys(tiny_lm, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    result = train_sft(tiny_lm, market_rows(32, 0), out, eval_data=market_rows(8, 1), batch_size=4, epochs=1,
+                       learning_rate=3e-3, logging_steps=2, report_to="csv,tensorboard", **FAST)
+    assert result.optimizer_steps == 8
+    csv_log = read_csv_log(out / "progress.csv")
+    steps, losses = csv_log.series[keys.TRAIN + keys.LOSS]
+    assert steps == [2, 4, 6, 8]
+    # each logged loss is the mean of the optimizer steps since the one before
+    expected = [sum(result.train_losses[i : i + 2]) / 2 for i in range(0, 8, 2)]
+    assert losses == pytest.approx(expected, rel=1e-5)
+    lr_steps, rates = csv_log.series[keys.TRAIN + keys.LEARNING_RATE]
+    assert lr_steps == steps and rates[0] > rates[-1] > 0  # linear decay after the warmup
+    assert keys.TRAIN + keys.GRAD_NORM in csv_log.series
+    eval_steps, eval_losses = csv_log.series[keys.EVAL + keys.LOSS]
+    assert eval_steps == [0, 8] and eval_losses == pytest.approx([result.eval_loss_before, result.eval_loss_after])
+    # the same scalars in the tensorboard event file, at the same steps
+    assert list(out.glob("events.out.tfevents*"))
+    tb_log = read_tensorboard_log(out)
+    assert tb_log.series[keys.TRAIN + keys.LOSS][0] == [2, 4, 6, 8]
+    assert tb_log.series[keys.TRAIN + keys.LOSS][1] == pytest.approx(losses, rel=1e-5)
+    # the model directory is still a plain one, the logs beside it
+    assert (out / "config.json").is_file() and json.loads((out / "sft_result.json").read_text())["config"]["report_to"] == [
+        "csv", "tensorboard"]
