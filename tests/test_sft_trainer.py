@@ -51,10 +51,11 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny_lm, tmp_path)
     a, b = load_causal_lm(tmp_path / "whole").state_dict(), load_causal_lm(tmp_path / "resumed").state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     # A resume is not a restart: without it the second half alone is something else
-    assert not th.equal(a["transformer.h.0.mlp.c_fc.weight"], load_causal_lm(tiny_lm).state_dict()["transformer.h.0.mlp.c_fc.weight"])
+    key = "transformer.h.0.mlp.c_fc.weight"
+    assert not th.equal(a[key], load_causal_lm(tiny_lm).state_dict()[key])
     # progress.csv holds every step once, the ones before the checkpoint kept from the first run
-    steps = [int(float(r[keys.TOTAL_TIMESTEPS])) for r in csv.DictReader(open(tmp_path / "resumed" / "progress.csv"))
-             if r.get(keys.TRAIN + keys.LOSS)]
+    with open(tmp_path / "resumed" / "progress.csv", newline="") as file:
+        steps = [int(float(r[keys.TOTAL_TIMESTEPS])) for r in csv.DictReader(file) if r.get(keys.TRAIN + keys.LOSS)]
     assert steps == list(range(1, 13))
 
 
