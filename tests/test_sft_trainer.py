@@ -50,7 +50,7 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny_lm, tmp_path)
     assert resumed.train_losses == pytest.approx(whole.train_losses, rel=1e-6, abs=1e-7)
     a, b = load_causal_lm(tmp_path / "whole").state_dict(), load_causal_lm(tmp_path / "resumed").state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
-    # A resume is not a restart: without it the second half alone is something else
+    # and training moved the weights at all
     key = "transformer.h.0.mlp.c_fc.weight"
     assert not th.equal(a[key], load_causal_lm(tiny_lm).state_dict()[key])
     # progress.csv holds every step once, the ones before the checkpoint kept from the first run
@@ -96,3 +96,81 @@ def test_logs_go_to_progress_csv_and_tensorboard_with_sb3_keys(tiny_lm, tmp_path
     # the model directory is still a plain one, the logs beside it
     assert (out / "config.json").is_file() and json.loads((out / "sft_result.json").read_text())["config"]["report_to"] == [
         "csv", "tensorboard"]
+
+
+# -- TRL's prompt/completion data ------------------------------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def sums(n: int) -> list[dict[str, str]]:
+    return [{"prompt": f"Q: what is {i % 5} plus {i % 3}? A:", "completion": f" {i % 5 + i % 3}"} for i in range(n)]
+
+
+def test_trl_prompt_completion_jsonl_trains_on_the_completion_only(tiny_lm, gpt2_tokenizer, tmp_path):
+    from test_sft import write_jsonl
+
+    from sb3_textrl.sft import IGNORE_INDEX, collate_sft, load_sft_examples
+
+    data = write_jsonl(tmp_path / "sums.jsonl", [dict(row, id=i) for i, row in enumerate(sums(30))])
+    examples, counts = load_sft_examples(data, gpt2_tokenizer)
+    assert len(examples) == 30 and counts == {"prompts_truncated": 0, "targets_truncated": 0}
+    batch = collate_sft(examples[:4], gpt2_tokenizer.pad_token_id)
+    for row, (example, source) in enumerate(zip(examples[:4], sums(4))):
+        # the prompt as the tokenizer encodes it (no chat template on GPT-2's), the labels the completion and EOS only
+        assert example.prompt_ids == gpt2_tokenizer(source["prompt"])["input_ids"]
+        labels = batch["labels"][row]
+        expected = gpt2_tokenizer(source["completion"], add_special_tokens=False)["input_ids"] + [gpt2_tokenizer.eos_token_id]
+        assert labels[labels != IGNORE_INDEX].tolist() == expected
+        assert (labels[: batch["prompt_width"]] == IGNORE_INDEX).all()
+    result = train_sft(tiny_lm, data, tmp_path / "out", eval_fraction=0.2, learning_rate=3e-3, epochs=3, batch_size=4,
+                       **FAST)
+    assert (result.n_examples, result.n_eval_examples) == (24, 6)
+    assert result.eval_loss_after < result.eval_loss_before
+
+
+def test_a_custom_tasks_chat_template_and_system_prompt_format_the_prompts(gpt2_tokenizer, tmp_path):
+    from sb3_textrl import register_text_task
+    from sb3_textrl.sft import load_sft_examples
+
+    tokenizer = copy_with_chat_template(gpt2_tokenizer)
+    register_text_task("SftChatSums-v0", prompts=["placeholder"], reward=lambda p, c, r: [0.0] * len(c),
+                       tokenizer=tokenizer, system_prompt="Answer with a number.", max_prompt_tokens=48)
+    rows = [{"prompt": [{"role": "user", "content": "2 plus 3?"}], "completion": [{"role": "assistant", "content": "5"}]}]
+    examples, _ = load_sft_examples(rows, tokenizer, task="SftChatSums-v0")
+    expected_prompt = "<|system|>Answer with a number.\n<|user|>2 plus 3?\n<|assistant|>\n"
+    assert examples[0].prompt_ids == tokenizer(expected_prompt, add_special_tokens=False)["input_ids"]
+    # the completion follows the template's newline directly, then EOS
+    assert examples[0].target_ids == tokenizer("5", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # without the task: the default template, no system prompt
+    plain, _ = load_sft_examples(rows, tokenizer)
+    assert plain[0].prompt_ids == tokenizer("<|user|>2 plus 3?\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    # a string prompt is a user message of the same template
+    strings, _ = load_sft_examples([{"prompt": "2 plus 3?", "completion": "5"}], tokenizer, task="SftChatSums-v0")
+    assert strings[0].prompt_ids == examples[0].prompt_ids
+    with pytest.raises(ValueError, match="registered with register_text_task.*NewsSummary-v0 takes"):
+        load_sft_examples(rows, tokenizer, task="NewsSummary-v0")
+
+
+def copy_with_chat_template(tokenizer):
+    import copy
+
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    return chat
+
+
+def test_data_of_neither_format_is_refused_naming_the_fields(tiny_lm, gpt2_tokenizer, tmp_path):
+    from test_sft import write_jsonl
+
+    from sb3_textrl.sft import load_sft_examples
+
+    data = write_jsonl(tmp_path / "odd.jsonl", [{"question": "2+3?", "answer": "5"}])
+    with pytest.raises(ValueError, match=r"fields \['answer', 'question'\].*'prompt' and 'completion'.*article field"):
+        train_sft(tiny_lm, data, tmp_path / "o", **FAST)
+    with pytest.raises(ValueError, match="row 1: needs 'prompt' and 'completion'"):
+        load_sft_examples([{"prompt": "a", "completion": "b"}, {"prompt": "c"}], gpt2_tokenizer)
+    assert not (tmp_path / "o").exists()
