@@ -16,7 +16,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch as th
 from transformers import PreTrainedTokenizerBase
@@ -263,7 +263,7 @@ def prompt_completion_sft_examples(
                 f"{task!r} is {'not registered' if task not in gym.registry else 'not one'} ({DEFAULT_TASK} takes "
                 "(article, summary) data). Register your task, or drop the task for the default template."
             )
-        env = gym.make(task, **kwargs).unwrapped
+        env = cast("TextGenerationEnv", gym.make(task, **kwargs).unwrapped)  # make_text_task_env's, checked above
     return _env_sft_examples(env, task or "SFT data", tokenizer, max_target_tokens)
 
 
