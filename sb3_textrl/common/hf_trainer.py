@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch as th
 from stable_baselines3.common.logger import CSVOutputFormat, Logger, configure
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from sb3_textrl.common import metric_keys as keys
@@ -165,6 +166,12 @@ def preserved_global_rng() -> Iterator[None]:
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+
+def quiet_trainer(trainer: Trainer) -> Trainer:
+    """Without its progress bar the Trainer prints every log as a dict; the logs go to SB3's logger instead."""
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def trainer_log_key(name: str) -> str:

@@ -56,6 +56,7 @@ from sb3_textrl.common.hf_trainer import (
     check_report_to,
     load_run_record,
     preserved_global_rng,
+    quiet_trainer,
     resolve_checkpoint,
     training_arguments,
     warmup_steps,
@@ -219,6 +220,7 @@ def train_reward_model(
     output_dir: str | os.PathLike,
     config: RewardModelConfig | None = None,
     resume_from_checkpoint: ResumeSpec = None,
+    callbacks: Sequence[TrainerCallback] = (),
     **overrides: Any,
 ) -> RewardModelResult:
     """
@@ -230,6 +232,7 @@ def train_reward_model(
     :param config: the settings (default :class:`RewardModelConfig`)
     :param resume_from_checkpoint: continue a run from a checkpoint (written with ``save_steps``): True for the latest
         ``checkpoint-*`` in ``output_dir``, or a checkpoint's path (the data and settings must be the run's)
+    :param callbacks: further ``transformers.TrainerCallback`` objects (early stopping, your own logging)
     :param overrides: fields of :class:`RewardModelConfig` to override, e.g. ``epochs=1, learning_rate=1e-4``
         (the deprecated ``lr`` and ``progress`` still work, with a ``DeprecationWarning``)
     :return: the saved directory, the metrics, and the trained model and tokenizer
@@ -260,7 +263,8 @@ def train_reward_model(
         # Log lines (epochs, truncations) go through tqdm.write, so they do not break the progress bar's line.
         with logging_redirect_tqdm():
             log = SB3LogCallback(output_dir, formats)
-            metrics = _fit(model, tokenizer, encoder, train_pairs, eval_pairs, cfg, device, _Run(output_dir, checkpoint, log))
+            run = _Run(output_dir, checkpoint, log, callbacks)
+            metrics = _fit(model, tokenizer, encoder, train_pairs, eval_pairs, cfg, device, run)
 
     _add_accuracy_interval(metrics, len(eval_pairs))
     model.eval()
@@ -297,6 +301,7 @@ class _Run:
     output_dir: Path
     checkpoint: str | None
     log: SB3LogCallback
+    callbacks: Sequence[TrainerCallback]
 
 
 class _PairIndices(Dataset):
@@ -422,7 +427,7 @@ def _fit(
     run.log.open(resumed_step)
     try:
         with preserved_global_rng():
-            trainer = BradleyTerryTrainer(
+            trainer = quiet_trainer(BradleyTerryTrainer(
                 model=model,
                 args=args,
                 train_dataset=_PairIndices(len(train_pairs)),
@@ -432,9 +437,10 @@ def _fit(
                     run.log,
                     RunRecordCallback(record),
                     _EpochMetrics(record, encoder, (eval_chosen, eval_rejected), cfg, device, run.log),
+                    *run.callbacks,
                 ],
                 margins=record["margins"],
-            )
+            ))
             trainer.train(resume_from_checkpoint=run.checkpoint)
     finally:
         run.log.close()

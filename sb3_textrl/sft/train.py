@@ -38,6 +38,7 @@ from sb3_textrl.common.hf_trainer import (
     check_steps,
     load_run_record,
     preserved_global_rng,
+    quiet_trainer,
     resolve_checkpoint,
     training_arguments,
     warmup_steps,
@@ -230,7 +231,7 @@ def _fit(
         if loss_before is not None:
             run.log.write({keys.EVAL + keys.LOSS: loss_before}, resumed_step or 0)
         with preserved_global_rng():
-            trainer = CompletionOnlyTrainer(
+            trainer = quiet_trainer(CompletionOnlyTrainer(
                 model=model,
                 args=args,
                 train_dataset=SFTDataset(train),
@@ -239,7 +240,7 @@ def _fit(
                 callbacks=[run.log, RunRecordCallback(record), *run.callbacks],
                 batch_sampler=SFTBatchSampler(train, optim.batch_size, seed, optim.group_by_length),
                 step_losses=record["step_losses"],
-            )
+            ))
             start = time.perf_counter()
             trainer.train(resume_from_checkpoint=run.checkpoint)
             seconds = time.perf_counter() - start
