@@ -174,3 +174,20 @@ def test_data_of_neither_format_is_refused_naming_the_fields(tiny_lm, gpt2_token
     with pytest.raises(ValueError, match="row 1: needs 'prompt' and 'completion'"):
         load_sft_examples([{"prompt": "a", "completion": "b"}, {"prompt": "c"}], gpt2_tokenizer)
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_saves_checkpoints_and_resumes(tiny_lm, tmp_path, capsys):
+    from test_sft import write_jsonl
+
+    from sb3_textrl.cli import main
+
+    data = write_jsonl(tmp_path / "sums.jsonl", sums(12))
+    out = tmp_path / "cli"
+    args = ["sft", "--data", data, "--lm", tiny_lm, "--output", str(out), "--max-prompt-tokens", "64", "--eval-fraction",
+            "0", "--batch-size", "4", "--device", "cpu", "--save-steps", "2", "--logging-steps", "1"]
+    assert main(args) == 0
+    assert (out / "checkpoint-2").is_dir() and (out / "progress.csv").is_file()
+    assert main([*args, "--resume", "--epochs", "2"]) == 0
+    assert "6 optimizer steps" in capsys.readouterr().out
+    assert main([*args, "--resume", str(tmp_path / "nope")]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
