@@ -43,7 +43,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sft.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower")
     sft.add_argument("--seed", type=int, default=0, help="default 0")
     sft.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    add_trainer_flags(sft, "--output")
     sft.set_defaults(run=run)
+
+
+def add_trainer_flags(parser: argparse.ArgumentParser, output_flag: str) -> None:
+    """The checkpoint and log flags of ``sft`` and ``train-rm`` (both train on transformers.Trainer)."""
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                        help=f"continue from a checkpoint: the latest in {output_flag} without a path")
+    parser.add_argument("--save-steps", type=int, help="save a checkpoint every N optimizer steps (default: none)")
+    parser.add_argument("--logging-steps", type=int, default=10, help="log the loss every N optimizer steps (default 10)")
+    parser.add_argument("--report-to", default="csv",
+                        help="log formats in the output directory: csv, tensorboard, json, log, stdout, comma-separated, "
+                        "or none (default csv: progress.csv, which sb3-textrl plot reads)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,8 +87,12 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
             overwrite=args.overwrite,
+            resume_from_checkpoint=args.resume,
+            save_steps=args.save_steps,
+            logging_steps=args.logging_steps,
+            report_to=args.report_to,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"sb3-textrl sft: error: {err}", file=sys.stderr)
         return 2
 

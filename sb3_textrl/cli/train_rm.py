@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from sb3_textrl.cli.sft import add_trainer_flags
 from sb3_textrl.common.names import MINILM_NAME
 from sb3_textrl.reward_model.config import RewardModelConfig
 
@@ -33,6 +34,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"default {defaults.seed}")
     parser.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_trainer_flags(parser, "--output")
     parser.set_defaults(run=run)
 
 
@@ -54,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         progress_bar=not args.no_progress,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        report_to=args.report_to,
     )
     try:
-        result = train_reward_model(args.data, args.output, config)
-    except (ValueError, OSError, MissingAssetError) as error:  # bad input: the message says what to do
+        result = train_reward_model(args.data, args.output, config, resume_from_checkpoint=args.resume)
+    except (ValueError, OSError, MissingAssetError, ImportError) as error:  # bad input: the message says what to do
         print(f"sb3-textrl train-rm: error: {error}", file=sys.stderr)
         return 2
     m = result.metrics

@@ -33,6 +33,14 @@ GROUP_WAIT_STEPS = "group_wait_steps"  # steps an env waited for its group (lock
 ROUGE_METRICS = ("rouge1", "rouge2", "rougeL")  # F-measures TextEvalCallback records when every prompt has a reference
 SAMPLES = "samples"  # eval/samples: a markdown table of the evaluated completions (tensorboard text)
 
+# SFT and reward-model training (transformers.Trainer, logged through SB3's logger by common.hf_trainer): the
+# Trainer's names under train/ and eval/ (eval_loss -> eval/loss), against time/total_timesteps = the optimizer step.
+LOSS = "loss"  # SFT: NLL per completion token (nats); reward model: Bradley-Terry loss per pair
+LEARNING_RATE = "learning_rate"
+GRAD_NORM = "grad_norm"  # before clipping
+EPOCH = "epoch"
+ACCURACY = "accuracy"  # reward model: pairs whose chosen completion scores higher (ties count half)
+
 # SB3's metrics that the plots show beside ours.
 SB3_EPISODE_REWARD = ROLLOUT + "ep_rew_mean"
 SB3_APPROX_KL = TRAIN + "approx_kl"

@@ -33,6 +33,11 @@ class RewardModelConfig:
     seed: int = 0  # split, head initialisation, shuffling and dropout
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", ...
     progress_bar: bool = True  # tqdm progress bars
+    gradient_accumulation_steps: int = 1  # batches per optimizer step (effective batch = batch_size * this)
+    bf16: bool = False  # bfloat16 autocast (a GPU that supports it)
+    save_steps: int | None = None  # a checkpoint (weights, optimizer, scheduler, RNG states) every N optimizer steps
+    logging_steps: int = 10  # log the training loss every N optimizer steps
+    report_to: str = "csv"  # SB3 logger formats of the logs in the output directory: "csv,tensorboard", "none", ...
 
     def check(self) -> None:
         """Fail early, with the fix, on settings that cannot work."""
@@ -43,6 +48,11 @@ class RewardModelConfig:
             problems.append(f"learning_rate={self.learning_rate} (use a positive learning rate, e.g. 5e-5)")
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size} (use 1 or more)")
+        if self.gradient_accumulation_steps < 1:
+            problems.append(f"gradient_accumulation_steps={self.gradient_accumulation_steps} (use 1 or more)")
+        if self.logging_steps < 1 or (self.save_steps is not None and self.save_steps < 1):
+            problems.append(f"logging_steps={self.logging_steps}, save_steps={self.save_steps} (use 1 or more; save_steps "
+                            "None: no checkpoints)")
         if not 0.0 <= self.warmup_fraction < 1.0:
             problems.append(f"warmup_fraction={self.warmup_fraction} (use a value in [0, 1))")
         if problems:

@@ -8,6 +8,10 @@ which makes ``sigmoid(r_a - r_b)`` the modelled probability that a rater prefers
 The saved directory holds the model and tokenizer (``save_pretrained``) and ``reward_model.json``: the reward's mean
 and standard deviation on the training completions (used to normalise it) and the training metrics.
 :class:`~sb3_textrl.rewards.LearnedRewardModel` loads it as a reward for any text task.
+
+Training runs on ``transformers.Trainer`` (:class:`BradleyTerryTrainer` overrides only the loss): AdamW with linear
+warmup and decay, gradient accumulation and clipping, bf16, checkpoints every ``save_steps`` in the output directory
+and ``resume_from_checkpoint``. The logs go through SB3's logger (``progress.csv``, tensorboard) with SB3's keys.
 """
 
 from __future__ import annotations
@@ -28,11 +32,35 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tokenizers import Encoding
+from torch.utils.data import Dataset
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
+from sb3_textrl.common import metric_keys as keys
 from sb3_textrl.common.deprecation import rename_kwargs, renamed_kwargs
+from sb3_textrl.common.hf_trainer import (
+    ResumeSpec,
+    RunRecordCallback,
+    SB3LogCallback,
+    check_report_to,
+    load_run_record,
+    preserved_global_rng,
+    quiet_trainer,
+    resolve_checkpoint,
+    training_arguments,
+    warmup_steps,
+)
 from sb3_textrl.common.names import MINILM_NAME
 from sb3_textrl.models.assets import minilm_dir
 from sb3_textrl.reward_model.config import RENAMED_FIELDS, RewardModelConfig
@@ -55,7 +83,8 @@ FORMAT_VERSION = 1
 _DEFAULT_ALIASES = ("default", "minilm", MINILM_NAME, f"sentence-transformers/{MINILM_NAME}")
 # reward_model.json (format version 1) records the settings under the names they had when it was defined.
 _SAVED_NAMES = {"learning_rate": "lr"}
-_NOT_SAVED = ("progress_bar", "device")  # how a run was shown and where it ran, not what it trained
+# how a run was shown, logged and checkpointed and where it ran, not what it trained
+_NOT_SAVED = ("progress_bar", "device", "save_steps", "logging_steps", "report_to")
 
 
 @dataclass
@@ -167,15 +196,6 @@ def _bt_stats(margin: torch.Tensor) -> tuple[float, float]:
     return loss, accuracy
 
 
-def _linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def _package_version() -> str:
     try:
         return importlib.metadata.version("sb3-textrl")
@@ -183,7 +203,9 @@ def _package_version() -> str:
         return "unknown"
 
 
-def _check_output_dir(output_dir: Path) -> None:
+def _check_output_dir(output_dir: Path, resuming: bool) -> None:
+    if resuming:  # the directory holds the run being resumed (resolve_checkpoint found its checkpoint)
+        return
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"Output {str(output_dir)!r} is a file; pass a new or empty directory for the reward model.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / REWARD_MODEL_FILE).is_file():
@@ -197,6 +219,8 @@ def train_reward_model(
     data: PreferenceSource,
     output_dir: str | os.PathLike,
     config: RewardModelConfig | None = None,
+    resume_from_checkpoint: ResumeSpec = None,
+    callbacks: Sequence[TrainerCallback] = (),
     **overrides: Any,
 ) -> RewardModelResult:
     """
@@ -206,6 +230,9 @@ def train_reward_model(
         sequence of pairs (objects with those attributes, e.g. ``FeedbackStore.preference_pairs()``, or dicts)
     :param output_dir: where the reward model is saved (a new or empty directory, or an earlier reward model's)
     :param config: the settings (default :class:`RewardModelConfig`)
+    :param resume_from_checkpoint: continue a run from a checkpoint (written with ``save_steps``): True for the latest
+        ``checkpoint-*`` in ``output_dir``, or a checkpoint's path (the data and settings must be the run's)
+    :param callbacks: further ``transformers.TrainerCallback`` objects (early stopping, your own logging)
     :param overrides: fields of :class:`RewardModelConfig` to override, e.g. ``epochs=1, learning_rate=1e-4``
         (the deprecated ``lr`` and ``progress`` still work, with a ``DeprecationWarning``)
     :return: the saved directory, the metrics, and the trained model and tokenizer
@@ -217,7 +244,9 @@ def train_reward_model(
     cfg = dataclasses.replace(config or RewardModelConfig(), **overrides)
     cfg.check()
     output_dir = Path(output_dir).expanduser()
-    _check_output_dir(output_dir)
+    checkpoint = resolve_checkpoint(resume_from_checkpoint, output_dir)
+    _check_output_dir(output_dir, resuming=checkpoint is not None)
+    formats = check_report_to(cfg.report_to)
     pairs = load_preferences(data)
     train_pairs, eval_pairs, split_by = split_preferences(pairs, cfg.eval_fraction, cfg.seed)
     device = resolve_device(cfg.device)
@@ -233,7 +262,9 @@ def train_reward_model(
         encoder = PairEncoder(tokenizer, max_length)
         # Log lines (epochs, truncations) go through tqdm.write, so they do not break the progress bar's line.
         with logging_redirect_tqdm():
-            metrics = _fit(model, encoder, train_pairs, eval_pairs, cfg, device)
+            log = SB3LogCallback(output_dir, formats)
+            run = _Run(output_dir, checkpoint, log, callbacks)
+            metrics = _fit(model, tokenizer, encoder, train_pairs, eval_pairs, cfg, device, run)
 
     _add_accuracy_interval(metrics, len(eval_pairs))
     model.eval()
@@ -263,15 +294,103 @@ def train_reward_model(
     return RewardModelResult(output_dir, metrics, model, tokenizer)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """Where a run writes while it trains, what it resumes from, and its logger."""
+
+    output_dir: Path
+    checkpoint: str | None
+    log: SB3LogCallback
+    callbacks: Sequence[TrainerCallback]
+
+
+class _PairIndices(Dataset):
+    """The indices of the training pairs (the collator encodes the chosen and rejected texts of a batch)."""
+
+    def __init__(self, n_pairs: int) -> None:
+        self.n_pairs = n_pairs
+
+    def __len__(self) -> int:
+        return self.n_pairs
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class BradleyTerryTrainer(Trainer):
+    """
+    ``transformers.Trainer`` with the Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected)``: each batch holds
+    the chosen texts then the rejected ones (one forward, ``(2B, T) -> (2B,)`` rewards).
+
+    :param margins: receives the reward margin of each training pair, for the epoch's accuracy
+    :param args: the Trainer's positional arguments
+    :param kwargs: the Trainer's keyword arguments
+    """
+
+    def __init__(self, *args: Any, margins: list[float], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.margins = margins
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        rewards = forward_rewards(model, inputs)  # type: ignore[arg-type]  # the sequence-classification model given
+        n_pairs = rewards.shape[0] // 2
+        margin = rewards[:n_pairs] - rewards[n_pairs:]  # (B,)
+        if model.training:
+            self.margins.extend(margin.detach().cpu().tolist())
+        loss = -F.logsigmoid(margin).mean()
+        return (loss, None) if return_outputs else loss
+
+
+class _EpochMetrics(TrainerCallback):
+    """At each epoch's end: the epoch's training loss and accuracy, the held-out ones, logged and kept in ``record``."""
+
+    def __init__(
+        self, record: dict[str, Any], encoder: PairEncoder, held_out: tuple[list[Encoding], list[Encoding]],
+        cfg: RewardModelConfig, device: torch.device, log: SB3LogCallback,
+    ) -> None:
+        self.record, self.encoder, self.held_out, self.cfg, self.device, self.log = record, encoder, held_out, cfg, device, log
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
+    ) -> None:
+        epoch = len(self.record["history"]) + 1
+        train_loss, train_accuracy = _bt_stats(torch.tensor(self.record["margins"]))
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": round(train_loss, 5), "train_accuracy": round(train_accuracy, 5)}
+        logged = {keys.TRAIN + keys.ACCURACY: train_accuracy}
+        chosen, rejected = self.held_out
+        if chosen:
+            model.eval()
+            batch = self.cfg.batch_size * 2
+            margin = score_encodings(model, self.encoder, chosen, batch, self.device) - score_encodings(
+                model, self.encoder, rejected, batch, self.device
+            )
+            model.train()
+            eval_loss, eval_accuracy = _bt_stats(margin)
+            row.update(eval_loss=round(eval_loss, 5), eval_accuracy=round(eval_accuracy, 5))
+            logged.update({keys.EVAL + keys.LOSS: eval_loss, keys.EVAL + keys.ACCURACY: eval_accuracy})
+        self.record["history"].append(row)
+        self.record["margins"].clear()
+        self.log.write(logged, state.global_step)
+        logger.info(f"reward model epoch {epoch}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "epoch"))
+
+
 def _fit(
     model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     encoder: PairEncoder,
     train_pairs: Sequence[Preference],
     eval_pairs: Sequence[Preference],
     cfg: RewardModelConfig,
     device: torch.device,
+    run: _Run,
 ) -> dict[str, Any]:
-    """The training loop; returns the metrics (final and per epoch)."""
+    """Training on :class:`BradleyTerryTrainer`; returns the metrics (final and per epoch)."""
     prompts = [p.prompt for p in train_pairs]
     chosen, counts_c = encoder.encode(prompts, [p.chosen for p in train_pairs])
     rejected, counts_r = encoder.encode(prompts, [p.rejected for p in train_pairs])
@@ -280,44 +399,52 @@ def _fit(
     truncations = counts_c + counts_r + counts_ec + counts_er
     log_truncations(truncations, 2 * (len(train_pairs) + len(eval_pairs)), encoder.max_length, "texts (prompt + completion)")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    scheduler = _linear_schedule(optimizer, total, warmup=int(cfg.warmup_fraction * total))
-    history: list[dict[str, Any]] = []
-    bar = tqdm(total=total, desc="train-rm", unit="step", disable=not cfg.progress_bar, dynamic_ncols=True)
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        order = torch.randperm(len(train_pairs)).tolist()
-        margins = []
-        for start in range(0, len(order), cfg.batch_size):
-            index = order[start : start + cfg.batch_size]
-            # Chosen and rejected texts go through one forward: (2B, T) -> (2B,) rewards.
-            batch = encoder.collate([chosen[i] for i in index] + [rejected[i] for i in index], device)
-            rewards = forward_rewards(model, batch)
-            margin = rewards[: len(index)] - rewards[len(index) :]  # (B,)
-            loss = -F.logsigmoid(margin).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            margins.append(margin.detach().cpu())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-        train_loss, train_accuracy = _bt_stats(torch.cat(margins))
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": round(train_loss, 5), "train_accuracy": round(train_accuracy, 5)}
-        if eval_pairs:
-            model.eval()
-            margin = score_encodings(model, encoder, eval_chosen, cfg.batch_size * 2, device) - score_encodings(
-                model, encoder, eval_rejected, cfg.batch_size * 2, device
-            )
-            eval_loss, eval_accuracy = _bt_stats(margin)
-            row.update(eval_loss=round(eval_loss, 5), eval_accuracy=round(eval_accuracy, 5))
-            bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", eval_acc=f"{eval_accuracy:.3f}")
-        history.append(row)
-        logger.info(f"reward model epoch {epoch}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "epoch"))
-    bar.close()
+    def collate(indices: list[int]) -> dict[str, torch.Tensor]:
+        # Chosen and rejected texts go through one forward: the chosen first.
+        return encoder.collate([chosen[i] for i in indices] + [rejected[i] for i in indices])
+
+    steps_per_epoch = math.ceil(math.ceil(len(train_pairs) / cfg.batch_size) / cfg.gradient_accumulation_steps)
+    args = training_arguments(
+        run.output_dir,
+        epochs=cfg.epochs,
+        max_steps=None,
+        learning_rate=cfg.learning_rate,
+        batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup=warmup_steps(cfg.warmup_fraction, cfg.epochs * steps_per_epoch),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.bf16,
+        use_cpu=device.type == "cpu",
+        seed=cfg.seed,
+        save_steps=cfg.save_steps,
+        logging_steps=cfg.logging_steps,
+        progress_bar=cfg.progress_bar,
+    )
+    record = load_run_record(run.checkpoint, {"history": [], "margins": []})
+    resumed_step = None if run.checkpoint is None else TrainerState.load_from_json(
+        str(Path(run.checkpoint) / "trainer_state.json")).global_step
+    run.log.open(resumed_step)
+    try:
+        with preserved_global_rng():
+            trainer = quiet_trainer(BradleyTerryTrainer(
+                model=model,
+                args=args,
+                train_dataset=_PairIndices(len(train_pairs)),
+                data_collator=collate,
+                processing_class=tokenizer,
+                callbacks=[
+                    run.log,
+                    RunRecordCallback(record),
+                    _EpochMetrics(record, encoder, (eval_chosen, eval_rejected), cfg, device, run.log),
+                    *run.callbacks,
+                ],
+                margins=record["margins"],
+            ))
+            trainer.train(resume_from_checkpoint=run.checkpoint)
+    finally:
+        run.log.close()
+    history = record["history"]
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
     counts = {"truncated_prompts": truncations.prompts, "truncated_completions": truncations.completions}
     return final | {"history": history} | counts

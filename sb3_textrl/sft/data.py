@@ -1,9 +1,10 @@
 """
-SFT data: (article, summary) pairs or a task's prompts and references, turned into token sequences in the env's
-layout, batched and collated.
+SFT data: (article, summary) pairs, TRL's prompt/completion rows, or a task's prompts and references, turned into
+token sequences in the env's layout, batched and collated.
 
-The prompts are built exactly as the env builds them (:func:`~sb3_textrl.envs.news.build_news_prompts` for news data,
-or the registered task's own prompt ids), and each target is the reference then EOS.
+The prompts are built exactly as the env builds them (:func:`~sb3_textrl.envs.news.build_news_prompts` for news data;
+for prompt/completion rows and a task's own prompts, the env itself: its prompt template, chat template and
+truncation), and each target is the reference then EOS.
 """
 
 from __future__ import annotations
@@ -14,18 +15,24 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch as th
 from transformers import PreTrainedTokenizerBase
 
 from sb3_textrl.common.names import DEFAULT_TASK
 
+if TYPE_CHECKING:
+    from sb3_textrl.envs.text_env import TextGenerationEnv
+
 logger = logging.getLogger("sb3_textrl")
 
 _NEWS_ENTRY_POINT = "sb3_textrl.envs.news:make_news_summary_env"
+_TEXT_TASK_ENTRY_POINT = "sb3_textrl.envs.registry:make_text_task_env"
 IGNORE_INDEX = -100  # label of a position that is not trained on (cross_entropy's ignore_index)
-SftData = str | os.PathLike | Sequence[dict[str, str]] | None
+SftData = str | os.PathLike | Sequence[dict[str, Any]] | None
+PROMPT_COMPLETION_FIELDS = ("prompt", "completion")  # TRL's prompt/completion format
 
 
 @dataclass
@@ -177,19 +184,120 @@ def task_sft_examples(
         raise ValueError(
             f"Task {task!r} is not a text task (its env is {type(env).__name__}); SFT needs prompts with references."
         )
+    return _env_sft_examples(env, task, tokenizer, max_target_tokens)
+
+
+def _env_sft_examples(
+    env: TextGenerationEnv, name: str, tokenizer: PreTrainedTokenizerBase, max_target_tokens: int | None
+) -> tuple[list[SFTExample], int]:
+    """The examples of an env's prompts (its own token ids: template, chat template, truncation) and references."""
     # The text the LM was given (a chat-templated prompt's template ends with a newline: no separator before the target).
     pairs = [(p.lm_text, ids, p.reference) for p, ids in zip(env.prompts, env.prompt_ids) if p.reference]
     if not pairs:
         raise ValueError(
-            f"Task {task!r} has no references to learn from: register it with references=... (or prompt records with "
+            f"Task {name!r} has no references to learn from: register it with references=... (or prompt records with "
             "a 'reference' field), or pass --data with (article, summary) pairs."
         )
     if len(pairs) < len(env.prompts):
         skipped = len(env.prompts) - len(pairs)
-        logger.warning(f"SFT: {skipped} of {len(env.prompts)} prompts of {task} have no reference; skipped.")
+        logger.warning(f"SFT: {skipped} of {len(env.prompts)} prompts of {name} have no reference; skipped.")
     texts, ids, references = zip(*pairs)
     limit = env.max_new_tokens if max_target_tokens is None else max_target_tokens
     return make_sft_examples(texts, ids, references, tokenizer, limit)
+
+
+def _no_reward(prompts: Sequence[str], completions: Sequence[str], references: Sequence[str | None]) -> list[float]:
+    # SFT reads the env's prompts only: nothing is ever scored.
+    return [0.0] * len(completions)
+
+
+def prompt_completion_sft_examples(
+    rows: Sequence[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    task: str | None = None,
+    max_prompt_tokens: int | None = None,
+    max_target_tokens: int | None = None,
+    task_kwargs: dict[str, Any] | None = None,
+) -> tuple[list[SFTExample], int]:
+    """
+    SFT examples from TRL's prompt/completion rows, their prompts built by the env of ``task``.
+
+    A prompt is a string or a conversation (``[{"role": "user", "content": ...}, ...]``), a completion a string or
+    one assistant message (``[{"role": "assistant", "content": ...}]``). The rows replace the prompts of ``task`` (a
+    task registered with :func:`~sb3_textrl.register_text_task`), so its prompt template, chat template, system
+    prompt and truncation give exactly the token ids PPO on that task will show the policy; without ``task``, those
+    of a task registered with the defaults (the tokenizer's chat template when it has one).
+
+    :param rows: dicts with ``prompt`` and ``completion``
+    :param tokenizer: the LM's tokenizer
+    :param task: a task registered with ``register_text_task``, or None
+    :param max_prompt_tokens: the prompt budget (default: the task's)
+    :param max_target_tokens: the longest target, EOS included (default: the task's ``max_new_tokens``)
+    :param task_kwargs: further ``gym.make`` arguments of the task
+    :return: the examples, and how many completions were cut
+    """
+    import gymnasium as gym
+
+    from sb3_textrl.envs.registry import make_text_task_env
+
+    if len(rows) == 0:
+        raise ValueError("SFT data: the data is empty; give at least one (prompt, completion) row.")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or any(row.get(k) is None for k in PROMPT_COMPLETION_FIELDS):
+            found = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(
+                f"SFT data, row {i}: needs 'prompt' and 'completion' (TRL's prompt/completion format, as the first row), "
+                f"got {found}. Fix the row or drop it."
+            )
+    # Only the two fields: a row's other fields must not be taken for the prompt or the reference.
+    records = [{k: row[k] for k in PROMPT_COMPLETION_FIELDS} for row in rows]
+    kwargs: dict[str, Any] = dict(task_kwargs or {}, prompts=records, references=None, tokenizer=tokenizer)
+    if max_prompt_tokens is not None:
+        kwargs["max_prompt_tokens"] = max_prompt_tokens
+    if task is None:
+        env = make_text_task_env(reward=_no_reward, task_id="SFT data", **kwargs)
+    else:
+        if task not in gym.registry or gym.spec(task).entry_point != _TEXT_TASK_ENTRY_POINT:
+            raise ValueError(
+                f"Prompt/completion data takes the prompt template of a task registered with register_text_task, but "
+                f"{task!r} is {'not registered' if task not in gym.registry else 'not one'} ({DEFAULT_TASK} takes "
+                "(article, summary) data). Register your task, or drop the task for the default template."
+            )
+        env = cast("TextGenerationEnv", gym.make(task, **kwargs).unwrapped)  # make_text_task_env's, checked above
+    return _env_sft_examples(env, task or "SFT data", tokenizer, max_target_tokens)
+
+
+def _data_rows(data: str | os.PathLike | Sequence[Any]) -> list[Any] | None:
+    """The rows of ``data`` when they can be read here (a list, a ``.jsonl``/``.csv`` file); None: the news loader's."""
+    if not isinstance(data, (str, os.PathLike)):
+        return list(data)
+    path = Path(data)
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".csv"):
+        from sb3_textrl.envs.registry import _read_prompt_file
+
+        return _read_prompt_file(path)
+    return None  # .json, a hub name, a missing file: load_summary_dataset reads them and reports what is wrong
+
+
+def _is_prompt_completion(
+    rows: Sequence[Any] | None, article_field: str | None, summary_field: str | None, where: str
+) -> bool:
+    """Whether the data is TRL's prompt/completion rows (else (article, summary) pairs); refuses rows of neither."""
+    from sb3_textrl.envs.news_data import ARTICLE_FIELDS, SUMMARY_FIELDS
+
+    if not rows or not isinstance(rows[0], dict) or article_field or summary_field:
+        return False  # the news checks report these
+    fields = set(rows[0])
+    if set(PROMPT_COMPLETION_FIELDS) <= fields:
+        return True
+    if fields & set(ARTICLE_FIELDS) and fields & set(SUMMARY_FIELDS):
+        return False
+    raise ValueError(
+        f"{where}: the first row has fields {sorted(fields)}, which are neither TRL's prompt/completion format "
+        f"('prompt' and 'completion', strings or conversations) nor (article, summary) pairs (an article field of "
+        f"{list(ARTICLE_FIELDS)} and a summary field of {list(SUMMARY_FIELDS)}). Rename the fields, or name them with "
+        "article_field=/summary_field= (CLI: --article-field/--summary-field)."
+    )
 
 
 def load_sft_examples(
@@ -206,13 +314,15 @@ def load_sft_examples(
     """
     SFT examples from a data file, a list of rows, or a registered task.
 
-    ``data`` (a ``.jsonl``/``.json``/``.csv`` path or ``{"article", "summary"}`` rows) is formatted with
-    NewsSummary-v0's prompt template; ``data=None`` takes the prompts and references of ``task`` (default:
-    NewsSummary-v0's built-in generated news).
+    ``data`` (a ``.jsonl``/``.json``/``.csv`` path or a list of rows) holds ``{"article", "summary"}`` pairs,
+    formatted with NewsSummary-v0's prompt template, or TRL's ``{"prompt", "completion"}`` rows, formatted as
+    ``task`` shows its prompts (:func:`prompt_completion_sft_examples`); the first row decides which. ``data=None``
+    takes the prompts and references of ``task`` (default: NewsSummary-v0's built-in generated news).
 
     :param data: a file path, a list of rows, or None for the task's own data
     :param tokenizer: the LM's tokenizer
-    :param task: a registered text task; with ``data`` only NewsSummary-v0 (the template the data is put in)
+    :param task: a registered text task; with (article, summary) data only NewsSummary-v0 (the template the data is
+        put in), with prompt/completion data a task registered with ``register_text_task``
     :param max_prompt_tokens: the prompt budget (default: the task's; 320 for NewsSummary-v0)
     :param max_target_tokens: the longest target, EOS included (default: the task's ``max_new_tokens``)
     :param limit: keep the first ``limit`` examples
@@ -230,10 +340,18 @@ def load_sft_examples(
             task or DEFAULT_TASK, tokenizer, max_prompt_tokens, max_target_tokens, task_kwargs
         )
         return examples[:limit], {"prompts_truncated": 0, "targets_truncated": targets_cut}
+    rows = _data_rows(data)
+    if _is_prompt_completion(rows, article_field, summary_field, f"SFT data {data}" if rows is None else "SFT data"):
+        assert rows is not None
+        examples, targets_cut = prompt_completion_sft_examples(
+            rows[:limit], tokenizer, task, max_prompt_tokens, max_target_tokens, task_kwargs
+        )
+        return examples, {"prompts_truncated": 0, "targets_truncated": targets_cut}
     if task is not None and (task not in gym.registry or gym.spec(task).entry_point != _NEWS_ENTRY_POINT):
         raise ValueError(
             f"Data files hold (article, summary) pairs and are formatted with {DEFAULT_TASK}'s prompt template, but the "
-            f"task is {task!r}. Drop the data to train on {task}'s own prompts and references, or drop the task."
+            f"task is {task!r}. Drop the data to train on {task}'s own prompts and references, give the data as "
+            "'prompt'/'completion' rows (formatted with the task's template), or drop the task."
         )
     if isinstance(data, (str, os.PathLike)):
         from sb3_textrl.envs.news_data import load_summary_dataset

@@ -12,6 +12,7 @@ from typing import Any
 import torch as th
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sb3_textrl.common.hf_trainer import move_run_files
 from sb3_textrl.common.output_dir import write_dir_atomically
 
 RESULT_FILE = "sft_result.json"
@@ -68,12 +69,16 @@ def _describe(value: Any) -> Any:
 
 
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: Path, result: SFTResult) -> None:
-    """Write model, tokenizer and result to a temporary sibling, then swap it in: no half-written model dir."""
+    """
+    Write model, tokenizer and result to a temporary sibling, then swap it in: no half-written model dir. The run's
+    checkpoints and log files, in ``output_dir`` while it trained, move into the new directory last.
+    """
 
     def write(directory: Path) -> None:
         model.save_pretrained(str(directory))
         tokenizer.save_pretrained(str(directory))
         # default=repr: task_kwargs may hold objects (a reward) that JSON cannot write
         (directory / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=repr) + "\n")
+        move_run_files(output_dir, directory)
 
     write_dir_atomically(output_dir, write)

@@ -1,18 +1,22 @@
 """
-The SFT training loop, in named steps: load the data, load the model, train (one optimizer step, one epoch), measure
-the held-out loss before and after, save.
+The SFT run, in named steps: load the data, load the model, train on ``transformers.Trainer``, measure the held-out
+loss before and after, save.
 
-A short torch loop rather than ``transformers.Trainer``: the loss needs only the summary positions (the LM head runs
-on those alone, which saves most of the ``(B, S, V)`` logits on long prompts), the batches use the env's layout
-(prompt left-padded, completion after it, the policy's position ids), and the whole procedure stays readable top to
-bottom.
+Training is :class:`~sb3_textrl.sft.trainer.CompletionOnlyTrainer`, a ``transformers.Trainer`` that overrides only
+the loss (the LM head runs on the summary positions alone, which saves most of the ``(B, S, V)`` logits on long
+prompts) and the batches (the env's layout: prompt left-padded, completion after it, the policy's position ids). The
+Trainer gives the rest: AdamW with linear warmup and decay, gradient accumulation and clipping, bf16, checkpoints
+every ``save_steps`` and their exact resume. Its logs go through SB3's logger (``progress.csv``, tensorboard) into
+the output directory, with SB3's keys, so ``sb3-textrl plot`` reads an SFT run as it reads a PPO run.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,15 +26,29 @@ from typing import Any
 
 import torch as th
 from peft import LoraConfig, PeftModel, get_peft_model
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainerState
 
+from sb3_textrl.common import metric_keys as keys
 from sb3_textrl.common.deprecation import renamed_kwargs
+from sb3_textrl.common.hf_trainer import (
+    ResumeSpec,
+    RunRecordCallback,
+    SB3LogCallback,
+    check_report_to,
+    check_steps,
+    load_run_record,
+    preserved_global_rng,
+    quiet_trainer,
+    resolve_checkpoint,
+    training_arguments,
+    warmup_steps,
+)
 from sb3_textrl.common.output_dir import check_output_dir
 from sb3_textrl.models import _quiet_progress, load_causal_lm, load_tokenizer
-from sb3_textrl.sft.data import IGNORE_INDEX, SftData, SFTExample, _batches, _groups, _split, collate_sft, load_sft_examples
-from sb3_textrl.sft.loss import _hf_model, _to_device, evaluate_sft_loss, target_nll
+from sb3_textrl.sft.data import SftData, SFTExample, _split, collate_sft, load_sft_examples
+from sb3_textrl.sft.loss import _hf_model, evaluate_sft_loss
 from sb3_textrl.sft.output import SAVED_NAMES, SFTResult, _describe, _save
+from sb3_textrl.sft.trainer import CompletionOnlyTrainer, SFTBatchSampler, SFTDataset
 
 
 def lora_kwargs(model: PreTrainedModel, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -75,6 +93,7 @@ class _Optim:
         for name, value in sizes.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
+        warmup_steps(self.warmup_ratio, 0)  # refuses a ratio outside [0, 1)
 
     def total_steps(self, n_examples: int) -> int:
         """Optimizer steps over all epochs of ``n_examples`` examples."""
@@ -138,89 +157,107 @@ def _load_model(
 
 @dataclass(frozen=True)
 class _Training:
-    """What steps 3 and 4 measured (:meth:`_Trainer.run`)."""
+    """What training measured (:func:`_fit`)."""
 
     loss_before: float | None  # mean held-out loss per summary token, None without a held-out set
-    losses: list[float]  # the loss of each optimizer step
-    seconds: float  # spent training (evaluation excluded)
+    losses: list[float]  # the loss of each optimizer step (a resumed run's earlier steps included)
+    optimizer_steps: int  # the model's optimizer steps, a resumed run's earlier ones included
+    seconds: float  # spent training in this call (evaluation excluded)
     loss_after: float | None
 
 
-@dataclass
-class _Trainer:
-    """What the optimizer steps share: the model, AdamW with linear warmup and decay, and how a batch runs."""
+@dataclass(frozen=True)
+class _Run:
+    """Where a run writes while it trains and what it resumes from (:func:`train_sft`'s arguments)."""
 
-    model: PreTrainedModel | PeftModel
-    optim: _Optim
-    total_steps: int
-    pad_id: int
-    device: th.device
-    bf16: bool
+    output_dir: Path
+    checkpoint: str | None  # the checkpoint to resume from
+    log: SB3LogCallback
+    save_steps: int | None
+    logging_steps: int
+    max_steps: int | None
+    callbacks: Sequence[TrainerCallback]
 
-    def __post_init__(self) -> None:
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = th.optim.AdamW(self.params, lr=self.optim.learning_rate, weight_decay=self.optim.weight_decay)
-        warmup = round(self.optim.warmup_ratio * self.total_steps)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
 
-    def step(self, batches: list[dict[str, Any]]) -> float:
-        """One optimizer step over collated ``batches`` (gradient accumulation); returns its loss per target token."""
-        # Normalize by the group's target tokens: every summary token weighs the same, however it was batched.
-        n_group = sum(int((c["labels"] != IGNORE_INDEX).sum()) for c in batches)
-        group_loss = 0.0
-        for batch in batches:
-            with th.autocast(self.device.type, dtype=th.bfloat16, enabled=self.bf16):
-                nll, _n = target_nll(self.model, _to_device(batch, self.device))
-            (nll / n_group).backward()
-            group_loss += float(nll.detach()) / n_group
-        if self.optim.max_grad_norm > 0:
-            th.nn.utils.clip_grad_norm_(self.params, self.optim.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return group_loss
+def _held_out_loss(
+    model: PreTrainedModel | PeftModel, held_out: list[SFTExample], pad_id: int, optim: _Optim, device: th.device,
+    bf16: bool, progress_bar: bool,
+) -> float | None:
+    """The mean held-out loss per summary token, or None without a held-out set."""
+    if not held_out:
+        return None
+    return evaluate_sft_loss(
+        model, held_out, pad_token_id=pad_id, batch_size=optim.batch_size, device=device, bf16=bf16, progress_bar=progress_bar
+    )
 
-    def held_out_loss(self, held_out: list[SFTExample], progress_bar: bool) -> float | None:
-        """Step 4: the mean held-out loss per summary token, or None without a held-out set."""
-        if not held_out:
-            return None
-        return evaluate_sft_loss(
-            self.model,
-            held_out,
-            pad_token_id=self.pad_id,
-            batch_size=self.optim.batch_size,
-            device=self.device,
-            bf16=self.bf16,
-            progress_bar=progress_bar,
-        )
 
-    def run(self, train: list[SFTExample], held_out: list[SFTExample], rng: random.Random, progress_bar: bool) -> _Training:
-        """Steps 3 and 4: the held-out loss, every epoch, the held-out loss again."""
-        loss_before = self.held_out_loss(held_out, progress_bar)
-        losses, seconds = self.fit(train, rng, progress_bar)
-        return _Training(loss_before, losses, seconds, self.held_out_loss(held_out, progress_bar))
+def _fit(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[SFTExample],
+    held_out: list[SFTExample],
+    optim: _Optim,
+    run: _Run,
+    device: th.device,
+    bf16: bool,
+    seed: int,
+    progress_bar: bool,
+) -> _Training:
+    """Steps 3 and 4: the held-out loss, training on :class:`CompletionOnlyTrainer`, the held-out loss again."""
+    pad_id = int(tokenizer.pad_token_id)
+    total_steps = optim.total_steps(len(train)) if run.max_steps is None else run.max_steps
+    args = training_arguments(
+        run.output_dir,
+        epochs=optim.epochs,
+        max_steps=run.max_steps,
+        learning_rate=optim.learning_rate,
+        batch_size=optim.batch_size,
+        gradient_accumulation_steps=optim.gradient_accumulation_steps,
+        warmup=warmup_steps(optim.warmup_ratio, total_steps),
+        weight_decay=optim.weight_decay,
+        max_grad_norm=optim.max_grad_norm,
+        bf16=bf16,
+        use_cpu=device.type == "cpu",
+        seed=seed,
+        save_steps=run.save_steps,
+        logging_steps=run.logging_steps,
+        progress_bar=progress_bar,
+    )
+    record = load_run_record(run.checkpoint, {"step_losses": []})
+    resumed_step = _checkpoint_step(run.checkpoint)
+    loss_before = _held_out_loss(model, held_out, pad_id, optim, device, bf16, progress_bar)
+    run.log.open(resumed_step)
+    try:
+        if loss_before is not None:
+            run.log.write({keys.EVAL + keys.LOSS: loss_before}, resumed_step or 0)
+        with preserved_global_rng():
+            trainer = quiet_trainer(CompletionOnlyTrainer(
+                model=model,
+                args=args,
+                train_dataset=SFTDataset(train),
+                data_collator=functools.partial(collate_sft, pad_token_id=pad_id),
+                processing_class=tokenizer,
+                callbacks=[run.log, RunRecordCallback(record), *run.callbacks],
+                batch_sampler=SFTBatchSampler(train, optim.batch_size, seed, optim.group_by_length),
+                step_losses=record["step_losses"],
+            ))
+            start = time.perf_counter()
+            trainer.train(resume_from_checkpoint=run.checkpoint)
+            seconds = time.perf_counter() - start
+        model.eval()
+        loss_after = _held_out_loss(model, held_out, pad_id, optim, device, bf16, progress_bar)
+        if loss_after is not None:
+            run.log.write({keys.EVAL + keys.LOSS: loss_after}, trainer.state.global_step)
+    finally:
+        run.log.close()
+    return _Training(loss_before, list(record["step_losses"]), trainer.state.global_step, seconds, loss_after)
 
-    def epoch(self, train: Sequence[SFTExample], rng: random.Random, bar: tqdm) -> list[float]:
-        """Step 3: one pass over ``train`` in shuffled batches; returns the loss of each optimizer step."""
-        losses = []
-        batches = _batches(train, self.optim.batch_size, rng, self.optim.group_by_length)
-        for group in _groups(batches, self.optim.gradient_accumulation_steps):
-            losses.append(self.step([collate_sft([train[i] for i in b], self.pad_id) for b in group]))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-        return losses
 
-    def fit(self, train: Sequence[SFTExample], rng: random.Random, progress_bar: bool) -> tuple[list[float], float]:
-        """Every epoch; returns the loss of each optimizer step and the seconds spent (evaluation excluded)."""
-        losses: list[float] = []
-        start = time.perf_counter()
-        self.model.train()
-        bar = tqdm(total=self.total_steps, desc="SFT", unit="step", disable=not progress_bar)
-        for _ in range(self.optim.epochs):
-            losses += self.epoch(train, rng, bar)
-        bar.close()
-        self.model.eval()
-        return losses, time.perf_counter() - start
+def _checkpoint_step(checkpoint: str | None) -> int | None:
+    """The optimizer step a checkpoint was saved at (None: no checkpoint)."""
+    if checkpoint is None:
+        return None
+    return int(TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")).global_step)
 
 
 def _result(
@@ -240,7 +277,7 @@ def _result(
         n_examples=len(train),
         n_eval_examples=len(held_out),
         n_train_tokens=sum(len(e.target_ids) for e in train),
-        optimizer_steps=len(training.losses),
+        optimizer_steps=training.optimizer_steps,
         n_prompts_truncated=counts["prompts_truncated"],
         n_targets_truncated=counts["targets_truncated"],
         train_losses=training.losses,
@@ -300,21 +337,35 @@ def train_sft(
     device: str | th.device = "auto",
     overwrite: bool = False,
     progress_bar: bool = True,
+    resume_from_checkpoint: ResumeSpec = None,
+    save_steps: int | None = None,
+    logging_steps: int = 10,
+    report_to: str | Sequence[str] | None = ("csv",),
+    logging_dir: str | os.PathLike | None = None,
+    max_steps: int | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> SFTResult:
     """
-    Fine-tune a causal LM on (prompt, summary) pairs and save it as a plain Hugging Face model directory.
+    Fine-tune a causal LM on (prompt, completion) pairs and save it as a plain Hugging Face model directory.
 
-    The loss is the mean NLL of the summary tokens and the EOS after them; prompt tokens are masked. With LoRA,
+    The loss is the mean NLL of the completion tokens and the EOS after them; prompt tokens are masked. With LoRA,
     the adapters are merged into the weights before saving, so ``load_causal_lm(output_dir)``,
     ``from_pretrained(output_dir)`` and ``PPO(TransformerLMPolicy, env, policy_kwargs=dict(lm=output_dir))`` all
-    read it. Training uses AdamW with linear warmup and decay, gradient accumulation and gradient clipping.
+    read it. Training runs on ``transformers.Trainer`` (AdamW with linear warmup and decay, gradient accumulation
+    and clipping, bf16, checkpoints and resume); its logs go through SB3's logger (``train/loss``,
+    ``train/learning_rate``, ``train/grad_norm``, ``eval/loss`` against ``time/total_timesteps`` = the optimizer
+    step). While it trains, ``output_dir`` holds the checkpoints and log files; the model is swapped in at the end,
+    the checkpoints and logs moved along with it.
 
     :param lm: the LM to start from: a hub name, a local directory, or None for the embedded SmolLM2-135M-Instruct
-    :param data: a ``.jsonl``/``.json``/``.csv`` file or a list of ``{"article", "summary"}`` rows (formatted
-        with NewsSummary-v0's template), or None for ``task``'s own prompts and references
-    :param output_dir: where the model, tokenizer and ``sft_result.json`` are written
-    :param task: a registered text task whose data to use when ``data`` is None (default: NewsSummary-v0 with
-        its built-in generated news)
+    :param data: a ``.jsonl``/``.json``/``.csv`` file or a list of rows: ``{"article", "summary"}`` (formatted with
+        NewsSummary-v0's template) or TRL's ``{"prompt", "completion"}`` (strings or conversations, formatted as
+        ``task`` shows its prompts); or None for ``task``'s own prompts and references
+    :param output_dir: where the model, tokenizer and ``sft_result.json`` are written (and, while training, the
+        checkpoints and logs)
+    :param task: a registered text task: its prompts and references when ``data`` is None (default:
+        NewsSummary-v0 with its built-in generated news), its prompt template and chat template for prompt/completion
+        data (default for those: a task registered with :func:`~sb3_textrl.register_text_task`'s defaults)
     :param use_lora: train LoRA adapters (peft) instead of all weights; they are merged when saving
     :param lora_config: ``peft.LoraConfig`` arguments replacing the defaults (r=16, alpha=32, no dropout)
     :param epochs: passes over the training examples
@@ -340,13 +391,29 @@ def train_sft(
     :param bf16: bfloat16 autocast (default: on for CUDA devices that support it)
     :param seed: seed of the split, the batch order and the LoRA initialization
     :param device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``...
-    :param overwrite: replace ``output_dir`` if it exists and is not empty
+    :param overwrite: replace ``output_dir`` if it exists and is not empty (its contents are removed when training
+        starts)
     :param progress_bar: show progress bars (``progress``: its deprecated name)
+    :param resume_from_checkpoint: continue a run from a checkpoint: True for the latest ``checkpoint-*`` in
+        ``output_dir``, or a checkpoint's path (the other arguments must be the run's)
+    :param save_steps: save a checkpoint (weights, optimizer, scheduler, RNG states) every this many optimizer
+        steps in ``output_dir`` (None: no checkpoints)
+    :param logging_steps: log the training loss every this many optimizer steps
+    :param report_to: SB3 logger formats of the logs: ``"csv"`` (``progress.csv``), ``"tensorboard"``, ``"json"``,
+        ``"log"``, ``"stdout"`` (a comma-separated string or a list; None or ``"none"``: no log files)
+    :param logging_dir: where the logs are written (default: ``output_dir``)
+    :param max_steps: stop after this many optimizer steps (default: ``epochs`` over the data)
+    :param callbacks: further ``transformers.TrainerCallback`` objects (early stopping, your own logging)
     :return: the held-out loss before and after, timings and counts
     """
     learning_rate = (2e-4 if use_lora else 5e-5) if learning_rate is None else learning_rate
     config = {SAVED_NAMES.get(k, k): _describe(v) for k, v in locals().items()}  # the arguments, for sft_result.json
-    output_dir = check_output_dir(output_dir, overwrite)  # before any work: a run must not fail at the end
+    # Before any work: a run must not fail at the end.
+    checkpoint = resolve_checkpoint(resume_from_checkpoint, Path(output_dir).expanduser())
+    output_dir = Path(output_dir).expanduser() if checkpoint else check_output_dir(output_dir, overwrite)
+    formats = check_report_to(report_to)
+    config.update(report_to=formats, callbacks=[type(c).__name__ for c in callbacks])
+    check_steps(save_steps=save_steps, logging_steps=logging_steps, max_steps=max_steps)
     optim = _Optim(
         epochs=epochs,
         learning_rate=learning_rate,
@@ -358,17 +425,27 @@ def train_sft(
         group_by_length=group_by_length,
     )
     torch_device, use_bf16 = _device_and_bf16(device, bf16)
-    rng = random.Random(seed)
     load = dict(
         max_prompt_tokens=max_prompt_tokens,
         max_target_tokens=max_target_tokens,
         article_field=article_field,
         summary_field=summary_field,
     )
+    rng = random.Random(seed)
     tokenizer, train, held_out, counts = _load_data(lm, data, task, task_kwargs, eval_data, eval_fraction, rng, limit, load)
     model = _load_model(lm, torch_device, seed, use_lora, lora_config, gradient_checkpointing, progress_bar)
-    trainer = _Trainer(model, optim, optim.total_steps(len(train)), int(tokenizer.pad_token_id), torch_device, use_bf16)
-    training = trainer.run(train, held_out, rng, progress_bar)
+    if checkpoint is None:
+        _start_output_dir(output_dir)
+    log_dir = output_dir if logging_dir is None else Path(logging_dir).expanduser()
+    run = _Run(output_dir, checkpoint, SB3LogCallback(log_dir, formats), save_steps, logging_steps, max_steps, callbacks)
+    training = _fit(model, tokenizer, train, held_out, optim, run, torch_device, use_bf16, seed, progress_bar)
     result = _result(output_dir, config, train, held_out, counts, training)
     _save_model(model, tokenizer, result, gradient_checkpointing, progress_bar)
     return result
+
+
+def _start_output_dir(output_dir: Path) -> None:
+    """A new run's output directory, empty (an old one's contents go: :func:`check_output_dir` allowed it)."""
+    if output_dir.is_dir():
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True)
