@@ -13,7 +13,7 @@ import inspect
 import logging
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -423,8 +423,3 @@ def _split(examples: list[SFTExample], eval_fraction: float, rng: random.Random)
     order = list(range(len(examples)))
     rng.shuffle(order)
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
-
-
-def _groups(batches: list[list[int]], size: int) -> Iterator[list[list[int]]]:
-    for start in range(0, len(batches), size):
-        yield batches[start : start + size]
