@@ -36,8 +36,17 @@ def _print_samples(title: str, samples: list[Sample]) -> None:
 def _envs(config: DemoConfig) -> tuple[VecEnv, VecEnv, list[int]]:
     """The grouped training envs, the eval env and the held-out prompt indices of the eval env."""
     env_kwargs: dict[str, Any] = dict(
-        tokenizer=config.lm, max_new_tokens=config.n_steps, max_prompt_tokens=config.max_prompt_tokens
+        tokenizer=config.lm if config.tokenizer is None else config.tokenizer,
+        max_new_tokens=config.n_steps,
+        max_prompt_tokens=config.max_prompt_tokens,
     )
+    clashes = sorted(set(config.env_kwargs) & (set(env_kwargs) | {"dataset", "reward"}))
+    if clashes:
+        raise ValueError(
+            f"env_kwargs {clashes}: the demo sets these from its own settings (tokenizer, n_steps = max_new_tokens, "
+            "max_prompt_tokens, dataset, reward_model); set those instead"
+        )
+    env_kwargs |= config.env_kwargs
     if config.dataset is not None:
         env_kwargs["dataset"] = config.dataset
     if config.reward_model is not None:

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -11,6 +12,7 @@ class DemoConfig:
     """Settings of the demo (the defaults run in a few minutes on 2 CPU cores)."""
 
     lm: str | None = None  # LM name or path; None: the embedded SmolLM2-135M-Instruct
+    tokenizer: str | None = None  # the env's tokenizer; None: the LM's
     dataset: str | None = None  # JSONL/CSV of article/summary pairs; None: the built-in generated news
     reward_model: str | None = None  # a directory written by `sb3-textrl train-rm`: PPO on the learned reward
     n_envs: int = 8  # parallel episodes per rollout
@@ -31,3 +33,4 @@ class DemoConfig:
     output_dir: str = "runs/news_demo"
     seed: int = 0
     device: str = "auto"
+    env_kwargs: dict[str, Any] = field(default_factory=dict)  # further NewsSummary-v0 arguments (e.g. system_prompt)

@@ -27,7 +27,14 @@ from sb3_textrl.common.sb3_bridge import attach_rollout_extras
 from sb3_textrl.common.segments import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN
 from sb3_textrl.lm import checkpoint, lora, precision
 from sb3_textrl.lm.algorithm import GROUPED_SPEEDUP, configure_algorithm, per_step_buffer_message
-from sb3_textrl.lm.arguments import check_arguments, check_spaces, check_vocabulary, kl_target_argument, refuse_segments
+from sb3_textrl.lm.arguments import (
+    check_arguments,
+    check_context_length,
+    check_spaces,
+    check_vocabulary,
+    kl_target_argument,
+    refuse_segments,
+)
 from sb3_textrl.lm.forward import LMForwards
 from sb3_textrl.lm.forward import cache_kwarg as _cache_kwarg
 from sb3_textrl.lm.heads import make_value_head
@@ -178,6 +185,7 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         model = checkpoint.load_base_lm(self)  # a missing directory: the error names the lm= override
         base_state = model.state_dict(keep_vars=True)  # the LM as loaded, before LoRA wraps it
         check_vocabulary(model, self.action_space, self.observation_space, self.lm_name, self.check_tokenizer)
+        check_context_length(model, self.observation_space, self.lm_name)
         self.layer_split = lora.make_layer_split(model, self.trainable_layers)
         lm: PreTrainedModel | PeftModel = model
         if self.use_lora:

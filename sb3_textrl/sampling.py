@@ -22,6 +22,8 @@ from stable_baselines3.common.vec_env import VecEnv
 from sb3_textrl.common.names import DEFAULT_TASK
 from sb3_textrl.envs.batched import make_text_vec_env
 from sb3_textrl.evaluation import Sample, generate_samples
+from sb3_textrl.evaluation.inputs import model_settings
+from sb3_textrl.lm.arguments import check_sampling
 from sb3_textrl.policies import TransformerLMPolicy
 
 
@@ -41,6 +43,9 @@ class DecodingSettings:
     top_k: int | None = None
     top_p: float | None = None
 
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_k, self.top_p)
+
     @classmethod
     def parse(cls, spec: str) -> DecodingSettings:
         """
@@ -59,8 +64,17 @@ class DecodingSettings:
             key, sep, value = item.partition("=")
             if not sep or key not in ("temperature", "top_k", "top_p"):
                 raise ValueError(f"decoding {spec!r}: unknown option {item!r}; use temperature=, top_k= or top_p=")
-            values[key] = int(value) if key == "top_k" else float(value)
-        return cls(greedy=kind == "greedy", **values)
+            try:
+                values[key] = int(value) if key == "top_k" else float(value)
+            except ValueError:
+                kind_of = "a whole number" if key == "top_k" else "a number"
+                raise ValueError(f"decoding {spec!r}: {key} must be {kind_of}, got {value!r}") from None
+        if kind == "greedy" and values:
+            raise ValueError(f"decoding {spec!r}: greedy decoding takes no options; use 'sample:{options}'")
+        try:
+            return cls(greedy=kind == "greedy", **values)
+        except ValueError as error:
+            raise ValueError(f"decoding {spec!r}: {error}") from None
 
     def describe(self) -> str:
         """Short text form, the inverse of :meth:`parse`."""
@@ -174,7 +188,8 @@ def sample_for_rating(
     :param n_prompts: how many prompts to draw (seeded)
     :param source_a: model and decoding of candidate A
     :param source_b: model and decoding of candidate B (default: A's model, sampled)
-    :param env_kwargs: keyword arguments of the task (``dataset=``, ``tokenizer=``, ``max_new_tokens=`` ...)
+    :param env_kwargs: keyword arguments of the task (``dataset=``, ``tokenizer=``, ``max_new_tokens=`` ...); the
+        tokenizer (and a saved model's widths) default to model A's
     :param n_envs: prompts completed at once
     :param seed: seed of the prompt draw and of sampling
     :param device: torch device
@@ -183,22 +198,27 @@ def sample_for_rating(
     """
     from sb3_textrl.feedback import FeedbackStore, random_pair_orders
 
+    if not n_prompts >= 1 or not n_envs >= 1:
+        raise ValueError(f"n_prompts and n_envs must be >= 1, got n_prompts={n_prompts}, n_envs={n_envs}")
     source_a = source_a or CandidateSource()
     source_b = source_b or CandidateSource(source_a.model, DecodingSettings(greedy=False))
-    env = make_text_vec_env(task, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs or {})
-    prompts = env.get_attr("prompts", [0])[0]
-    indices = pick_prompts(len(prompts), n_prompts, seed)
-    candidates = []
-    generator = None
-    for source in (source_a, source_b):
-        if generator is None or source.model != source_a.model:
-            generator = load_generator(source.model, env, device=device, seed=seed)
-        candidates.append(generate_candidates(generator, env, indices, source.decoding, progress_bar=progress_bar))
-    env.close()
-    pair_ids = []
-    # Which source is shown first is drawn per pair (seeded), so "A" is no source and carries no position bias.
-    swaps = random_pair_orders(len(indices), seed)
+    # The env speaks model A's tokenizer (and a saved model's widths) unless env_kwargs say otherwise.
+    env_kwargs = model_settings(source_a.model) | (env_kwargs or {})
+    # The store is opened first: a path that cannot hold a database fails before minutes of generation, not after.
     with FeedbackStore(db) as store:
+        env = make_text_vec_env(task, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
+        prompts = env.get_attr("prompts", [0])[0]
+        indices = pick_prompts(len(prompts), n_prompts, seed)
+        candidates = []
+        generator = None
+        for source in (source_a, source_b):
+            if generator is None or source.model != source_a.model:
+                generator = load_generator(source.model, env, device=device, seed=seed)
+            candidates.append(generate_candidates(generator, env, indices, source.decoding, progress_bar=progress_bar))
+        env.close()
+        pair_ids = []
+        # Which source is shown first is drawn per pair (seeded), so "A" is no source and carries no position bias.
+        swaps = random_pair_orders(len(indices), seed)
         for index, sample_a, sample_b, swap in zip(indices, *candidates, swaps):
             prompt = prompts[index]
             prompt_id = store.add_prompt(

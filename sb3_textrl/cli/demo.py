@@ -4,46 +4,87 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
+from sb3_textrl.cli.common import (
+    add_command,
+    add_flag,
+    add_model,
+    add_output_dir,
+    add_run_flags,
+    add_task_flags,
+    env_kwargs,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from sb3_textrl.demo_config import DemoConfig
 
+# DemoConfig's whole-number settings, and what they may be
+_COUNTS: dict[str, Callable[[str], int]] = dict(
+    n_envs=positive_int,
+    samples_per_prompt=positive_int,
+    n_steps=positive_int,
+    updates=positive_int,
+    n_eval=positive_int,
+    n_samples=non_negative_int,
+    eval_every=positive_int,
+    eval_data_seed=int,
+    max_prompt_tokens=positive_int,
+)
 
-def _int_or_none(text: str) -> int | str:
-    return "none" if text.strip().lower() == "none" else int(text)
+
+def _layers(text: str) -> int | str:
+    """``--trainable-layers``: a count >= 1, or ``none`` (every layer)."""
+    return "none" if text.strip().lower() == "none" else positive_int(text)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    """Add ``sb3-textrl demo`` to the CLI's subcommands (the help shows :class:`DemoConfig`'s defaults)."""
-    demo = commands.add_parser("demo", help="PPO on NewsSummary-v0 with the embedded LM: summaries before and after")
+    """
+    Add ``sb3-textrl demo`` to the CLI's subcommands (the help shows :class:`DemoConfig`'s defaults).
+
+    :param commands: the subparsers of the ``sb3-textrl`` parser
+    """
+    parser = add_command(
+        commands,
+        "demo",
+        help="PPO on NewsSummary-v0 with the embedded LM: summaries before and after",
+        description="Fine-tune the embedded SmolLM2-135M-Instruct (or --model) with stock SB3 PPO on NewsSummary-v0: "
+        "LoRA in the top blocks, k summaries per article judged against each other (RLOO), a KL penalty to the untuned "
+        "LM. Held-out articles are scored before and after (greedy) with bootstrap intervals; the model, logs, plots "
+        "and summary.json go to --output-dir.",
+    )
     defaults = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
-    demo.add_argument("--lm", help="LM name or local path (default: the embedded SmolLM2-135M-Instruct)")
-    demo.add_argument("--dataset", help="JSONL/CSV of article/summary pairs (default: built-in generated news)")
-    demo.add_argument("--reward-model", help="directory written by train-rm: PPO on that learned reward (default: ROUGE-1)")
-    for name in (
-        "n_envs",
-        "samples_per_prompt",
-        "n_steps",
-        "updates",
-        "n_epochs",
-        "n_eval",
-        "n_samples",
-        "eval_every",
-        "eval_data_seed",
-        "seed",
-        "max_prompt_tokens",
-    ):
-        demo.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {defaults[name]}")
-    demo.add_argument(
+    add_model(parser, "LM name or local path (default: the embedded SmolLM2-135M-Instruct)")
+    add_task_flags(
+        parser, "JSONL/CSV of article/summary pairs (default: built-in generated news)", task=False, max_new_tokens=False
+    )
+    parser.add_argument("--reward-model", help="directory written by train-rm: PPO on that learned reward (default: ROUGE-1)")
+    for name, kind in _COUNTS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"default {defaults[name]}")
+    add_flag(
+        parser,
+        "--epochs",
+        old=("--n-epochs",),
+        dest="n_epochs",
+        type=positive_int,
+        help=f"passes over each rollout (default {defaults['n_epochs']})",
+    )
+    parser.add_argument(
         "--trainable-layers",
-        type=_int_or_none,
+        type=_layers,
         help=f"train the top N blocks only, 'none' for all (default {defaults['trainable_layers']})",
     )
-    demo.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), help=f"default {defaults['mixed_precision']}")
-    for name in ("learning_rate", "kl_coef", "temperature"):
-        demo.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"default {defaults[name]}")
-    demo.add_argument("--output-dir", help=f"default {defaults['output_dir']}")
-    demo.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
-    demo.set_defaults(run=run)
+    parser.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), help=f"default {defaults['mixed_precision']}")
+    parser.add_argument("--learning-rate", type=positive_float, help=f"default {defaults['learning_rate']}")
+    parser.add_argument("--kl-coef", type=non_negative_float, help=f"β of the KL penalty (default {defaults['kl_coef']})")
+    parser.add_argument("--temperature", type=positive_float, help=f"of the rollouts (default {defaults['temperature']})")
+    add_output_dir(parser, f"default {defaults['output_dir']}")
+    parser.add_argument("--seed", type=int, help=f"default {defaults['seed']}")
+    add_run_flags(parser, seed=None, quiet=False)
+    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,8 +92,11 @@ def run(args: argparse.Namespace) -> int:
     from sb3_textrl.demo import run_demo
 
     fields = {f.name for f in dataclasses.fields(DemoConfig)}
-    settings = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    named: dict[str, Any] = dict(vars(args), lm=args.model, output_dir=args.output_dir)
+    settings = {k: v for k, v in named.items() if k in fields and v is not None and k != "env_kwargs"}
     if settings.get("trainable_layers") == "none":  # --trainable-layers none: every layer
         settings["trainable_layers"] = None
-    run_demo(DemoConfig(**settings))
+    extra = env_kwargs(args, "NewsSummary-v0")
+    settings.update({key: extra.pop(key) for key in ("dataset", "tokenizer") if key in extra})
+    run_demo(DemoConfig(**settings, env_kwargs=extra))
     return 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from sb3_textrl.cli.common import add_command, non_negative_int
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -12,7 +13,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
     :param commands: the parser's subparsers (``parser.add_subparsers()``)
     """
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "export",
         help="write a saved model's LM as a plain Hugging Face model directory (LoRA merged)",
         description="Write the LM of a saved model (.zip) as a Hugging Face model directory that "
@@ -27,7 +29,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--stop-token-id",
-        type=int,
+        type=non_negative_int,
         action="append",
         metavar="ID",
         help="a token that ends a completion, repeatable (default: the tokenizer's EOS, as the env picks it)",
@@ -40,13 +42,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``sb3-textrl export`` with the parsed arguments (the implementation is imported here)."""
     from sb3_textrl.export import export_lm
 
-    try:
-        output = export_lm(
-            args.model, args.output_dir, tokenizer=args.tokenizer, overwrite=args.overwrite, stop_token_ids=args.stop_token_id
-        )
-    except (ValueError, TypeError, OSError, ImportError) as error:  # bad input: the message says what to do
-        message = " ".join(str(error).split())  # one line, whatever the library's message
-        print(f"sb3-textrl export: error: {message}", file=sys.stderr)
-        return 2
+    output = export_lm(
+        args.model, args.output_dir, tokenizer=args.tokenizer, overwrite=args.overwrite, stop_token_ids=args.stop_token_id
+    )
     print(f"wrote {output}: load it with AutoModelForCausalLM.from_pretrained({str(output)!r}) (LoRA merged)")
     return 0

@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from sb3_textrl.common.names import DEFAULT_TASK
+from sb3_textrl.cli.common import add_command, add_run_flags, add_task_flags, env_kwargs, positive_int
+
+DECODING_HELP = "greedy | sample[:temperature=T,top_k=K,top_p=P]"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    """Add ``sb3-textrl sample`` to the CLI's subcommands."""
-    parser = commands.add_parser("sample", help="generate two candidate completions per prompt and store them for rating")
+    """
+    Add ``sb3-textrl sample`` to the CLI's subcommands.
+
+    :param commands: the subparsers of the ``sb3-textrl`` parser
+    """
+    parser = add_command(
+        commands,
+        "sample",
+        help="generate two candidate completions per prompt and store them for rating",
+        description="Draw --n-prompts prompts of a task (seeded), complete each with two sources (model and decoding "
+        "A, model and decoding B) and store them as pairs to judge in a feedback database; sb3-textrl rate shows them, "
+        "in a random order per pair. The env uses model A's tokenizer unless --tokenizer says otherwise.",
+    )
     parser.add_argument("--db", required=True, help="feedback database (SQLite; created if missing)")
-    parser.add_argument("--task", default=DEFAULT_TASK, help=f"registered text task (default {DEFAULT_TASK})")
-    parser.add_argument("--dataset", help="JSONL/CSV of article/summary pairs for news tasks (default: the task's data)")
-    parser.add_argument("--n-prompts", type=int, default=16, help="prompts to draw (default 16)")
+    add_task_flags(parser, "JSONL/CSV/JSON of article/summary pairs for news tasks (default: the task's data)")
+    parser.add_argument("--n-prompts", type=positive_int, default=16, help="prompts to draw (default 16)")
     parser.add_argument("--model-a", help="LM name/dir or saved model .zip for candidate A (default: the embedded LM)")
     parser.add_argument("--model-b", help="the same for candidate B (default: model A)")
-    parser.add_argument("--decoding-a", default="greedy", help="greedy | sample[:temperature=T,top_k=K,top_p=P]")
+    parser.add_argument("--decoding-a", default="greedy", help=f"{DECODING_HELP} (default greedy)")
     parser.add_argument("--decoding-b", default="sample", help="as --decoding-a (default: sample)")
-    parser.add_argument("--max-new-tokens", type=int, help="length limit of a completion (default: the task's)")
-    parser.add_argument("--n-envs", type=int, default=4, help="prompts completed at once (default 4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--n-envs", type=positive_int, default=4, help="prompts completed at once (default 4)")
+    add_run_flags(parser)
     parser.set_defaults(run=run)
 
 
@@ -30,11 +39,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``sb3-textrl sample`` with the parsed arguments (the implementation is imported here)."""
     from sb3_textrl.sampling import CandidateSource, DecodingSettings, sample_for_rating
 
-    env_kwargs: dict[str, Any] = {}
-    if args.dataset:
-        env_kwargs["dataset"] = args.dataset
-    if args.max_new_tokens:
-        env_kwargs["max_new_tokens"] = args.max_new_tokens
+    kwargs = env_kwargs(args, args.task)
     source_a = CandidateSource(args.model_a, DecodingSettings.parse(args.decoding_a))
     source_b = CandidateSource(args.model_b or args.model_a, DecodingSettings.parse(args.decoding_b))
     pair_ids = sample_for_rating(
@@ -43,10 +48,11 @@ def run(args: argparse.Namespace) -> int:
         n_prompts=args.n_prompts,
         source_a=source_a,
         source_b=source_b,
-        env_kwargs=env_kwargs,
+        env_kwargs=kwargs,
         n_envs=args.n_envs,
         seed=args.seed,
         device=args.device,
+        progress_bar=not args.quiet,
     )
     print(f"stored {len(pair_ids)} pairs to judge in {args.db}; rate them with: sb3-textrl rate --db {args.db}")
     return 0

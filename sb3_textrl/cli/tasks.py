@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import argparse
 
+from sb3_textrl.cli.common import add_command
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    """Add ``sb3-textrl tasks`` to the CLI's subcommands."""
-    tasks = commands.add_parser("tasks", help="list the registered text tasks")
-    tasks.set_defaults(run=run)
+    """
+    Add ``sb3-textrl tasks`` to the CLI's subcommands.
+
+    :param commands: the subparsers of the ``sb3-textrl`` parser
+    """
+    parser = add_command(
+        commands,
+        "tasks",
+        help="list the registered text tasks",
+        description="Print the id of every registered text task, one a line: the built-in ones and those that the "
+        "--import modules register (e.g. sb3-textrl tasks --import my_tasks).",
+    )
+    parser.add_argument(
+        "--import", dest="imports", action="append", metavar="MODULE", help="import MODULE first (it may register tasks)"
+    )
+    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

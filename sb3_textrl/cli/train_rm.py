@@ -4,67 +4,93 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from sb3_textrl.cli.sft import add_trainer_flags
+from sb3_textrl.cli.common import (
+    add_command,
+    add_flag,
+    add_model,
+    add_output_dir,
+    add_run_flags,
+    add_trainer_flags,
+    float_in,
+    positive_float,
+    positive_int,
+)
 from sb3_textrl.common.names import MINILM_NAME
 from sb3_textrl.reward_model.config import RewardModelConfig
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    """Add ``train-rm`` to the ``sb3-textrl`` subcommands."""
+    """
+    Add ``train-rm`` to the ``sb3-textrl`` subcommands.
+
+    :param commands: the subparsers of the ``sb3-textrl`` parser
+    """
     defaults = RewardModelConfig()
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "train-rm",
         help="train a reward model on pairwise preferences (feedback DB or JSONL)",
         description="Train a scalar reward model with the Bradley-Terry loss on pairwise preferences and save it for "
-        "LearnedRewardModel. Prints held-out pairwise accuracy and loss.",
+        "LearnedRewardModel (or demo --reward-model). Prints held-out pairwise accuracy with a 95% interval, and loss.",
     )
-    parser.add_argument("--data", required=True, help="feedback database (SQLite) or .jsonl with prompt/chosen/rejected")
-    parser.add_argument("--output", required=True, help="directory to save the reward model in (new or empty)")
-    parser.add_argument("--backbone", help=f"HF model directory or hub name (default: offline {MINILM_NAME})")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
-    # The flags keep their names (--lr, --no-progress); they set learning_rate and progress_bar.
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help=f"default {defaults.learning_rate}")
+    add_flag(
+        parser,
+        "--dataset",
+        old=("--data",),
+        required=True,
+        help="feedback database (SQLite, from sb3-textrl rate) or .jsonl with prompt/chosen/rejected on each line",
+    )
+    add_output_dir(parser, "directory to save the reward model in (new or empty)", required=True)
+    add_model(
+        parser, f"encoder to fine-tune: HF model directory or hub name (default: offline {MINILM_NAME})", old=("--backbone",)
+    )
+    parser.add_argument("--epochs", type=positive_int, default=defaults.epochs, help=f"default {defaults.epochs}")
+    add_flag(
+        parser,
+        "--learning-rate",
+        old=("--lr",),
+        type=positive_float,
+        default=defaults.learning_rate,
+        help=f"default {defaults.learning_rate}",
+    )
     parser.add_argument(
-        "--eval-fraction", type=float, default=defaults.eval_fraction, help=f"default {defaults.eval_fraction}"
+        "--eval-fraction",
+        type=float_in(0.0, 1.0, high_open=True),
+        default=defaults.eval_fraction,
+        help=f"share of the prompts held out (default {defaults.eval_fraction})",
     )
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"default {defaults.batch_size}")
-    parser.add_argument("--max-length", type=int, default=defaults.max_length, help=f"default {defaults.max_length}")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"default {defaults.seed}")
-    parser.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu or cuda")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_trainer_flags(parser, "--output")
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help=f"default {defaults.batch_size}")
+    parser.add_argument(
+        "--max-length", type=positive_int, default=defaults.max_length, help=f"tokens per text (default {defaults.max_length})"
+    )
+    add_run_flags(parser, seed=defaults.seed, device=defaults.device)
+    add_trainer_flags(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``sb3-textrl train-rm`` with the parsed arguments (the implementation is imported here)."""
-    from sb3_textrl.models import MissingAssetError
     from sb3_textrl.reward_model.train import MAX_ACCURACY_HALF_WIDTH, train_reward_model
 
     logging.basicConfig(format="%(message)s")
     # our epoch lines and truncation counts; other libraries stay at warnings
     logging.getLogger("sb3_textrl").setLevel(logging.INFO)
     config = RewardModelConfig(
-        backbone=args.backbone,
+        backbone=args.model,
         epochs=args.epochs,
-        learning_rate=args.lr,
+        learning_rate=args.learning_rate,
         batch_size=args.batch_size,
         eval_fraction=args.eval_fraction,
         max_length=args.max_length,
         seed=args.seed,
         device=args.device,
-        progress_bar=not args.no_progress,
+        progress_bar=not args.quiet,
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
         report_to=args.report_to,
     )
-    try:
-        result = train_reward_model(args.data, args.output, config, resume_from_checkpoint=args.resume)
-    except (ValueError, OSError, MissingAssetError, ImportError) as error:  # bad input: the message says what to do
-        print(f"sb3-textrl train-rm: error: {error}", file=sys.stderr)
-        return 2
+    result = train_reward_model(args.dataset, args.output_dir, config, resume_from_checkpoint=args.resume)
     m = result.metrics
     print(
         f"trained on {m['n_train_pairs']} pairs in {m['seconds']:.0f} s: train loss {m['train_loss']:.4f}, "

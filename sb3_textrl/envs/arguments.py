@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from sb3_textrl.envs.chat import end_of_turn
 
@@ -51,6 +52,44 @@ def check_lengths_and_render_mode(
         raise TypeError(f"{task_id}: render_mode must be one of {render_modes}, got {render_mode!r}")
 
 
+# transformers' model_max_length when the tokenizer's files set none (VERY_LARGE_INTEGER is 1e30); below: a real limit
+_NO_TOKENIZER_LIMIT = 10**9
+# Past this the env's buffers alone would take gigabytes, and no LM takes that many positions.
+MAX_CONTEXT_TOKENS = 2**22
+
+
+def context_fix(limit: int, max_prompt_tokens: int, max_new_tokens: int) -> str:
+    """How to bring prompt + completion budgets within ``limit`` positions (the end of the messages that refuse them)."""
+    if max_new_tokens >= limit:
+        return f"max_new_tokens must be below {limit}"
+    return f"lower them, e.g. max_prompt_tokens={limit - max_new_tokens} (a longer prompt keeps its last tokens)"
+
+
+def check_context(tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int, max_new_tokens: int, task_id: str) -> None:
+    """
+    Refuse prompt + completion budgets longer than the tokenizer's ``model_max_length`` (the positions of the model
+    it comes with) or than any LM takes, before the env's buffers are allocated. The policy checks them against the
+    LM itself when env and policy meet.
+
+    :param tokenizer: the env's tokenizer
+    :param max_prompt_tokens: the prompt budget
+    :param max_new_tokens: the completion budget
+    :param task_id: the task, for the message
+    """
+    total = max_prompt_tokens + max_new_tokens
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < _NO_TOKENIZER_LIMIT and total > limit:
+        raise ValueError(
+            f"{task_id}: max_prompt_tokens + max_new_tokens = {max_prompt_tokens} + {max_new_tokens} = {total} is more "
+            f"than the {limit} positions of the tokenizer's model (tokenizer.model_max_length): "
+            f"{context_fix(limit, max_prompt_tokens, max_new_tokens)}"
+        )
+    if total > MAX_CONTEXT_TOKENS:
+        raise ValueError(
+            f"{task_id}: max_prompt_tokens + max_new_tokens = {total} tokens is more than any LM takes; lower them"
+        )
+
+
 def resolve_stop_ids(tokenizer: PreTrainedTokenizerBase, stop_token_ids: Sequence[int] | None, task_id: str) -> set[int]:
     """
     The tokens that end a completion: ``stop_token_ids``, or by default the tokenizer's EOS (and ``<|im_end|>`` for
@@ -81,3 +120,62 @@ def default_stop_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
         if isinstance(token, int) and token != tokenizer.unk_token_id:
             stop.add(token)
     return stop
+
+
+# gym.make's own keyword arguments (the rest go to the env's creator)
+_MAKE_KWARGS = ("render_mode", "max_episode_steps", "disable_env_checker")
+
+
+def _named_parameters(function: Callable[..., Any]) -> tuple[set[str], bool]:
+    """The keyword-passable parameter names of ``function`` and whether it also takes ``**kwargs``."""
+    parameters = inspect.signature(function).parameters.values()
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return named - {"self"}, any(p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def env_parameters(task: str) -> set[str] | None:
+    """
+    The keyword arguments ``gym.make(task, ...)`` accepts, or None when they cannot be known (a creator outside this
+    package that takes ``**kwargs``).
+
+    :param task: a registered task id
+    :return: the argument names
+    """
+    import gymnasium as gym
+    from gymnasium.envs.registration import load_env_creator
+
+    spec = gym.spec(task)
+    if spec.entry_point is None:
+        return None
+    creator = spec.entry_point if callable(spec.entry_point) else load_env_creator(spec.entry_point)
+    names, open_ended = _named_parameters(creator)
+    if open_ended:
+        if not getattr(creator, "__module__", "").startswith("sb3_textrl."):
+            return None
+        # Our creators hand their **kwargs on to make_text_task_env and TextGenerationEnv.
+        from sb3_textrl.envs.registry import make_text_task_env
+        from sb3_textrl.envs.text_env import TextGenerationEnv
+
+        for function in (make_text_task_env, TextGenerationEnv.__init__):
+            names |= _named_parameters(function)[0]
+    return names | set(spec.kwargs) | set(_MAKE_KWARGS)
+
+
+def check_env_kwargs(task: str, kwargs: Mapping[str, Any], where: str = "env_kwargs") -> None:
+    """
+    Refuse keyword arguments the task's env does not take, before the env is made (gym.make's own error comes from
+    deep inside the creator, and may blame another argument).
+
+    :param task: a registered task id
+    :param kwargs: the arguments
+    :param where: where they come from, for the message (e.g. ``"--env-kwarg"``)
+    """
+    accepted = env_parameters(task)
+    if accepted is None:
+        return
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{where}: {task} takes no argument {', '.join(map(repr, unknown))}; its arguments are "
+            f"{', '.join(sorted(accepted - set(_MAKE_KWARGS)))} (see docs/configuration.md)"
+        )

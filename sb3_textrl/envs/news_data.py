@@ -10,6 +10,7 @@ ROUGE reward pays for mentioning them.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -17,6 +18,8 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from sb3_textrl.common.text_files import jsonl_lines, read_text_file
 
 # ----------------------------------------------------------------------------------------------------------------
 # Synthetic articles
@@ -798,24 +801,22 @@ def _make_rows(
 
 
 def _jsonl_records(path: Path) -> Iterable[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path}, line {line_number}: invalid JSON ({e.msg} at column {e.colno}). A .jsonl file needs one "
-                    f"complete JSON object per line; fix or remove that line."
-                ) from e
-            yield f"line {line_number}", record
+    for line_number, line in enumerate(jsonl_lines(read_text_file(path, "the dataset")), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}, line {line_number}: invalid JSON ({e.msg} at column {e.colno}). A .jsonl file needs one "
+                f"complete JSON object per line; fix or remove that line."
+            ) from e
+        yield f"line {line_number}", record
 
 
 def _json_records(path: Path, split: str) -> Iterable[tuple[str, Any]]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_text_file(path, "the dataset"))
     except json.JSONDecodeError as e:
         raise ValueError(
             f"{path}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}). If the file holds one object per "
@@ -839,11 +840,10 @@ def _json_records(path: Path, split: str) -> Iterable[tuple[str, Any]]:
 
 
 def _csv_records(path: Path) -> Iterable[tuple[str, Any]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        for record in reader:
-            # line_num is the physical line where the record ends (quoted fields may span lines)
-            yield f"line {reader.line_num}", record
+    reader = csv.DictReader(io.StringIO(read_text_file(path, "the dataset"), newline=""))
+    for record in reader:
+        # line_num is the physical line where the record ends (quoted fields may span lines)
+        yield f"line {reader.line_num}", record
 
 
 def _load_hub(

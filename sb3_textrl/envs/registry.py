@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -13,6 +14,7 @@ from typing import Any
 import gymnasium as gym
 from transformers import PreTrainedTokenizerBase
 
+from sb3_textrl.common.text_files import jsonl_lines, read_text_file
 from sb3_textrl.envs.chat import (
     ChatTemplateMode,
     check_chat_options,
@@ -113,21 +115,21 @@ def _read_prompt_file(path: Path) -> list[Any]:
     if not path.is_file():
         raise FileNotFoundError(f"Prompt file {path} does not exist")
     suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl", ".csv"):
+        raise ValueError(f"Prompt file {path}: unsupported extension {suffix!r}; use .txt (one prompt a line), .jsonl or .csv")
+    text = read_text_file(path, "the prompt file")
     if suffix == ".txt":
-        return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line for line in text.splitlines() if line.strip()]
     if suffix == ".jsonl":
         records = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(jsonl_lines(text), start=1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
         return records
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
-    raise ValueError(f"Prompt file {path}: unsupported extension {suffix!r}; use .txt (one prompt a line), .jsonl or .csv")
+    return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
 def load_prompts(

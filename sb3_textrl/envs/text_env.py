@@ -13,7 +13,7 @@ import numpy as np
 from gymnasium import spaces
 from transformers import PreTrainedTokenizerBase
 
-from sb3_textrl.envs.arguments import check_lengths_and_render_mode, checked_penalty, resolve_stop_ids
+from sb3_textrl.envs.arguments import check_context, check_lengths_and_render_mode, checked_penalty, resolve_stop_ids
 from sb3_textrl.envs.chat import encode_prompts, env_prompts
 from sb3_textrl.envs.masks import MaskSpec, resolve_action_mask
 from sb3_textrl.rewards.base import RewardFn, TextReward, reward_name, score_batch
@@ -168,6 +168,7 @@ class TextGenerationEnv(gym.Env):
         self.missing_eos_penalty = checked_penalty("missing_eos_penalty", missing_eos_penalty, task_id)
         self.length_penalty = checked_penalty("length_penalty", length_penalty, task_id)
         check_lengths_and_render_mode(max_new_tokens, max_prompt_tokens, render_mode, self.metadata["render_modes"], task_id)
+        check_context(tokenizer, max_prompt_tokens, max_new_tokens, task_id)
         self.prompts = env_prompts(prompts, task_id)
         if not self.prompts:
             raise ValueError(f"{task_id}: the task has no prompts; give at least one")

@@ -12,6 +12,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from transformers import PreTrainedModel
 
 from sb3_textrl.common.segments import SEGMENT_LENGTHS
+from sb3_textrl.envs.arguments import context_fix
 from sb3_textrl.envs.text_env import TextObservationSpace, tokenizer_fingerprint
 from sb3_textrl.lm.precision import check_mixed_precision
 from sb3_textrl.models import load_tokenizer
@@ -46,15 +47,15 @@ def refuse_segments(obs: PyTorchObs, method: str) -> None:
         )
 
 
-def check_arguments(policy: Any) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """
-    Refuse the policy arguments that are out of range or that do not go together (see TransformerLMPolicy).
+    Refuse sampling settings out of range: a temperature <= 0 inverts or breaks the distribution, ``top_p=0`` keeps
+    no token, ``top_k=0`` none either.
 
-    :param policy: the policy, its arguments stored as attributes of the same names (``nlpo_top_p`` is checked by
-        :func:`~sb3_textrl.nlpo.check_nlpo_top_p`)
+    :param temperature: the sampling temperature
+    :param top_k: sample among the k most likely tokens only (None: all)
+    :param top_p: sample from the nucleus of probability p only (None: all)
     """
-    temperature, top_k, top_p = policy.temperature, policy.top_k, policy.top_p
-    trainable_layers, value_warmup_rollouts = policy.trainable_layers, policy.value_warmup_rollouts
     # Written so that NaN fails them (every comparison with NaN is False).
     if not (0 < temperature < math.inf):
         raise ValueError(f"temperature must be > 0 and finite (1.0: the LM's own distribution), got {temperature}")
@@ -62,6 +63,17 @@ def check_arguments(policy: Any) -> None:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def check_arguments(policy: Any) -> None:
+    """
+    Refuse the policy arguments that are out of range or that do not go together (see TransformerLMPolicy).
+
+    :param policy: the policy, its arguments stored as attributes of the same names (``nlpo_top_p`` is checked by
+        :func:`~sb3_textrl.nlpo.check_nlpo_top_p`)
+    """
+    check_sampling(policy.temperature, policy.top_k, policy.top_p)
+    trainable_layers, value_warmup_rollouts = policy.trainable_layers, policy.value_warmup_rollouts
     check_mixed_precision(policy.mixed_precision)
     if trainable_layers is not None and not policy.use_kv_cache:
         raise ValueError(
@@ -113,6 +125,36 @@ def _user_stacklevel(internal: tuple[str, ...] = ("sb3_textrl.", "stable_baselin
         return level
     finally:
         del frame
+
+
+def model_positions(model: PreTrainedModel) -> int | None:
+    """The most positions a decoder-only LM takes (its config's ``max_position_embeddings`` or ``n_positions``)."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return None  # the encoder reads the prompt, the decoder the completion: each has its own limit
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context_length(model: PreTrainedModel, observation_space: spaces.Space, lm_name: str | None) -> None:
+    """
+    The env's prompt budget plus completion budget must fit the LM's positions, checked when env and policy meet:
+    past them a learned position embedding indexes out of range (an ``IndexError`` in the first rollout, or after
+    it) and rotary ones read positions they never saw.
+    """
+    limit = model_positions(model)
+    widths = [getattr(observation_space, key, None) for key in ("max_prompt_tokens", "max_new_tokens")]
+    if limit is None or None in widths:
+        return
+    prompt, new = (int(w) for w in widths)  # type: ignore[arg-type]
+    if prompt + new > limit:
+        raise ValueError(
+            f"The env's max_prompt_tokens + max_new_tokens = {prompt} + {new} = {prompt + new} is more than the "
+            f"{limit} positions of the LM ({lm_name or 'embedded'}): {context_fix(limit, prompt, new)} (env_kwargs=...)"
+        )
 
 
 def check_vocabulary(

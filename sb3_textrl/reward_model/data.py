@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from sb3_textrl.common.text_files import jsonl_lines, read_text_file
+
 logger = logging.getLogger("sb3_textrl")
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -67,19 +69,18 @@ def _to_preference(record: Any, where: str) -> Preference:
 
 def _read_jsonl(path: Path) -> list[Preference]:
     pairs = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); write one JSON object a line.") from error
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}:{number}: expected a JSON object with {list(PAIR_FIELDS)}, got {type(record).__name__}"
-                )
-            pairs.append(_to_preference(record, f"{path}:{number}"))
+    for number, line in enumerate(jsonl_lines(read_text_file(path, "the preference file")), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); write one JSON object a line.") from error
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}:{number}: expected a JSON object with {list(PAIR_FIELDS)}, got {type(record).__name__}"
+            )
+        pairs.append(_to_preference(record, f"{path}:{number}"))
     return pairs
 
 

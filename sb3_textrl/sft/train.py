@@ -101,7 +101,7 @@ class _Optim:
 
 
 def _load_data(
-    lm: str | os.PathLike | None,
+    tokenizer_name: str | os.PathLike | None,
     data: SftData,
     task: str | None,
     task_kwargs: dict[str, Any] | None,
@@ -117,7 +117,7 @@ def _load_data(
     ``data`` comes from ``task`` (made with ``task_kwargs``) when None; ``load`` holds the other arguments of
     :func:`load_sft_examples` (the token budgets and the data's fields).
     """
-    tokenizer = load_tokenizer(lm)
+    tokenizer = load_tokenizer(tokenizer_name)
     load = dict(task=task, task_kwargs=task_kwargs, **load)
     examples, counts = load_sft_examples(data, tokenizer, limit=limit, **load)
     if eval_data is None:
@@ -313,6 +313,7 @@ def train_sft(
     output_dir: str | os.PathLike,
     *,
     task: str | None = None,
+    tokenizer: str | os.PathLike | None = None,
     use_lora: bool = False,
     lora_config: dict[str, Any] | None = None,
     epochs: int = 1,
@@ -366,6 +367,7 @@ def train_sft(
     :param task: a registered text task: its prompts and references when ``data`` is None (default:
         NewsSummary-v0 with its built-in generated news), its prompt template and chat template for prompt/completion
         data (default for those: a task registered with :func:`~sb3_textrl.register_text_task`'s defaults)
+    :param tokenizer: the tokenizer to train with and save beside the model, a name or directory (default: ``lm``'s)
     :param use_lora: train LoRA adapters (peft) instead of all weights; they are merged when saving
     :param lora_config: ``peft.LoraConfig`` arguments replacing the defaults (r=16, alpha=32, no dropout)
     :param epochs: passes over the training examples
@@ -432,15 +434,23 @@ def train_sft(
         summary_field=summary_field,
     )
     rng = random.Random(seed)
-    tokenizer, train, held_out, counts = _load_data(lm, data, task, task_kwargs, eval_data, eval_fraction, rng, limit, load)
+    tokenizer_name = lm if tokenizer is None else tokenizer
+    loaded = _load_data(tokenizer_name, data, task, task_kwargs, eval_data, eval_fraction, rng, limit, load)
+    tokenizer_object, train, held_out, counts = loaded
     model = _load_model(lm, torch_device, seed, use_lora, lora_config, gradient_checkpointing, progress_bar)
+    n_embeddings = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[index]
+    if tokenizer is not None and len(tokenizer_object) > n_embeddings:
+        raise ValueError(
+            f"tokenizer {tokenizer} has {len(tokenizer_object)} tokens, more than the LM's {n_embeddings} embeddings: "
+            "its ids would index past them; pass the LM's own tokenizer (or none: the default is the LM's)"
+        )
     if checkpoint is None:
         _start_output_dir(output_dir)
     log_dir = output_dir if logging_dir is None else Path(logging_dir).expanduser()
     run = _Run(output_dir, checkpoint, SB3LogCallback(log_dir, formats), save_steps, logging_steps, max_steps, callbacks)
-    training = _fit(model, tokenizer, train, held_out, optim, run, torch_device, use_bf16, seed, progress_bar)
+    training = _fit(model, tokenizer_object, train, held_out, optim, run, torch_device, use_bf16, seed, progress_bar)
     result = _result(output_dir, config, train, held_out, counts, training)
-    _save_model(model, tokenizer, result, gradient_checkpointing, progress_bar)
+    _save_model(model, tokenizer_object, result, gradient_checkpointing, progress_bar)
     return result
 
 
