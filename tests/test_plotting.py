@@ -108,5 +108,7 @@ def test_plot_command(runs, tmp_path, capsys):
     assert {p.rsplit("/", 1)[-1] for p in printed} == DEFAULT_PNGS
     for name in DEFAULT_PNGS:
         _assert_drawn_png(tmp_path / name)
-    with pytest.raises(FileNotFoundError, match="holds no SB3 training logs"):
-        cli.main(["plot", str(tmp_path)])  # only PNGs there
+    assert cli.main(["plot", str(tmp_path)]) == 2  # only PNGs there: one line, no traceback
+    error = capsys.readouterr().err
+    assert error.startswith("sb3-textrl plot: error: ") and "holds no SB3 training logs" in error
+    assert len(error.strip().splitlines()) == 1

@@ -244,7 +244,7 @@ def test_cli_trains_and_refuses_a_non_empty_output(tiny_lm, tmp_path, capsys):
 
     assert main([*args, "--overwrite", "--lora", "--lora-r", "4"]) == 0
     printed = capsys.readouterr().out
-    assert "8 training examples" in printed and "Held-out loss per summary token (2 examples)" in printed
+    assert "8 training examples" in printed and "Held-out loss per completion token (2 examples)" in printed
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     # Permissions of a plain new directory and files (not private temp-dir ones): others can read the model
     umask = os.umask(0)

@@ -246,13 +246,13 @@ def parse_json_or_text(text: str) -> Any:
         return text
 
 
-def env_kwargs(args: argparse.Namespace, task: str) -> dict[str, Any]:
+def env_kwargs(args: argparse.Namespace, task: str | None) -> dict[str, Any]:
     """
     The env arguments that :func:`add_task_flags`' flags give (``--dataset``, ``--tokenizer``, ``--max-new-tokens``,
     then each ``--env-kwarg``), checked against what ``task``'s env takes.
 
     :param args: the parsed arguments
-    :param task: the task the env is made for
+    :param task: the task the env is made for (None: the library picks it, and checks the arguments itself)
     :return: keyword arguments for the task's env
     """
     kwargs: dict[str, Any] = {}
@@ -268,9 +268,10 @@ def env_kwargs(args: argparse.Namespace, task: str) -> dict[str, Any]:
             flag = f"--{key.replace('_', '-')}" if key in _TASK_FLAG_KWARGS else "--env-kwarg"
             raise ValueError(f"--env-kwarg {item!r}: {key} is already given (by {flag}); give it once")
         kwargs[key] = parse_json_or_text(value)
-    from sb3_textrl.envs.arguments import check_env_kwargs
+    if task is not None:
+        from sb3_textrl.envs.arguments import check_env_kwargs
 
-    check_env_kwargs(task, kwargs, "--env-kwarg")
+        check_env_kwargs(task, kwargs, "--env-kwarg")
     return kwargs
 
 
