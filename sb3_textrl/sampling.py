@@ -119,8 +119,16 @@ def load_generator(model: str | os.PathLike | None, env: VecEnv, device: str = "
         if not Path(lm).is_file():
             raise FileNotFoundError(f"saved model {lm} not found; pass a .zip written by model.save() or an LM path")
         return PPO.load(Path(lm), env=env, device=device)  # SB3 opens a str or Path, not any os.PathLike
+    # Only generates, never trains: no advantage normalization, which SB3 refuses for a one-env, one-step buffer.
     return PPO(
-        TransformerLMPolicy, env, policy_kwargs=dict(lm=lm), n_steps=1, batch_size=env.num_envs, device=device, seed=seed
+        TransformerLMPolicy,
+        env,
+        policy_kwargs=dict(lm=lm),
+        n_steps=1,
+        batch_size=env.num_envs,
+        normalize_advantage=False,
+        device=device,
+        seed=seed,
     )
 
 

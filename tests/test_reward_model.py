@@ -377,7 +377,7 @@ def test_bad_input_fails_with_a_message_that_names_the_fix(tmp_path, city_backbo
         train([{"prompt": "p"}])
 
     good = city_pairs(4, seed=0)
-    with pytest.raises(FileNotFoundError, match="backbone './no/such/dir' is not a directory.*leave --backbone out"):
+    with pytest.raises(FileNotFoundError, match="backbone './no/such/dir' is not a directory.*leave backbone"):
         train(good, backbone="./no/such/dir")
     with pytest.raises(ValueError, match=r"eval_fraction must be in \[0, 1\)"):
         train(good, eval_fraction=1.0)

@@ -125,6 +125,8 @@ def add_flag(parser: argparse.ArgumentParser, *flags: str, old: Sequence[str] = 
     :param kwargs: ``add_argument``'s arguments; ``required=True`` is checked after parsing, so an old name counts
     """
     required = kwargs.pop("required", False)
+    if required:  # argparse would refuse the old name as missing the new one: run() checks it instead
+        kwargs["help"] = f"{kwargs.get('help', '')} (required)".strip()
     action = parser.add_argument(*flags, **kwargs)
     if required:
         parser.get_default(_REQUIRED).append((action.dest, flags[0]))

@@ -22,17 +22,17 @@ from sb3_textrl.cli.common import (
 )
 from sb3_textrl.demo_config import DemoConfig
 
-# DemoConfig's whole-number settings, and what they may be
-_COUNTS: dict[str, Callable[[str], int]] = dict(
-    n_envs=positive_int,
-    samples_per_prompt=positive_int,
-    n_steps=positive_int,
-    updates=positive_int,
-    n_eval=positive_int,
-    n_samples=non_negative_int,
-    eval_every=positive_int,
-    eval_data_seed=int,
-    max_prompt_tokens=positive_int,
+# DemoConfig's whole-number settings: what they may be, and what they mean
+_COUNTS: dict[str, tuple[Callable[[str], int], str]] = dict(
+    n_envs=(positive_int, "parallel episodes per rollout"),
+    samples_per_prompt=(positive_int, "summaries of each article per rollout, each judged against the others (RLOO)"),
+    n_steps=(positive_int, "tokens per env per rollout (= max_new_tokens: one summary per env per rollout)"),
+    updates=(positive_int, "PPO iterations (rollout + training)"),
+    n_eval=(positive_int, "held-out articles scored before and after (greedy)"),
+    n_samples=(non_negative_int, "of those, summaries printed before and after"),
+    eval_every=(positive_int, "rollouts between evaluations on the held-out articles"),
+    eval_data_seed=(int, "seed of the held-out generated articles (training uses data_seed 0)"),
+    max_prompt_tokens=(positive_int, "prompt budget in tokens (longer articles are cut to fit, and counted)"),
 )
 
 
@@ -62,8 +62,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         parser, "JSONL/CSV of article/summary pairs (default: built-in generated news)", task=False, max_new_tokens=False
     )
     parser.add_argument("--reward-model", help="directory written by train-rm: PPO on that learned reward (default: ROUGE-1)")
-    for name, kind in _COUNTS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"default {defaults[name]}")
+    for name, (kind, meaning) in _COUNTS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{meaning} (default {defaults[name]})")
     add_flag(
         parser,
         "--epochs",
@@ -77,12 +77,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=_layers,
         help=f"train the top N blocks only, 'none' for all (default {defaults['trainable_layers']})",
     )
-    parser.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), help=f"default {defaults['mixed_precision']}")
-    parser.add_argument("--learning-rate", type=positive_float, help=f"default {defaults['learning_rate']}")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("auto", "bf16", "no"),
+        help=f"bf16 autocast; auto: where the CPU/GPU computes it fast (default {defaults['mixed_precision']})",
+    )
+    parser.add_argument(
+        "--learning-rate", type=positive_float, help=f"of the LoRA adapters (default {defaults['learning_rate']})"
+    )
     parser.add_argument("--kl-coef", type=non_negative_float, help=f"β of the KL penalty (default {defaults['kl_coef']})")
     parser.add_argument("--temperature", type=positive_float, help=f"of the rollouts (default {defaults['temperature']})")
-    add_output_dir(parser, f"default {defaults['output_dir']}")
-    parser.add_argument("--seed", type=int, help=f"default {defaults['seed']}")
+    add_output_dir(parser, f"model, logs, plots and summary.json (default {defaults['output_dir']})")
+    parser.add_argument("--seed", type=int, help=f"random seed (default {defaults['seed']})")
     add_run_flags(parser, seed=None, quiet=False)
     parser.set_defaults(run=run)
 

@@ -62,7 +62,7 @@ def context_fix(limit: int, max_prompt_tokens: int, max_new_tokens: int) -> str:
     """How to bring prompt + completion budgets within ``limit`` positions (the end of the messages that refuse them)."""
     if max_new_tokens >= limit:
         return f"max_new_tokens must be below {limit}"
-    return f"lower them, e.g. max_prompt_tokens={limit - max_new_tokens} (a longer prompt keeps its last tokens)"
+    return f"lower them, e.g. max_prompt_tokens={limit - max_new_tokens} (longer prompts are cut to fit)"
 
 
 def check_context(tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int, max_new_tokens: int, task_id: str) -> None:

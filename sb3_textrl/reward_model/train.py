@@ -130,8 +130,8 @@ def resolve_backbone(backbone: str | os.PathLike | None) -> str:
     if path.exists() or name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
         raise FileNotFoundError(
             f"Reward-model backbone {name!r} is not a directory. Pass a directory holding a Hugging Face model and "
-            f"tokenizer (config.json, weights, tokenizer.json, as written by save_pretrained), or leave --backbone out "
-            f"for the offline default {MINILM_NAME}."
+            f"tokenizer (config.json, weights, tokenizer.json, as written by save_pretrained), or leave backbone "
+            f"(sb3-textrl train-rm --model) out for the offline default {MINILM_NAME}."
         )
     return name
 

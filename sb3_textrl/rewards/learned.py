@@ -65,7 +65,7 @@ class LearnedRewardModel(TextReward):
         if not self.path.is_dir():
             raise FileNotFoundError(
                 f"Reward model directory {str(self.path)!r} does not exist; train one with "
-                "`sb3-textrl train-rm --data feedback.db --output DIR` (or train_reward_model) and pass DIR."
+                "`sb3-textrl train-rm --dataset feedback.db --output-dir DIR` (or train_reward_model) and pass DIR."
             )
         self.info = self._read_info()
         stats = self.info.get("normalization")

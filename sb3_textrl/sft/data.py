@@ -172,10 +172,12 @@ def task_sft_examples(
     """
     import gymnasium as gym
 
+    from sb3_textrl.envs.arguments import check_env_kwargs
     from sb3_textrl.envs.text_env import TextGenerationEnv
 
     if task not in gym.registry:
         raise ValueError(f"Task {task!r} is not registered. Use a registered text task (`sb3-textrl tasks` lists them).")
+    check_env_kwargs(task, task_kwargs or {}, "task_kwargs (sb3-textrl sft --env-kwarg)")
     kwargs = dict(task_kwargs or {}, tokenizer=tokenizer)
     if max_prompt_tokens is not None:
         kwargs["max_prompt_tokens"] = max_prompt_tokens
@@ -196,7 +198,7 @@ def _env_sft_examples(
     if not pairs:
         raise ValueError(
             f"Task {name!r} has no references to learn from: register it with references=... (or prompt records with "
-            "a 'reference' field), or pass --data with (article, summary) pairs."
+            "a 'reference' field), or pass --dataset with (article, summary) pairs."
         )
     if len(pairs) < len(env.prompts):
         skipped = len(env.prompts) - len(pairs)
