@@ -169,7 +169,7 @@ def pick_prompts(n_available: int, n_prompts: int, seed: int) -> list[int]:
     if n_prompts < 1:
         raise ValueError(f"n_prompts must be at least 1, got {n_prompts}")
     if n_prompts > n_available:
-        raise ValueError(f"asked for {n_prompts} prompts but the task has only {n_available}; lower n_prompts")
+        raise ValueError(f"asked for {n_prompts} prompts but the task has only {n_available}; lower n_prompts (--n-prompts)")
     return [int(i) for i in np.random.default_rng(seed).permutation(n_available)[:n_prompts]]
 
 

@@ -139,7 +139,7 @@ def select_prompts(n_available: int, n: int | None, prompt_indices: Sequence[int
         return list(range(n_available))
     if n > n_available:
         raise ValueError(
-            f"{where}: asked for n={n} prompts but the task has only {n_available}; lower n (--n) to at most "
+            f"{where}: asked for n={n} prompts but the task has only {n_available}; lower n (--n-prompts) to at most "
             f"{n_available}, or evaluate on a larger dataset"
         )
     return list(range(n))

@@ -8,7 +8,10 @@ says what to pass instead.
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +50,60 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
 
 
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """
+    Whether the Hugging Face hub answers a TCP connection (once per process): offline, transformers retries a name it
+    cannot find for a minute before it fails.
+
+    :param timeout_s: how long to wait for the connection
+    :return: False when ``HF_HUB_OFFLINE`` is set or the hub's host cannot be reached
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether a hub name has files in the local Hugging Face cache (transformers loads those offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return any(
+            isinstance(try_to_load_from_cache(name, filename), str)
+            for filename in ("config.json", "tokenizer_config.json")
+        )
+    except Exception:  # an id the hub would refuse (HFValidationError) is in no cache
+        return False
+
+
 def _check_local(name_or_path: str | os.PathLike | None, path: str, what: str) -> None:
-    # A missing local directory fails at once: otherwise transformers asks the hub, and retries for minutes offline.
-    if _looks_like_path(path) and not Path(path).expanduser().is_dir():
+    """
+    Fail at once when ``path`` cannot load: otherwise transformers asks the hub, and retries for a minute offline.
+
+    A missing directory fails; so does a name with one slash whose first part is a directory here (``runs/sft``
+    when ``runs/`` exists: meant as a path, not a hub id), and a hub name that is in no local cache while the hub
+    cannot be reached.
+    """
+    if Path(path).expanduser().is_dir():
+        return
+    if _looks_like_path(path):
         raise OSError(_load_error_message(name_or_path, what, f"there is no directory {path!r}"))
+    first = path.split("/")[0]
+    if "/" in path and Path(first).is_dir():
+        reason = f"there is no directory {path!r} here (though {first}/ is: it reads as a local path, not a hub name)"
+        raise OSError(_load_error_message(name_or_path, what, reason))
+    if not _in_hub_cache(path) and not hub_reachable():
+        reason = (
+            f"{path!r} is not a local directory (from {os.getcwd()}), not in the Hugging Face cache, and the hub "
+            "cannot be reached from this machine"
+        )
+        raise OSError(_load_error_message(name_or_path, what, reason))
 
 
 def _load_error_message(name_or_path: str | os.PathLike | None, what: str, reason: str) -> str:

@@ -14,8 +14,17 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sb3_textrl.reward_model.encoding import PairEncoder, Truncations, max_positions, score_encodings
-from sb3_textrl.reward_model.train import REWARD_MODEL_FILE, quiet_transformers, resolve_device
+from sb3_textrl.reward_model.train import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    REWARD_MODEL_FILE,
+    quiet_transformers,
+    resolve_device,
+)
 from sb3_textrl.rewards.base import TextReward
+
+# Files of which a saved tokenizer has at least one (fast tokenizers, BPE vocabularies, WordPiece, SentencePiece).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model")
 
 logger = logging.getLogger("sb3_textrl")
 # Pairs longer than this are cut when a directory does not say its training length (a plain HF classifier).
@@ -67,6 +76,7 @@ class LearnedRewardModel(TextReward):
                 f"Reward model directory {str(self.path)!r} does not exist; train one with "
                 "`sb3-textrl train-rm --dataset feedback.db --output-dir DIR` (or train_reward_model) and pass DIR."
             )
+        self._check_files()
         self.info = self._read_info()
         stats = self.info.get("normalization")
         if normalize and not stats:
@@ -96,14 +106,43 @@ class LearnedRewardModel(TextReward):
         self.truncations = Truncations()  # running counts over every scored pair
         self._warned = False
 
+    def _check_files(self) -> None:
+        """Refuse a directory without a model config or tokenizer files, before transformers builds a stand-in (without
+        tokenizer files it built a 5-token tokenizer, and the model scored garbage)."""
+        where = f"{str(self.path)!r}"
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{where} holds no config.json: it is not a saved model. Pass the directory `sb3-textrl train-rm` (or "
+                "train_reward_model) wrote, or a save_pretrained directory of a sequence-classification model."
+            )
+        if not any((self.path / name).is_file() for name in _TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{where} holds no tokenizer files (any of {', '.join(_TOKENIZER_FILES)}); train-rm saves them with the "
+                "model. Add the tokenizer the model was trained with: AutoTokenizer.from_pretrained(BACKBONE)"
+                f".save_pretrained({where})."
+            )
+
     def _read_info(self) -> dict[str, Any]:
         file = self.path / REWARD_MODEL_FILE
         if not file.is_file():
             return {}
         try:
-            return json.loads(file.read_text())
+            info = json.loads(file.read_text(encoding="utf-8"))
         except ValueError as error:
             raise ValueError(f"{file} is not valid JSON ({error}); train the reward model again to rewrite it.") from error
+        if not isinstance(info, dict) or info.get("format", FORMAT_NAME) != FORMAT_NAME:
+            found = info.get("format") if isinstance(info, dict) else type(info).__name__
+            raise ValueError(
+                f"{file} is not a reward-model file of sb3_textrl (format {found!r}, expected {FORMAT_NAME!r}); pass a "
+                "directory written by `sb3-textrl train-rm`, or remove the file and pass normalize=False."
+            )
+        version = info.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{file} has format version {version!r}, newer than the {FORMAT_VERSION} this sb3_textrl reads (it "
+                f"was written by sb3_textrl {info.get('sb3_textrl_version', '?')}); upgrade sb3_textrl to load it."
+            )
+        return info
 
     @property
     def metrics(self) -> dict[str, Any]:

@@ -1,0 +1,148 @@
+"""Bad inputs refused where they are given, with a message naming the problem and the fix (issue #15).
+
+Each case asserts the exception type and the words of the message. The CLI's own cases (flag ranges, one-line
+errors) are in tests/test_cli.py; NaN/inf settings of the policy in tests/test_bad_numbers.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import pytest
+from helpers import register_toy_task
+from transformers import GPT2Config, GPT2ForSequenceClassification
+
+from sb3_textrl.envs.arguments import check_env_kwargs
+from sb3_textrl.models import load_causal_lm, load_tokenizer
+from sb3_textrl.models import loading as model_loading
+from sb3_textrl.reward_model.train import FORMAT_NAME, REWARD_MODEL_FILE
+from sb3_textrl.rewards.learned import LearnedRewardModel
+from sb3_textrl.sampling import DecodingSettings
+
+# --- decoding specs (point 1): refused where they are parsed, not in torch later -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("sample:temperature=-1", "temperature must be > 0"),
+        ("sample:temperature=0", "temperature must be > 0"),
+        ("sample:temperature=nan", "temperature must be > 0"),
+        ("sample:top_p=0", r"top_p must be in \(0, 1\]"),
+        ("sample:top_p=1.5", r"top_p must be in \(0, 1\]"),
+        ("sample:top_k=0", "top_k must be >= 1"),
+        ("sample:top_k=2.5", "top_k must be a whole number"),
+        ("sample:temperature=hot", "temperature must be a number"),
+        ("sample:beam=4", "unknown option 'beam=4'"),
+        ("greedy:temperature=0.7", "greedy decoding takes no options"),
+        ("beam", "expected 'greedy', 'sample'"),
+    ],
+)
+def test_decoding_specs_out_of_range_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        DecodingSettings.parse(spec)
+
+
+def test_decoding_settings_built_in_python_are_checked_too():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        DecodingSettings(greedy=False, temperature=0.0)
+
+
+# --- context length (point 3) ------------------------------------------------------------------------------------
+
+
+def test_env_refuses_budgets_past_the_tokenizer_positions(tiny_lm):
+    task = register_toy_task("BadInputsContext-v0", tiny_lm)
+    with pytest.raises(ValueError, match=r"16 \+ 1100 = 1116 is more than the 1024 positions.*max_new_tokens must be below"):
+        gym.make(task, max_new_tokens=1100)
+    with pytest.raises(ValueError, match=r"1000 \+ 30 = 1030 is more than the 1024 positions.*max_prompt_tokens=994"):
+        gym.make(task, max_prompt_tokens=1000, max_new_tokens=30)  # 1030 > 1024
+    gym.make(task, max_prompt_tokens=1000, max_new_tokens=24)  # 1024: fits
+
+
+# --- env arguments (point 10) ------------------------------------------------------------------------------------
+
+
+def test_unknown_env_arguments_are_named_with_the_known_ones(tiny_lm):
+    task = register_toy_task("BadInputsKwargs-v0", tiny_lm)
+    with pytest.raises(ValueError, match=r"BadInputsKwargs-v0 takes no argument 'max_new_token'.*max_new_tokens"):
+        check_env_kwargs(task, {"max_new_token": 3})
+    with pytest.raises(ValueError, match=r"NewsSummary-v0 takes no argument 'n_article', 'seed'"):
+        check_env_kwargs("NewsSummary-v0", {"n_article": 3, "seed": 1, "data_seed": 2})
+    check_env_kwargs("NewsSummary-v0", {"data_seed": 2, "render_mode": None})  # its own and gym.make's pass
+
+
+# --- LM names and paths (point 6): fail at once, not after a minute of hub retries ----------------------------------
+
+
+def test_a_path_whose_first_folder_exists_is_not_taken_for_a_hub_name(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    started = time.perf_counter()
+    with pytest.raises(OSError, match=r"no directory 'runs/sft' here \(though runs/ is: it reads as a local path"):
+        load_causal_lm("runs/sft")
+    with pytest.raises(OSError, match="no directory 'runs/sft' here"):
+        load_tokenizer("runs/sft")
+    assert time.perf_counter() - started < 5
+
+
+def test_a_hub_name_offline_fails_at_once(monkeypatch):
+    monkeypatch.setattr(model_loading, "hub_reachable", lambda: False)
+    started = time.perf_counter()
+    with pytest.raises(OSError, match=r"'no-such-org/no-such-lm' is not a local directory .*not in the Hugging Face "
+                                      r"cache, and the hub cannot be reached.*`None` uses the embedded default LM"):
+        load_causal_lm("no-such-org/no-such-lm")
+    assert time.perf_counter() - started < 5
+
+
+def test_hub_offline_variable_counts_as_unreachable(monkeypatch):
+    model_loading.hub_reachable.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        assert model_loading.hub_reachable() is False
+    finally:
+        model_loading.hub_reachable.cache_clear()
+
+
+# --- reward-model directories (point 5) ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scorer_dir(tmp_path) -> Path:
+    """A one-output GPT-2 classifier saved without a tokenizer (what a hand-made directory often is)."""
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50257, n_positions=64, num_labels=1, pad_token_id=0)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    return tmp_path / "rm"
+
+
+def test_reward_model_directory_without_tokenizer_files_is_refused(scorer_dir, gpt2_tokenizer):
+    with pytest.raises(FileNotFoundError, match=r"holds no tokenizer files.*save_pretrained"):
+        LearnedRewardModel(scorer_dir, normalize=False, device="cpu")
+    gpt2_tokenizer.save_pretrained(scorer_dir)
+    reward = LearnedRewardModel(scorer_dir, normalize=False, device="cpu")  # now complete: it loads and scores
+    assert reward.score(["a prompt"], ["a completion"], [None]).shape == (1,)
+
+
+def test_reward_model_directory_without_a_model_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no config.json: it is not a saved model"):
+        LearnedRewardModel(tmp_path / "empty", normalize=False)
+
+
+@pytest.mark.parametrize(
+    "info, message",
+    [
+        ({"format": "someone.else", "format_version": 1}, "is not a reward-model file of sb3_textrl"),
+        ({"format": FORMAT_NAME, "format_version": 99, "sb3_textrl_version": "9.0"}, "format version 99, newer than"),
+        ({"format": FORMAT_NAME, "format_version": "one"}, "format version 'one'"),
+        (["not", "an", "object"], "is not a reward-model file"),
+    ],
+)
+def test_reward_model_file_format_and_version_are_checked(scorer_dir, gpt2_tokenizer, info, message):
+    gpt2_tokenizer.save_pretrained(scorer_dir)
+    (scorer_dir / REWARD_MODEL_FILE).write_text(json.dumps(info), encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        LearnedRewardModel(scorer_dir, normalize=False, device="cpu")
