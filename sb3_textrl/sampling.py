@@ -7,6 +7,8 @@ it, and each prompt's two candidates become one pair for the rating page (``sb3-
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +27,8 @@ from sb3_textrl.evaluation import Sample, generate_samples
 from sb3_textrl.evaluation.inputs import model_settings
 from sb3_textrl.lm.arguments import check_sampling
 from sb3_textrl.policies import TransformerLMPolicy
+
+logger = logging.getLogger("sb3_textrl")
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,15 @@ def generate_candidates(
         return generate_samples(model, env, prompt_indices, deterministic=settings.greedy, progress_bar=progress_bar)
 
 
+SAMPLE_KEY = "sample_key"  # prompt metadata: what produced its pair, so a rerun skips it
+
+
+def sample_key(task: str, prompt_index: int, seed: int, source_a: CandidateSource, source_b: CandidateSource) -> str:
+    """What makes two runs of :func:`sample_for_rating` produce the same pair for a prompt, as text."""
+    sources = [[source.label, source.decoding.describe()] for source in (source_a, source_b)]
+    return json.dumps({"task": task, "prompt_index": prompt_index, "seed": seed, "sources": sources}, sort_keys=True)
+
+
 def pick_prompts(n_available: int, n_prompts: int, seed: int) -> list[int]:
     """``n_prompts`` distinct prompt indices, in a seeded random order."""
     if n_prompts < 1:
@@ -202,7 +215,9 @@ def sample_for_rating(
     :param seed: seed of the prompt draw and of sampling
     :param device: torch device
     :param progress_bar: show progress bars
-    :return: the ids of the stored pairs
+    :return: the ids of the pairs stored by this call. Each prompt, its two candidates and their pair are stored in one
+        transaction; prompts that already have a pair from the same sources, decodings and seed are skipped, so a
+        rerun after a stop (or with a larger ``n_prompts``) completes the set instead of duplicating it
     """
     from sb3_textrl.feedback import FeedbackStore, random_pair_orders
 
@@ -217,29 +232,39 @@ def sample_for_rating(
         env = make_text_vec_env(task, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
         prompts = env.get_attr("prompts", [0])[0]
         indices = pick_prompts(len(prompts), n_prompts, seed)
+        # Which source is shown first is drawn per pair (seeded), so "A" is no source and carries no position bias.
+        swaps = dict(zip(indices, random_pair_orders(len(indices), seed)))
+        # A rerun (after a stop, or to add prompts) samples only the prompts not yet stored with these settings.
+        stored = {meta.get(SAMPLE_KEY) for meta in store.prompt_metadata(task)}
+        keys = {index: sample_key(task, index, seed, source_a, source_b) for index in indices}
+        todo = [index for index in indices if keys[index] not in stored]
+        if len(todo) < len(indices):
+            logger.info(
+                f"{len(indices) - len(todo)} of the {len(indices)} prompts already have pairs from these sources, "
+                f"decodings and seed in {db}; sampling the other {len(todo)}"
+            )
         candidates = []
         generator = None
-        for source in (source_a, source_b):
+        for source in (source_a, source_b) if todo else ():
             if generator is None or source.model != source_a.model:
                 generator = load_generator(source.model, env, device=device, seed=seed)
-            candidates.append(generate_candidates(generator, env, indices, source.decoding, progress_bar=progress_bar))
+            candidates.append(generate_candidates(generator, env, todo, source.decoding, progress_bar=progress_bar))
         env.close()
         pair_ids = []
-        # Which source is shown first is drawn per pair (seeded), so "A" is no source and carries no position bias.
-        swaps = random_pair_orders(len(indices), seed)
-        for index, sample_a, sample_b, swap in zip(indices, *candidates, swaps):
+        for index, sample_a, sample_b in zip(todo, *candidates):
             prompt = prompts[index]
-            prompt_id = store.add_prompt(
-                prompt.text, task=task, reference=prompt.reference, article=prompt.meta.get("article"),
-                metadata={"prompt_index": index},
-            )
-            ids = [
-                store.add_candidate(
-                    prompt_id, sample.completion, model=source.label,
-                    settings={"source": side, "decoding": source.decoding.describe(), "seed": seed,
-                              "task_reward": sample.reward},
+            with store.transaction():  # the prompt, its candidates and their pair: all stored, or none
+                prompt_id = store.add_prompt(
+                    prompt.text, task=task, reference=prompt.reference, article=prompt.meta.get("article"),
+                    metadata={"prompt_index": index, SAMPLE_KEY: keys[index]},
                 )
-                for side, source, sample in (("a", source_a, sample_a), ("b", source_b, sample_b))
-            ]
-            pair_ids.append(store.add_pair(prompt_id, *(ids[::-1] if swap else ids)))
+                ids = [
+                    store.add_candidate(
+                        prompt_id, sample.completion, model=source.label,
+                        settings={"source": side, "decoding": source.decoding.describe(), "seed": seed,
+                                  "task_reward": sample.reward},
+                    )
+                    for side, source, sample in (("a", source_a, sample_a), ("b", source_b, sample_b))
+                ]
+                pair_ids.append(store.add_pair(prompt_id, *(ids[::-1] if swaps[index] else ids)))
     return pair_ids

@@ -7,6 +7,7 @@ errors) are in tests/test_cli.py; NaN/inf settings of the policy in tests/test_b
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -16,11 +17,12 @@ from helpers import register_toy_task
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from sb3_textrl.envs.arguments import check_env_kwargs
+from sb3_textrl.feedback import FeedbackStore
 from sb3_textrl.models import load_causal_lm, load_tokenizer
 from sb3_textrl.models import loading as model_loading
 from sb3_textrl.reward_model.train import FORMAT_NAME, REWARD_MODEL_FILE
 from sb3_textrl.rewards.learned import LearnedRewardModel
-from sb3_textrl.sampling import DecodingSettings
+from sb3_textrl.sampling import CandidateSource, DecodingSettings, sample_for_rating
 
 # --- decoding specs (point 1): refused where they are parsed, not in torch later -----------------------------------
 
@@ -146,3 +148,37 @@ def test_reward_model_file_format_and_version_are_checked(scorer_dir, gpt2_token
     (scorer_dir / REWARD_MODEL_FILE).write_text(json.dumps(info), encoding="utf-8")
     with pytest.raises(ValueError, match=message):
         LearnedRewardModel(scorer_dir, normalize=False, device="cpu")
+
+
+# --- sample (point 7): each pair stored whole, a rerun completes the set -------------------------------------------
+
+
+def _counts(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as connection:
+        return {table: connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                for table in ("prompts", "candidates", "items")}
+
+
+def test_sample_stores_pairs_whole_and_a_rerun_resumes_without_duplicates(tiny_lm, tmp_path, monkeypatch):
+    task = register_toy_task("BadInputsSample-v0", tiny_lm, max_new_tokens=2)
+    db = tmp_path / "feedback.db"
+    run = dict(task=task, n_prompts=3, source_a=CandidateSource(tiny_lm), n_envs=3, device="cpu", progress_bar=False)
+    calls = {"n": 0}
+    add_pair = FeedbackStore.add_pair
+
+    def dies_at_the_second_pair(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # a stop between a pair's candidates and the pair itself
+        return add_pair(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeedbackStore, "add_pair", dies_at_the_second_pair)
+    with pytest.raises(KeyboardInterrupt):
+        sample_for_rating(db, **run)
+    assert _counts(db) == {"prompts": 1, "candidates": 2, "items": 1}  # the second prompt left nothing half-stored
+    monkeypatch.setattr(FeedbackStore, "add_pair", add_pair)
+    assert len(sample_for_rating(db, **run)) == 2  # the rerun stores the two missing pairs only
+    assert _counts(db) == {"prompts": 3, "candidates": 6, "items": 3}
+    assert sample_for_rating(db, **run) == []  # nothing left to do
+    other = sample_for_rating(db, **(run | {"seed": 1}))  # other settings: their own pairs
+    assert len(other) == 3 and _counts(db)["items"] == 6

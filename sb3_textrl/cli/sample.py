@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from sb3_textrl.cli.common import add_command, add_run_flags, add_task_flags, env_kwargs, positive_int
 
@@ -21,7 +22,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="generate two candidate completions per prompt and store them for rating",
         description="Draw --n-prompts prompts of a task (seeded), complete each with two sources (model and decoding "
         "A, model and decoding B) and store them as pairs to judge in a feedback database; sb3-textrl rate shows them, "
-        "in a random order per pair. The env uses model A's tokenizer unless --tokenizer says otherwise.",
+        "in a random order per pair. The env uses model A's tokenizer unless --tokenizer says otherwise. Each pair is stored "
+        "whole or not at all, and a rerun with the same settings adds only the prompts not yet stored.",
     )
     parser.add_argument("--db", required=True, help="feedback database (SQLite; created if missing)")
     add_task_flags(parser, "JSONL/CSV/JSON of article/summary pairs for news tasks (default: the task's data)")
@@ -39,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``sb3-textrl sample`` with the parsed arguments (the implementation is imported here)."""
     from sb3_textrl.sampling import CandidateSource, DecodingSettings, sample_for_rating
 
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("sb3_textrl").setLevel(logging.INFO)  # which prompts a rerun skips
+
     kwargs = env_kwargs(args, args.task)
     source_a = CandidateSource(args.model_a, DecodingSettings.parse(args.decoding_a))
     source_b = CandidateSource(args.model_b or args.model_a, DecodingSettings.parse(args.decoding_b))
@@ -54,5 +59,5 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         progress_bar=not args.quiet,
     )
-    print(f"stored {len(pair_ids)} pairs to judge in {args.db}; rate them with: sb3-textrl rate --db {args.db}")
+    print(f"stored {len(pair_ids)} new pairs to judge in {args.db}; rate them with: sb3-textrl rate --db {args.db}")
     return 0

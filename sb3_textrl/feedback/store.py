@@ -245,6 +245,7 @@ class FeedbackStore:
             )
         # One connection may be shared by threads (check_same_thread=False); the lock keeps their transactions apart.
         self._lock = threading.RLock()
+        self._in_transaction = False  # inside transaction(): the writes join it instead of committing one by one
         # isolation_level=None: transactions are opened explicitly (BEGIN IMMEDIATE) so writers queue up front.
         self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
@@ -297,13 +298,30 @@ class FeedbackStore:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: taken with the write lock up front, committed before the caller goes on."""
         with self._lock:
+            if self._in_transaction:  # inside transaction(): it commits (or rolls back) all its writes together
+                yield self._db
+                return
             self._db.execute("BEGIN IMMEDIATE")
+            self._in_transaction = True
             try:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self._in_transaction = False
             self._db.execute("COMMIT")
+
+    @contextmanager
+    def transaction(self) -> Iterator[FeedbackStore]:
+        """
+        Several writes as one: the ``add_*`` calls inside are all stored when the block ends, or none of them (an
+        exception, a killed process). ``sb3-textrl sample`` stores each prompt, its two candidates and their pair so.
+
+        :return: this store
+        """
+        with self._write():
+            yield self
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """Rows of one query, fetched under the lock (so never inside another thread's open transaction)."""
@@ -624,6 +642,19 @@ class FeedbackStore:
             "SELECT id, item_id, rater, choice, score, created_at FROM judgements WHERE undone_at IS NULL ORDER BY id"
         )
         return [dict(row) for row in rows]
+
+    def prompt_metadata(self, task: str | None = None) -> list[dict[str, Any]]:
+        """
+        The ``metadata`` of every stored prompt (of ``task`` only, when given), in the order they were stored.
+
+        :param task: the task whose prompts to read, or None for all
+        :return: one dict per prompt
+        """
+        if task is None:
+            rows = self._read("SELECT metadata FROM prompts ORDER BY id")
+        else:
+            rows = self._read("SELECT metadata FROM prompts WHERE task = ? ORDER BY id", (task,))
+        return [json.loads(row["metadata"] or "{}") for row in rows]
 
     def preference_pairs(self, include_ratings: bool = True) -> list[PreferencePair]:
         """
