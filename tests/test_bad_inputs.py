@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,9 +19,12 @@ from helpers import register_toy_task
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from sb3_textrl.envs.arguments import check_env_kwargs
-from sb3_textrl.feedback import FeedbackStore
+from sb3_textrl.feedback import FeedbackStorageError, FeedbackStore, FeedbackStoreError
+from sb3_textrl.feedback.store import storage_error
+from sb3_textrl.feedback.webapp import create_app
 from sb3_textrl.models import load_causal_lm, load_tokenizer
 from sb3_textrl.models import loading as model_loading
+from sb3_textrl.reward_model.data import load_preferences
 from sb3_textrl.reward_model.train import FORMAT_NAME, REWARD_MODEL_FILE
 from sb3_textrl.rewards.learned import LearnedRewardModel
 from sb3_textrl.sampling import CandidateSource, DecodingSettings, sample_for_rating
@@ -182,3 +187,100 @@ def test_sample_stores_pairs_whole_and_a_rerun_resumes_without_duplicates(tiny_l
     assert sample_for_rating(db, **run) == []  # nothing left to do
     other = sample_for_rating(db, **(run | {"seed": 1}))  # other settings: their own pairs
     assert len(other) == 3 and _counts(db)["items"] == 6
+
+
+# --- storage faults (point 9): said as what they are, nothing half-stored --------------------------------------------
+
+
+def _store_with_a_pair(path: Path) -> None:
+    with FeedbackStore(path) as store:
+        prompt = store.add_prompt("Summarise: the council met.", task="T")
+        a = store.add_candidate(prompt, "The council met.", model="m")
+        b = store.add_candidate(prompt, "Nothing happened.", model="m")
+        store.record_preference(store.add_pair(prompt, a, b), "ann", "A")
+
+
+def test_a_full_disk_is_reported_as_such_and_the_page_answers_507(tmp_path):
+    db = tmp_path / "feedback.db"
+    _store_with_a_pair(db)
+    with FeedbackStore(db) as store:
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own SQLITE_FULL, as on a full disk
+        with pytest.raises(FeedbackStorageError, match=r"the disk is full .*nothing of this write was stored") as error:
+            store.add_prompt("x" * 100_000, task="T")
+        assert error.value.http_status == 507
+        assert len(store.prompt_metadata()) == 1  # what was stored before is intact
+    client = create_app(db, "t" * 32).test_client()  # the page's answer to the same fault
+    original = FeedbackStore.record_preference
+
+    def full(self, *args, **kwargs):
+        raise storage_error(db, sqlite3.OperationalError("database or disk is full"), 30)
+
+    FeedbackStore.record_preference = full  # type: ignore[method-assign]
+    try:
+        response = client.post("/api/judge", json={"kind": "pair", "pair_id": 1, "choice": "A", "rater": "ann"},
+                               headers={"X-Token": "t" * 32})
+    finally:
+        FeedbackStore.record_preference = original  # type: ignore[method-assign]
+    assert response.status_code == 507 and "the disk is full" in response.get_json()["error"]
+
+
+def test_a_held_lock_names_the_process_that_holds_it(tmp_path):
+    db = tmp_path / "feedback.db"
+    _store_with_a_pair(db)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sqlite3, time; c = sqlite3.connect({str(db)!r}, isolation_level=None); "
+                               "c.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with FeedbackStore(db, timeout_s=0.2) as store:
+            with pytest.raises(FeedbackStorageError, match=rf"is locked by another writer \(open in process {holder.pid} "
+                                                           r".*more than 0.2 s; nothing of this write was stored"):
+                store.add_prompt("another", task="T")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_store_is_read_without_writing_anything(tmp_path):
+    db = tmp_path / "feedback.db"
+    _store_with_a_pair(db)
+    before = db.read_bytes()
+    with FeedbackStore(db, read_only=True) as store:
+        assert len(store.preference_pairs()) == 1
+        with pytest.raises(FeedbackStoreError, match=r"open read-only \(read_only=True\)"):
+            store.add_prompt("x", task="T")
+    assert db.read_bytes() == before  # no migration, no journal switch: the database is as it was
+    with pytest.raises(FeedbackStoreError, match="does not exist"):
+        FeedbackStore(tmp_path / "missing.db", read_only=True)
+
+
+def test_sqlite_read_only_errors_say_read_only(tmp_path):
+    error = storage_error(tmp_path / "f.db", sqlite3.OperationalError("attempt to write a readonly database"), 30)
+    assert error is not None and error.http_status == 503
+    assert "read-only" in str(error) and "read_only=True" in str(error)
+    assert storage_error(tmp_path / "f.db", sqlite3.OperationalError("no such table: x"), 30) is None
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder on a read-only file system (a tmpfs remounted read-only: needs root, skipped without)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_a_store_on_a_read_only_disk_is_read_by_train_rm_and_refused_for_writing(tmp_path, read_only_folder):
+    _store_with_a_pair(read_only_folder / "feedback.db")
+    assert subprocess.run(["mount", "-o", "remount,ro", str(read_only_folder)]).returncode == 0
+    with pytest.raises(FeedbackStorageError, match="cannot be written .*read-only.*read_only=True"):
+        FeedbackStore(read_only_folder / "feedback.db")
+    pairs = load_preferences(read_only_folder / "feedback.db")  # what train-rm reads: no write needed
+    assert [(p.chosen, p.rejected) for p in pairs] == [("The council met.", "Nothing happened.")]

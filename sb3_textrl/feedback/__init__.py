@@ -3,6 +3,7 @@
 from sb3_textrl.feedback.store import (
     CHOICES,
     SCHEMA_VERSION,
+    FeedbackStorageError,
     FeedbackStore,
     FeedbackStoreError,
     PreferencePair,
@@ -15,6 +16,7 @@ from sb3_textrl.feedback.store import (
 __all__ = [
     "CHOICES",
     "SCHEMA_VERSION",
+    "FeedbackStorageError",
     "FeedbackStore",
     "FeedbackStoreError",
     "PreferencePair",

@@ -111,6 +111,69 @@ class FeedbackStoreError(ValueError):
     """A database that is not (or not yet) a feedback store this code can use, or a bad judgement."""
 
 
+class FeedbackStorageError(FeedbackStoreError):
+    """
+    The storage under a good store failed: the disk is full, another process holds the lock, the file is read-only.
+    Nothing was stored by the write that failed; ``http_status`` is what the rating page answers (507 or 503).
+    """
+
+    def __init__(self, message: str, http_status: int) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+def _processes_with_open(path: Path) -> list[str]:
+    """``"PID (command)"`` of the other processes that have ``path`` open (Linux /proc; empty elsewhere)."""
+    found = []
+    target = str(path.resolve())
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        pid = fd_dir.parent.name
+        if pid == str(os.getpid()):
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in fd_dir.iterdir()):
+                command = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{pid} ({command.strip()[:60]})")
+        except OSError:  # gone, or another user's process
+            continue
+    return found
+
+
+def storage_error(path: Path, error: sqlite3.Error, timeout_s: float) -> FeedbackStorageError | None:
+    """
+    What really happened when SQLite failed on a good store, with what to do; None when the error is not a
+    storage fault.
+
+    :param path: the database
+    :param error: SQLite's error
+    :param timeout_s: how long a write waited for the lock
+    :return: the error to raise instead, or None
+    """
+    text = str(error).lower()
+    if "disk is full" in text or "disk i/o error" in text:
+        return FeedbackStorageError(
+            f"{path}: the disk is full ({error}); nothing of this write was stored. Free space on the disk that "
+            f"holds {path.parent}, then retry: what was stored before is intact.",
+            507,
+        )
+    if "locked" in text or "busy" in text:
+        holders = _processes_with_open(path)
+        who = f" (open in process {', '.join(holders)})" if holders else ""
+        return FeedbackStorageError(
+            f"{path} is locked by another writer{who} that held it for more than {timeout_s:g} s; nothing of this "
+            "write was stored. Let that process finish (or stop it), then retry.",
+            503,
+        )
+    unwritable = path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
+    if "readonly" in text or "read-only" in text or ("unable to open" in text and unwritable):
+        return FeedbackStorageError(
+            f"{path} cannot be written ({error}): the file or its folder is read-only. To read it (train-rm does), "
+            "open it with FeedbackStore(path, read_only=True); to rate or sample into it, copy it to a writable folder.",
+            503,
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class PreferencePair:
     """
@@ -233,10 +296,20 @@ class FeedbackStore:
     SCHEMA_VERSION = SCHEMA_VERSION
 
     def __init__(
-        self, path: str | os.PathLike, timeout_s: float = 30.0, *, clock: Callable[[], datetime] | None = None
+        self,
+        path: str | os.PathLike,
+        timeout_s: float = 30.0,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        read_only: bool = False,
     ) -> None:
         self.path = Path(path)
         self._clock = clock or _utc_now
+        self._timeout_s = timeout_s
+        self.read_only = read_only
+        if read_only:
+            self._open_read_only()
+            return
         if self.path.is_dir():
             raise FeedbackStoreError(f"{self.path} is a directory; pass the path of a database file, e.g. feedback.db")
         if not self.path.parent.is_dir():
@@ -259,6 +332,9 @@ class FeedbackStore:
             self._migrate()
         except sqlite3.DatabaseError as err:
             self._db.close()
+            fault = storage_error(self.path, err, timeout_s)
+            if fault is not None:
+                raise fault from err
             raise FeedbackStoreError(
                 f"{self.path} is not a usable SQLite database ({err}); pass a feedback database created by "
                 "sb3_textrl (or a new path, which is created)"
@@ -266,6 +342,34 @@ class FeedbackStore:
         except FeedbackStoreError:
             self._db.close()
             raise
+
+    def _open_read_only(self) -> None:
+        """Open an existing store for reading only: nothing is written (no journal switch, no migration), so a store
+        on a read-only disk or in a folder this user cannot write opens too."""
+        if not self.path.is_file():
+            raise FeedbackStoreError(f"{self.path} does not exist; pass the path of a feedback database")
+        self._lock = threading.RLock()
+        self._in_transaction = False
+        uri = self.path.resolve().as_uri()
+        # mode=ro reads a WAL database only where its -shm file can be made; immutable=1 reads it from a read-only
+        # disk (it takes no locks: right for a store nobody writes meanwhile).
+        for options in ("mode=ro", "mode=ro&immutable=1"):
+            try:
+                self._db = sqlite3.connect(f"{uri}?{options}", uri=True, isolation_level=None, check_same_thread=False)
+                self._db.row_factory = sqlite3.Row
+                version = self._check_schema()
+                break
+            except sqlite3.OperationalError:
+                if options.endswith("immutable=1"):
+                    raise
+            except sqlite3.DatabaseError as err:
+                raise FeedbackStoreError(f"{self.path} is not a usable SQLite database ({err})") from err
+        if version != SCHEMA_VERSION:
+            self._db.close()
+            raise FeedbackStoreError(
+                f"{self.path} has feedback schema version {version}; opened read-only it cannot be upgraded to "
+                f"{SCHEMA_VERSION}: open it once without read_only (from a writable copy) to upgrade it"
+            )
 
     # -- connection and schema ----------------------------------------------------------------------------------
     def _enable_wal(self, timeout_s: float) -> None:
@@ -297,20 +401,31 @@ class FeedbackStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: taken with the write lock up front, committed before the caller goes on."""
+        if self.read_only:
+            raise FeedbackStoreError(f"{self.path} is open read-only (read_only=True); open it without it to write")
         with self._lock:
             if self._in_transaction:  # inside transaction(): it commits (or rolls back) all its writes together
                 yield self._db
                 return
-            self._db.execute("BEGIN IMMEDIATE")
-            self._in_transaction = True
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            finally:
-                self._in_transaction = False
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                self._in_transaction = True
+                try:
+                    yield self._db
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+                finally:
+                    self._in_transaction = False
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as err:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                fault = storage_error(self.path, err, self._timeout_s)
+                if fault is None:
+                    raise
+                raise fault from err
 
     @contextmanager
     def transaction(self) -> Iterator[FeedbackStore]:

@@ -173,7 +173,8 @@ def _add_responses(app: Flask) -> None:
 
     @app.errorhandler(FeedbackStoreError)
     def store_error(error: FeedbackStoreError):
-        return jsonify(error=str(error)), 400
+        # A bad judgement is the request's fault (400); a full disk (507) or a held lock (503) is the server's.
+        return jsonify(error=str(error)), getattr(error, "http_status", 400)
 
 
 def _add_pages(app: Flask, store: Callable[[], FeedbackStore], token: str, default_rater: str | None) -> None:

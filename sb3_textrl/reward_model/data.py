@@ -85,9 +85,14 @@ def _read_jsonl(path: Path) -> list[Preference]:
 
 
 def _read_feedback_db(path: Path) -> list[Preference]:
-    from sb3_textrl.feedback import FeedbackStore, empty_preferences_message  # lazy: only database input needs it
+    # lazy: only database input needs them
+    from sb3_textrl.feedback import FeedbackStorageError, FeedbackStore, empty_preferences_message
 
-    with FeedbackStore(path) as store:
+    try:
+        store = FeedbackStore(path)
+    except FeedbackStorageError:  # a read-only disk or folder: reading needs no write
+        store = FeedbackStore(path, read_only=True)
+    with store:
         pairs = [_to_preference(pair, f"{path}, pair {i}") for i, pair in enumerate(store.preference_pairs())]
     if not pairs:
         raise ValueError(f"{empty_preferences_message(path)}. A reward model needs at least one pair with a preferred side.")
