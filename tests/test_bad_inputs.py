@@ -235,10 +235,9 @@ def test_a_held_lock_names_the_process_that_holds_it(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with FeedbackStore(db, timeout_s=0.2) as store:
-            with pytest.raises(FeedbackStorageError, match=rf"is locked by another writer \(open in process {holder.pid} "
-                                                           r".*more than 0.2 s; nothing of this write was stored"):
-                store.add_prompt("another", task="T")
+        locked = rf"is locked by another writer \(open in process {holder.pid} .*more than 0.2 s; nothing of this write"
+        with FeedbackStore(db, timeout_s=0.2) as store, pytest.raises(FeedbackStorageError, match=locked):
+            store.add_prompt("another", task="T")
     finally:
         holder.kill()
         holder.wait()
