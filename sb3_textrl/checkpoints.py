@@ -128,6 +128,9 @@ def check_saved_model(path: PathLike) -> Path:
         with zipfile.ZipFile(zip_path) as archive:
             names = set(archive.namelist())
             missing = [name for name in _REQUIRED_ENTRIES if name not in names]
+            if len(missing) == len(_REQUIRED_ENTRIES):
+                # A file cut short can end inside a .pth (itself a zip), which zipfile then opens as the archive.
+                raise zipfile.BadZipFile(f"none of the entries {', '.join(_REQUIRED_ENTRIES)} that model.save writes")
             if missing:
                 raise DamagedModelError(
                     zip_path, f"it has no {' and no '.join(missing)} entry (model.save writes {', '.join(_REQUIRED_ENTRIES)})"
