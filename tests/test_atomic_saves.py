@@ -183,3 +183,36 @@ def test_text_checkpoint_callback_writes_sb3s_files_atomically(toy_model, tmp_pa
     with pytest.raises(OSError, match="simulated crash"):
         toy_model.learn(8, callback=TextCheckpointCallback(save_freq=4, save_path=str(tmp_path), name_prefix="ppo"))
     assert (tmp_path / "ppo_8_steps.zip").read_bytes() == before and _leftovers(tmp_path) == []
+
+
+class _Saves:
+    """A stand-in for a model or tokenizer: ``save_pretrained`` writes one file, or fails (a crash mid-save)."""
+
+    def __init__(self, name: str, content: str, fail: bool = False):
+        self.name, self.content, self.fail = name, content, fail
+
+    def save_pretrained(self, directory: str) -> None:
+        (Path(directory) / self.name).write_text(self.content)
+        if self.fail:
+            raise OSError("killed while saving (simulated)")
+
+
+def test_a_trainer_output_dir_is_replaced_whole_with_its_checkpoints(tmp_path):
+    from sb3_textrl.common.hf_trainer import save_trained_dir
+
+    output = tmp_path / "rm"
+    save_trained_dir(output, _Saves("model.safetensors", "old"), _Saves("tokenizer.json", "old"), "result.json", {})
+    (output / "checkpoint-10").mkdir()  # written by the next run while it trains
+    (output / "checkpoint-10" / "trainer_state.json").write_text("{}")
+
+    with pytest.raises(OSError, match="simulated"):
+        save_trained_dir(output, _Saves("model.safetensors", "new"), _Saves("tokenizer.json", "n", fail=True),
+                         "result.json", {"run": 2})
+    assert (output / "model.safetensors").read_text() == "old" and (output / "checkpoint-10").is_dir()
+    assert _leftovers(tmp_path) == []
+
+    save_trained_dir(output, _Saves("model.safetensors", "new"), _Saves("tokenizer.json", "new"), "result.json",
+                     {"run": 2})
+    assert sorted(p.name for p in output.iterdir()) == ["checkpoint-10", "model.safetensors", "result.json",
+                                                        "tokenizer.json"]
+    assert (output / "model.safetensors").read_text() == "new"
