@@ -14,7 +14,7 @@ from sb3_textrl.envs.task_ids import mark_text_task
 if TYPE_CHECKING:
     from sb3_textrl.buffers import TextRolloutBuffer
     from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
-    from sb3_textrl.checkpoints import load_model, save_model
+    from sb3_textrl.checkpoints import DamagedModelError, TextCheckpointCallback, check_saved_model, load_model, save_model
     from sb3_textrl.common.kl_controller import KLController
     from sb3_textrl.envs import (
         BatchedRewardVecEnv,
@@ -46,7 +46,9 @@ __getattr__, __dir__ = lazy_exports(
     {
         "sb3_textrl.buffers": ("TextRolloutBuffer",),
         "sb3_textrl.callbacks": ("TextEvalCallback", "TextSampleCallback"),
-        "sb3_textrl.checkpoints": ("load_model", "save_model"),
+        "sb3_textrl.checkpoints": (
+            "DamagedModelError", "TextCheckpointCallback", "check_saved_model", "load_model", "save_model"
+        ),
         "sb3_textrl.common.kl_controller": ("KLController",),
         "sb3_textrl.envs.batched": ("BatchedRewardVecEnv", "make_text_vec_env"),
         "sb3_textrl.envs.groups": ("make_group_vec_env",),
@@ -67,6 +69,7 @@ __getattr__, __dir__ = lazy_exports(
 
 __all__ = [
     "BatchedRewardVecEnv",
+    "DamagedModelError",
     "EvalResult",
     "HumanReward",
     "KLController",
@@ -75,6 +78,7 @@ __all__ = [
     "MaskableTransformerLMPolicy",
     "RougeReward",
     "Seq2SeqLMPolicy",
+    "TextCheckpointCallback",
     "TextEvalCallback",
     "TextGenerationEnv",
     "TextObservationSpace",
@@ -83,6 +87,7 @@ __all__ = [
     "TextRolloutBuffer",
     "TextSampleCallback",
     "TransformerLMPolicy",
+    "check_saved_model",
     "evaluate",
     "export_lm",
     "list_text_tasks",

@@ -19,6 +19,7 @@ import torch as th
 from stable_baselines3.common.callbacks import BaseCallback, EventCallback
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_textrl.checkpoints import save_model
 from sb3_textrl.common import metric_keys as keys
 from sb3_textrl.common.kl import mean_episode_kl
 from sb3_textrl.envs.batched import make_text_vec_env
@@ -377,7 +378,7 @@ class TextEvalCallback(EventCallback):
         if self.last_mean_reward > self.best_mean_reward:
             self.best_mean_reward = self.last_mean_reward
             if self.best_model_save_path is not None:
-                self.model.save(self.best_model_save_path / "best_model")
+                save_model(self.model, self.best_model_save_path / "best_model")  # atomic: never half a best model
                 if self.verbose >= 1:
                     print(f"New best eval/{self.metric} = {self.best_mean_reward:.4g}: saved {self.best_model_save_path}")
             if self.callback is not None:

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from stable_baselines3 import PPO
-from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
+from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_textrl.buffers import TextRolloutBuffer
 from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
+from sb3_textrl.checkpoints import TextCheckpointCallback, save_model
 from sb3_textrl.demo_config import DemoConfig
 from sb3_textrl.envs.batched import make_text_vec_env
 from sb3_textrl.envs.groups import make_group_vec_env
@@ -143,7 +144,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         [
             TextSampleCallback(every_n_rollouts=1, n_samples=2),
             evaluation,
-            CheckpointCallback(save_freq=config.n_steps * 2, save_path=str(out / "checkpoints"), name_prefix="ppo"),
+            TextCheckpointCallback(save_freq=config.n_steps * 2, save_path=str(out / "checkpoints"), name_prefix="ppo"),
         ]
     )
     model.learn(total_timesteps=config.updates * config.n_steps * config.n_envs, callback=callbacks, progress_bar=True)
@@ -151,7 +152,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     # The callback's last evaluation ran after the final update, on the same articles: those are the "after" samples.
     after = evaluation.last_samples
     _print_samples(f"After {config.updates} PPO updates (greedy)", after[: config.n_samples])
-    model.save(out / "model")
+    save_model(model, out / "model")
 
     gain = paired_bootstrap([s.reward for s in before], [s.reward for s in after], seed=config.seed)
     result = _summary(config, before, after, gain, train_seconds, env)

@@ -25,6 +25,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from sb3_textrl.checkpoints import check_saved_model
 from sb3_textrl.common.output_dir import check_output_dir, write_dir_atomically
 from sb3_textrl.envs.arguments import default_stop_ids
 from sb3_textrl.envs.text_env import tokenizer_fingerprint
@@ -142,7 +143,9 @@ def load_policy(path: str | os.PathLike) -> TransformerLMPolicy:
 
     :param path: a ``.zip`` written by ``model.save()``
     :return: the policy
+    :raises DamagedModelError: when the file is not a whole ``model.zip``
     """
+    check_saved_model(path)
     try:
         data, params, _ = load_from_zip_file(Path(path), device="cpu")
     except (ImportError, AttributeError, pickle.UnpicklingError) as error:  # a pickled class that no longer imports

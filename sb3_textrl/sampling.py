@@ -21,6 +21,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_textrl.checkpoints import check_saved_model
 from sb3_textrl.common.names import DEFAULT_TASK
 from sb3_textrl.envs.batched import make_text_vec_env
 from sb3_textrl.evaluation import Sample, generate_samples
@@ -122,6 +123,7 @@ def load_generator(model: str | os.PathLike | None, env: VecEnv, device: str = "
     if lm is not None and lm.endswith(".zip"):
         if not Path(lm).is_file():
             raise FileNotFoundError(f"saved model {lm} not found; pass a .zip written by model.save() or an LM path")
+        check_saved_model(lm)  # a damaged file: one clear error, not SB3's or torch's
         return PPO.load(Path(lm), env=env, device=device)  # SB3 opens a str or Path, not any os.PathLike
     # Only generates, never trains: no advantage normalization, which SB3 refuses for a one-env, one-step buffer.
     return PPO(

@@ -26,6 +26,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from sb3_textrl.common import metric_keys as keys
+from sb3_textrl.common.atomic import atomic_dir
 
 LOG_FORMATS = ("csv", "tensorboard", "json", "log", "stdout")
 """SB3's logger formats (``stable_baselines3.common.logger.configure``) that ``report_to`` accepts."""
@@ -282,3 +283,23 @@ def move_run_files(source: Path, destination: Path) -> None:
     for path in run_files(source):
         if not (destination / path.name).exists():
             os.replace(path, destination / path.name)
+
+
+def save_trained_dir(output_dir: Path, model: Any, tokenizer: Any, result_file: str, result: dict[str, Any]) -> None:
+    """
+    The output directory of a Trainer run, written whole (:func:`~sb3_textrl.common.atomic.atomic_dir`): the model
+    and tokenizer (``save_pretrained``) and the result file in a temporary sibling, into which the run's checkpoints
+    and log files (in ``output_dir`` while it trained) move last; then it replaces ``output_dir``. A kill leaves the
+    earlier directory (its checkpoints included, to resume from) or the new one, never a half-written model.
+
+    :param output_dir: the run's output directory
+    :param model: what to ``save_pretrained`` (a model without LoRA adapters to merge)
+    :param tokenizer: its tokenizer
+    :param result_file: the JSON file's name, written last in the new directory
+    :param result: its content (``repr`` of what JSON cannot write: task objects such as a reward)
+    """
+    with atomic_dir(output_dir) as directory:
+        model.save_pretrained(str(directory))
+        tokenizer.save_pretrained(str(directory))
+        (directory / result_file).write_text(json.dumps(result, indent=2, default=repr) + "\n")
+        move_run_files(output_dir, directory)

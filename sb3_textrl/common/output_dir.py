@@ -4,11 +4,10 @@ write into a temporary sibling that is renamed into place (a killed run leaves n
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from sb3_textrl.common.atomic import atomic_dir
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, flag: str = "overwrite=True (CLI: --overwrite)") -> Path:
@@ -38,33 +37,14 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, flag: str =
 
 def write_dir_atomically(output_dir: Path, write: Callable[[Path], None]) -> Path:
     """
-    Let ``write`` fill a temporary sibling of ``output_dir``, then rename it into place (replacing an old directory).
-
-    The sibling lives in the same parent, so the rename is atomic on one filesystem; on any error it is removed and an
-    old ``output_dir`` is left as it was. Call :func:`check_output_dir` first.
+    Let ``write`` fill a temporary sibling of ``output_dir``, then rename it into place (replacing an old directory),
+    with :func:`~sb3_textrl.common.atomic.atomic_dir`. On any error an old ``output_dir`` is left as it was. Call
+    :func:`check_output_dir` first.
 
     :param output_dir: the final directory
     :param write: writes the directory's files into the path it is given
     :return: ``output_dir``
     """
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A plain mkdir (mkdtemp would make it private to this user): the directory gets the umask's permissions.
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(output_dir) as tmp:
         write(tmp)
-        marker = tmp / f".mode-{uuid.uuid4().hex[:8]}"
-        marker.touch()
-        file_mode = marker.stat().st_mode & 0o777
-        marker.unlink()
-        for path in tmp.rglob("*"):  # safetensors writes private (0600) files
-            if path.is_file():
-                path.chmod(file_mode)
-        if output_dir.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, stale / output_dir.name)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output_dir

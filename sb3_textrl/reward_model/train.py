@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import logging
 import math
 import os
@@ -58,6 +57,7 @@ from sb3_textrl.common.hf_trainer import (
     preserved_global_rng,
     quiet_trainer,
     resolve_checkpoint,
+    save_trained_dir,
     training_arguments,
     warmup_steps,
 )
@@ -284,13 +284,8 @@ def train_reward_model(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sb3_textrl_version": _package_version(),
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / REWARD_MODEL_FILE).unlink(missing_ok=True)  # an earlier model's: stale until the new one is saved
-    with quiet_transformers(cfg.progress_bar):
-        model.save_pretrained(str(output_dir))
-        tokenizer.save_pretrained(str(output_dir))
-    # Written last: a directory with reward_model.json is complete.
-    (output_dir / REWARD_MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    with quiet_transformers(cfg.progress_bar):  # whole or not at all: an earlier model stays until the new one is in
+        save_trained_dir(output_dir, model, tokenizer, REWARD_MODEL_FILE, info)
     return RewardModelResult(output_dir, metrics, model, tokenizer)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -12,8 +11,7 @@ from typing import Any
 import torch as th
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sb3_textrl.common.hf_trainer import move_run_files
-from sb3_textrl.common.output_dir import write_dir_atomically
+from sb3_textrl.common.hf_trainer import save_trained_dir
 
 RESULT_FILE = "sft_result.json"
 SAVED_NAMES = {"progress_bar": "progress"}
@@ -74,11 +72,4 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir
     checkpoints and log files, in ``output_dir`` while it trained, move into the new directory last.
     """
 
-    def write(directory: Path) -> None:
-        model.save_pretrained(str(directory))
-        tokenizer.save_pretrained(str(directory))
-        # default=repr: task_kwargs may hold objects (a reward) that JSON cannot write
-        (directory / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=repr) + "\n")
-        move_run_files(output_dir, directory)
-
-    write_dir_atomically(output_dir, write)
+    save_trained_dir(output_dir, model, tokenizer, RESULT_FILE, result.to_dict())
