@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         make_text_vec_env,
         register_text_task,
     )
+    from sb3_textrl.envs.subproc import TextSubprocVecEnv
     from sb3_textrl.evaluation import EvalResult, evaluate
     from sb3_textrl.export import export_lm
     from sb3_textrl.maskable import MaskableTextRolloutBuffer, MaskableTransformerLMPolicy
@@ -53,6 +54,7 @@ __getattr__, __dir__ = lazy_exports(
         "sb3_textrl.envs.batched": ("BatchedRewardVecEnv", "make_text_vec_env"),
         "sb3_textrl.envs.groups": ("make_group_vec_env",),
         "sb3_textrl.envs.registry": ("make_text_task_env", "register_text_task"),
+        "sb3_textrl.envs.subproc": ("TextSubprocVecEnv",),
         "sb3_textrl.envs.task_ids": ("list_text_tasks",),
         "sb3_textrl.envs.text_env": ("TextGenerationEnv", "TextObservationSpace", "TextPrompt"),
         "sb3_textrl.evaluation": ("EvalResult", "evaluate"),
@@ -86,6 +88,7 @@ __all__ = [
     "TextReward",
     "TextRolloutBuffer",
     "TextSampleCallback",
+    "TextSubprocVecEnv",
     "TransformerLMPolicy",
     "check_saved_model",
     "evaluate",

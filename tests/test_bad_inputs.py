@@ -14,11 +14,16 @@ import time
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import pytest
-from helpers import register_toy_task
+from helpers import PROMPTS, register_toy_task
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import SubprocVecEnv
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
+from sb3_textrl import TextSubprocVecEnv, make_text_vec_env, register_text_task
 from sb3_textrl.envs.arguments import check_env_kwargs
+from sb3_textrl.envs.subproc import WorkerError
 from sb3_textrl.feedback import FeedbackStorageError, FeedbackStore, FeedbackStoreError
 from sb3_textrl.feedback.store import storage_error
 from sb3_textrl.feedback.webapp import create_app
@@ -283,3 +288,33 @@ def test_a_store_on_a_read_only_disk_is_read_by_train_rm_and_refused_for_writing
         FeedbackStore(read_only_folder / "feedback.db")
     pairs = load_preferences(read_only_folder / "feedback.db")  # what train-rm reads: no write needed
     assert [(p.chosen, p.rejected) for p in pairs] == [("The council met.", "Nothing happened.")]
+
+
+# --- subprocess envs (point 10): a worker's error arrives as it was raised ------------------------------------------
+
+
+def _broken_reward(prompts, completions, references):
+    raise ValueError("the judge is offline")
+
+
+def test_a_worker_error_reaches_the_main_process_with_its_message(tiny_lm):
+    task = "BadInputsSubproc-v0"
+    register_text_task(task, prompts=PROMPTS, reward=_broken_reward, tokenizer=tiny_lm, max_new_tokens=2, max_prompt_tokens=16)
+    fork = dict(start_method="fork")  # the workers inherit this process's task registry
+    stock = make_vec_env(task, n_envs=2, vec_env_cls=SubprocVecEnv, vec_env_kwargs=fork)
+    stock.reset()
+    with pytest.raises((EOFError, ConnectionError)):  # SB3's own: the worker died, its message stayed on stderr
+        for _ in range(2):
+            stock.step(np.array([1, 1]))
+    venv = make_text_vec_env(task, n_envs=2, vec_env_cls=SubprocVecEnv, vec_env_kwargs=fork, batched_rewards=False)
+    try:
+        assert isinstance(venv, TextSubprocVecEnv)
+        venv.reset()
+        message = r"Reward '_broken_reward' .* raised ValueError .*: the judge is offline"
+        with pytest.raises(ValueError, match=message) as error:
+            for _ in range(2):
+                venv.step(np.array([1, 1]))
+        assert isinstance(error.value.__cause__, WorkerError)
+        assert "raise ValueError(\"the judge is offline\")" in str(error.value.__cause__)  # the worker's traceback
+    finally:
+        venv.close()

@@ -30,6 +30,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
+from sb3_textrl.envs.subproc import TextSubprocVecEnv
 from sb3_textrl.rewards.base import RewardFn, TextReward, reward_name, score_batch
 
 
@@ -173,7 +174,8 @@ def make_text_vec_env(
     :param monitor_dir: where Monitor writes its CSV files (None: not written)
     :param wrapper_class: gym wrapper applied to each env (inside the Monitor)
     :param env_kwargs: keyword arguments of the task (``tokenizer=``, ``reward=``, ``max_new_tokens=`` ...)
-    :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv``
+    :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv`` (made a
+        :class:`~sb3_textrl.envs.subproc.TextSubprocVecEnv`: a worker's exception is raised here as it was raised)
     :param vec_env_kwargs: keyword arguments of the VecEnv class
     :param monitor_kwargs: keyword arguments of the Monitor
     :param wrapper_kwargs: keyword arguments of ``wrapper_class``
@@ -181,6 +183,8 @@ def make_text_vec_env(
         that declares ``batched_scoring = False``
     :return: the VecEnv
     """
+    if vec_env_cls is SubprocVecEnv:  # the same, with the workers' errors raised here as they were raised there
+        vec_env_cls = TextSubprocVecEnv
     venv = make_vec_env(
         env_id, n_envs=n_envs, seed=seed, start_index=start_index, monitor_dir=monitor_dir, wrapper_class=wrapper_class,
         env_kwargs=env_kwargs, vec_env_cls=vec_env_cls, vec_env_kwargs=vec_env_kwargs, monitor_kwargs=monitor_kwargs,
