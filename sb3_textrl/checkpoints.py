@@ -23,11 +23,13 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import CheckpointCallback
 from stable_baselines3.common.save_util import json_to_data
 
 from sb3_textrl.common.atomic import atomic_file
+from sb3_textrl.common.resume import RESUME_ENTRY, capture_resume_state, restore_resume_state
 from sb3_textrl.models.assets import EMBEDDED_LM_NAME
 from sb3_textrl.models.loading import resolve_lm_path
 
@@ -49,7 +51,9 @@ def _save_path(path: PathLike) -> Path:
     return path if path.suffix else path.with_name(path.name + ".zip")
 
 
-def save_model(model: BaseAlgorithm, path: PathLike, bundle_lm: bool = False, **save_kwargs: Any) -> Path:
+def save_model(
+    model: BaseAlgorithm, path: PathLike, bundle_lm: bool = False, resume_state: bool = True, **save_kwargs: Any
+) -> Path:
     """
     ``model.save(path)``, atomically: the zip is written whole to a temporary sibling, synced, then renamed over
     ``path`` (:func:`~sb3_textrl.common.atomic.atomic_file`), so a kill or a full disk leaves the old file or the new
@@ -59,15 +63,23 @@ def save_model(model: BaseAlgorithm, path: PathLike, bundle_lm: bool = False, **
     :param model: an algorithm with a :class:`~sb3_textrl.TransformerLMPolicy` (or subclass)
     :param path: where to write ``model.zip`` (``.zip`` is added to a path without a suffix, as SB3 does)
     :param bundle_lm: also store the base LM's files under ``lm/`` in the zip (its size: the LM's)
+    :param resume_state: also store what SB3 does not save and an exact resume needs: the Python/NumPy/torch random
+        generators and the text envs' prompt order and episode in flight (:mod:`sb3_textrl.common.resume`; a few kB
+        per env); :func:`load_model` puts them back
     :param save_kwargs: passed to ``model.save`` (``exclude``, ``include``)
     :return: the path of the zip written
     """
     written = _save_path(path)
     source = _bundle_source(model) if bundle_lm else None  # refused before anything is written
+    state = capture_resume_state(model) if resume_state else None
     with atomic_file(written) as tmp:
         model.save(tmp, **save_kwargs)
-        if source is not None:
-            with zipfile.ZipFile(tmp, "a") as archive:
+        with zipfile.ZipFile(tmp, "a") as archive:
+            if state is not None:
+                buffer = io.BytesIO()
+                th.save(state, buffer)
+                archive.writestr(RESUME_ENTRY, buffer.getvalue())
+            if source is not None:
                 for file in sorted(p for p in source.rglob("*") if p.is_file()):
                     archive.write(file, BUNDLE_FOLDER + file.relative_to(source).as_posix())
     return written
@@ -163,6 +175,7 @@ def load_model(
     algorithm: type[BaseAlgorithm] | None = None,
     lm: PathLike | None = None,
     policy_kwargs: dict[str, Any] | None = None,
+    resume: bool = True,
     **load_kwargs: Any,
 ) -> BaseAlgorithm:
     """
@@ -178,6 +191,9 @@ def load_model(
     :param algorithm: the algorithm class (default ``stable_baselines3.PPO``; e.g. ``MaskablePPO``)
     :param lm: the base LM (a directory or hub name) instead of the saved one
     :param policy_kwargs: other saved policy arguments to override (e.g. ``dict(use_kv_cache=False)``)
+    :param resume: put back the random generators and, with ``env``, the envs' states saved by :func:`save_model`,
+        so that ``model.learn(n, reset_num_timesteps=False)`` goes on exactly as the saved run would have (a zip
+        without them loads as SB3 loads it)
     :param load_kwargs: passed to ``algorithm.load`` (``env``, ``device``, ``custom_objects``...)
     :return: the loaded model
     :raises DamagedModelError: when the file is not a whole ``model.zip`` (:func:`check_saved_model`)
@@ -194,7 +210,23 @@ def load_model(
     if found is not None:
         merged["lm"] = str(Path(found).expanduser().resolve()) if Path(found).expanduser().is_dir() else found
     custom_objects["policy_kwargs"] = merged
-    return algorithm.load(zip_path, custom_objects=custom_objects, **load_kwargs)
+    state = _resume_state(zip_path) if resume else None
+    if state is not None and state.get("envs") is not None and load_kwargs.get("env") is not None:
+        # The envs get their saved states back, so SB3 keeps the saved observation instead of resetting them.
+        load_kwargs.setdefault("force_reset", False)
+    model = algorithm.load(zip_path, custom_objects=custom_objects, **load_kwargs)
+    if state is not None:
+        restore_resume_state(model, state)
+    return model
+
+
+def _resume_state(path: Path) -> dict[str, Any] | None:
+    """The resume state :func:`save_model` stored in the zip, or None (a zip of ``model.save``)."""
+    with zipfile.ZipFile(path) as archive:
+        if RESUME_ENTRY not in archive.namelist():
+            return None
+        # Our own entry of plain Python, NumPy and torch objects (the generators' states, the envs' arrays and counters)
+        return th.load(io.BytesIO(archive.read(RESUME_ENTRY)), weights_only=False)
 
 
 def _saved_data(path: Path, custom_objects: dict[str, Any]) -> dict[str, Any]:

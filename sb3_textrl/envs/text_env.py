@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -203,6 +204,39 @@ class TextGenerationEnv(gym.Env):
         # Set by a batched scorer (BatchedRewardVecEnv) just before the step that ends the episode:
         # (token, completion text, task reward), used by that step instead of a call to the reward.
         self._preset: tuple[int, str, float] | None = None
+
+    # What changes while the env runs (prompt order and position, the episode in flight, its masks, the env's own
+    # random generator); the rest is made from the env's arguments.
+    _RESUME_ATTRIBUTES = (
+        "_order", "_order_rng", "_cursor", "_prompt_index", "_prompt_queue", "_ids", "_mask", "_n_generated",
+        "_episode_over", "_allowed", "_n_masked_out", "_preset", "_episode_masks", "_np_random", "_np_random_seed",
+    )
+
+    def resume_state(self) -> dict[str, Any]:
+        """
+        What this env would need to continue exactly where it is, in a new process (see
+        :mod:`sb3_textrl.common.resume`): its prompt order and position, the episode in flight and its generator.
+
+        :return: a picklable dict (copies: the env goes on changing)
+        """
+        return copy.deepcopy({name: getattr(self, name) for name in self._RESUME_ATTRIBUTES if hasattr(self, name)})
+
+    def restore_resume_state(self, state: dict[str, Any]) -> None:
+        """
+        Continue from :meth:`resume_state` (of an env of the same task and arguments).
+
+        :param state: what :meth:`resume_state` returned
+        """
+        unknown = set(state) - set(self._RESUME_ATTRIBUTES)
+        if unknown:
+            raise ValueError(f"{self.task_id}: not a resume state of this env (unknown entries {sorted(unknown)})")
+        if len(state.get("_order", self._order)) != len(self.prompts):
+            raise ValueError(
+                f"{self.task_id}: the resume state is of an env with {len(state['_order'])} prompts, this one has "
+                f"{len(self.prompts)}: make the env with the arguments of the run that was saved"
+            )
+        for name, value in copy.deepcopy(state).items():
+            setattr(self, name, value)
 
     def _tokenize_prompts(self, add_special_tokens: bool) -> list[np.ndarray]:
         encoded = encode_prompts(self.tokenizer, self.prompts, add_special_tokens)
