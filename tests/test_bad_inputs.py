@@ -26,7 +26,7 @@ from sb3_textrl.envs.arguments import check_env_kwargs
 from sb3_textrl.envs.subproc import WorkerError
 from sb3_textrl.feedback import FeedbackStorageError, FeedbackStore, FeedbackStoreError
 from sb3_textrl.feedback.store import storage_error
-from sb3_textrl.feedback.webapp import create_app
+from sb3_textrl.feedback.webapp import create_app, rating_server
 from sb3_textrl.models import load_causal_lm, load_tokenizer
 from sb3_textrl.models import loading as model_loading
 from sb3_textrl.reward_model.data import load_preferences
@@ -318,3 +318,21 @@ def test_a_worker_error_reaches_the_main_process_with_its_message(tiny_lm):
         assert "raise ValueError(\"the judge is offline\")" in str(error.value.__cause__)  # the worker's traceback
     finally:
         venv.close()
+
+
+# --- the rating server (point 8) -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(threads=0), "threads must be a whole number >= 1"),
+        (dict(threads=2.5), "threads must be a whole number >= 1"),
+        (dict(port=99999), r"port must be 0 \(any free port\) to 65535, got 99999"),
+        (dict(port=-1), "port must be 0"),
+    ],
+)
+def test_the_rating_server_refuses_threads_and_ports_out_of_range(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        rating_server(tmp_path / "feedback.db", **kwargs)
+    assert not (tmp_path / "feedback.db").exists()  # refused before the store was made

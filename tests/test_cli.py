@@ -120,7 +120,7 @@ BAD_NUMBERS = [
     (["eval", "--report-samples", "-1"], "--report-samples: must be >= 0"),
     (["rate", "--db", "x.db", "--threads", "0"], "--threads: must be >= 1, got 0"),
     (["rate", "--db", "x.db", "--port", "99999"], "--port: a port is 0 (any free port) to 65535, got 99999"),
-    (["sft", "-o", "o", "--warmup-ratio", "2.0"], r"--warmup-ratio: must be a number in [0, 1], got 2.0"),
+    (["sft", "-o", "o", "--warmup-ratio", "2.0"], r"--warmup-ratio: must be a number in [0, 1), got 2.0"),
     (["sft", "-o", "o", "--max-grad-norm", "nan"], "--max-grad-norm: must be a number in [0, inf), got nan"),
     (["sft", "-o", "o", "--eval-fraction", "1"], "--eval-fraction: must be a number in [0, 1), got 1"),
     (["sft", "-o", "o", "--learning-rate", "0"], "--learning-rate: must be a number in (0, inf), got 0"),

@@ -14,7 +14,6 @@ from sb3_textrl.cli.common import (
     add_trainer_flags,
     env_kwargs,
     float_in,
-    fraction,
     non_negative_float,
     positive_float,
     positive_int,
@@ -67,7 +66,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="forward passes per optimizer step (default 1)",
     )
     parser.add_argument(
-        "--warmup-ratio", type=fraction, default=0.1, help="share of the steps warming the learning rate up (default 0.1)"
+        "--warmup-ratio",
+        type=float_in(0.0, 1.0, high_open=True),
+        default=0.1,
+        help="share of the steps warming the learning rate up (default 0.1)",
     )
     parser.add_argument(
         "--max-grad-norm", type=non_negative_float, default=1.0, help="gradient norm clip (default 1.0; 0: no clipping)"

@@ -322,6 +322,11 @@ def rating_server(
     """
     from waitress import create_server
 
+    # Checked first: waitress takes threads=0 (then answers no request, and ignores Ctrl+C) and any port number.
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a whole number >= 1 (requests handled at once), got {threads!r}; 8 is plenty")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0 (any free port) to 65535, got {port!r}")
     out = out or sys.stdout
     token = token or secrets.token_urlsafe(24)
     app = create_app(store_path, token, default_rater=rater)
