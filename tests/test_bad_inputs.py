@@ -241,8 +241,9 @@ def test_a_held_lock_names_the_process_that_holds_it(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         locked = rf"is locked by another writer \(open in process {holder.pid} .*more than 0.2 s; nothing of this write"
-        with FeedbackStore(db, timeout_s=0.2) as store, pytest.raises(FeedbackStorageError, match=locked):
+        with FeedbackStore(db, timeout_s=0.2) as store, pytest.raises(FeedbackStorageError, match=locked) as error:
             store.add_prompt("another", task="T")
+        assert error.value.http_status == 503  # what the rating page answers
     finally:
         holder.kill()
         holder.wait()
