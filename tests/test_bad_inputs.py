@@ -279,7 +279,9 @@ def read_only_folder(tmp_path):
     try:
         yield folder
     finally:
-        subprocess.run(["umount", str(folder)], capture_output=True)
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)  # not left mounted either way
+            pytest.fail("the read-only folder could not be unmounted: a file there is still open (a leaked connection)")
 
 
 def test_a_store_on_a_read_only_disk_is_read_by_train_rm_and_refused_for_writing(tmp_path, read_only_folder):

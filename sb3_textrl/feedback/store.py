@@ -354,15 +354,17 @@ class FeedbackStore:
         # mode=ro reads a WAL database only where its -shm file can be made; immutable=1 reads it from a read-only
         # disk (it takes no locks: right for a store nobody writes meanwhile).
         for options in ("mode=ro", "mode=ro&immutable=1"):
+            self._db = sqlite3.connect(f"{uri}?{options}", uri=True, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
             try:
-                self._db = sqlite3.connect(f"{uri}?{options}", uri=True, isolation_level=None, check_same_thread=False)
-                self._db.row_factory = sqlite3.Row
                 version = self._check_schema()
                 break
             except sqlite3.OperationalError:
+                self._db.close()  # a connection left open keeps the file (and its disk) busy
                 if options.endswith("immutable=1"):
                     raise
             except sqlite3.DatabaseError as err:
+                self._db.close()
                 raise FeedbackStoreError(f"{self.path} is not a usable SQLite database ({err})") from err
         if version != SCHEMA_VERSION:
             self._db.close()
