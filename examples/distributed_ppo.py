@@ -5,7 +5,7 @@
     python examples/distributed_ppo.py --tiny                                     # one process, no torchrun
 
 Every rank builds the same PPO with its own seed (other prompts, other samples); ``make_data_parallel`` broadcasts
-rank 0's weights, averages the gradients inside SB3's unchanged train loop and keeps β and the minibatch count
+rank 0's weights, makes the LM's modules DDP replicas (gradients averaged inside SB3's unchanged train loop) and keeps β and the minibatch count
 in step. Rank 0 alone logs (stdout + csv in --output-dir/logs), writes checkpoints and saves the final model.
 Several hosts and the other torchrun options: docs/distributed.md.
 """
@@ -61,6 +61,15 @@ def tiny_lm(out: Path) -> str:
     return save_tiny_gpt2_lm(out / "tiny_lm")
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux reports kibibytes, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
 def main(options: Options) -> dict[str, Any]:
     ctx = init_distributed(options.backend)
     out = Path(options.output_dir)
@@ -100,11 +109,18 @@ def main(options: Options) -> dict[str, Any]:
     checksums = [checksum.to(ctx.device) for _ in range(ctx.world_size)]
     if ctx.is_distributed:
         dist.all_gather(checksums, checksum.to(ctx.device))
+    # Peak memory per rank: the process's resident set, and the parameters it holds (all of the LM's on every rank:
+    # data parallel replicates the model).
+    memory = dict(peak_rss_mib=_peak_rss_mib(), parameter_mib=sum(p.numel() * p.element_size() for p in model.policy.parameters()) / 2**20)
+    memories = [memory] * ctx.world_size
+    if ctx.is_distributed:
+        memories = [None] * ctx.world_size
+        dist.all_gather_object(memories, memory)
     summary = dict(
         world_size=ctx.world_size, backend=ctx.backend or "none", tokens=steps_per_rank * ctx.world_size,
         seconds=round(seconds, 2), tokens_per_s=round(steps_per_rank * ctx.world_size / seconds, 1),
         kl_coef=model.policy.kl_controller.value, ranks_agree=len({float(c) for c in checksums}) == 1,
-        rank0_rollout=model.rollout_buffer.metrics, options=asdict(options),
+        rank0_rollout=model.rollout_buffer.metrics, memory_per_rank=memories, options=asdict(options),
     )
     if ctx.is_main:
         model.save(out / "ppo_model")

@@ -3,8 +3,9 @@
 The ranks stay one model because :func:`make_data_parallel`
 
 - broadcasts rank 0's trainable parameters and floating-point buffers (β of the adaptive KL controller) once,
-- averages the gradients over the ranks at the end of every ``loss.backward()`` — before SB3 clips their norm,
-  so every rank clips the same averaged gradient and takes the same optimizer step,
+- makes the modules the policy calls (LM trunk, head, value head) DDP replicas with PyTorch's composable
+  ``replicate``: DDP averages the gradients over the ranks during every ``loss.backward()`` — before SB3 clips
+  their norm, so every rank clips the same averaged gradient and takes the same optimizer step,
 - makes :class:`~sb3_textrl.buffers.TextRolloutBuffer` yield the same number of minibatches on every rank (each
   rank packs whole episodes, whose lengths differ per rank; a rank with one backward pass fewer would hang),
 - adapts β from the KL averaged over the ranks,
@@ -20,7 +21,6 @@ import datetime
 import math
 import os
 import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch as th
@@ -30,12 +30,12 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from torch import nn
+from torch.distributed._composable.replicate import replicate
 
 from sb3_textrl.buffers import Segment, TextRolloutBuffer
 
-# The gradient sync of each data-parallel policy (weak: it goes away with the policy; nothing is stored on the
-# model, so PPO.save never sees it).
-_SYNCS: weakref.WeakKeyDictionary[nn.Module, GradientAverager] = weakref.WeakKeyDictionary()
+# The data-parallel policies (weak: an entry goes away with its policy; nothing is stored on the model).
+_DATA_PARALLEL: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -119,70 +119,68 @@ def is_main_process() -> bool:
 
 
 # -- gradients --------------------------------------------------------------------------------------------------
-class GradientAverager:
+def lm_modules(policy: nn.Module) -> list[nn.Module]:
     """
-    Averages the gradients of ``parameters`` over the ranks at the end of every backward pass.
+    The modules a policy calls directly (its ``called_modules()``: the LM's trunk, its head, the value head; an
+    encoder-decoder's encoder and decoder): PyTorch's data-parallel engines hook their forwards.
 
-    A post-accumulate-grad hook on each parameter queues one callback that the autograd engine runs when the
-    backward pass is over (as ``DistributedDataParallel`` does); it all-reduces every gradient in flat buckets,
-    in the parameters' fixed order. SB3's train loop is unchanged: ``loss.backward()`` returns with averaged
-    gradients, so ``clip_grad_norm_`` sees the same global norm on every rank. A parameter that got no gradient
-    on any rank keeps ``grad = None``; one that got a gradient on some ranks only counts as zero on the others.
-
-    :param parameters: the trainable parameters, in the same order on every rank
-    :param bucket_numel: elements per all-reduce call (bounds the extra memory of the flat copies)
+    :param policy: an sb3_textrl policy (or any module with ``called_modules()``)
+    :return: the modules, in the same order on every rank
     """
+    called = getattr(policy, "called_modules", None)
+    if called is None:
+        raise TypeError(
+            f"make_data_parallel needs a policy that names the modules it calls (called_modules()), such as "
+            f"TransformerLMPolicy; got {type(policy).__name__}"
+        )
+    return list(called())
 
-    def __init__(self, parameters: Iterable[nn.Parameter], bucket_numel: int = 1 << 24):
-        self.parameters = [p for p in parameters if p.requires_grad]
-        self.bucket_numel = bucket_numel
-        self._queued = False
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_accumulated) for p in self.parameters]
 
-    def _on_accumulated(self, parameter: th.Tensor) -> None:
-        if not self._queued:
-            self._queued = True
-            th.autograd.Variable._execution_engine.queue_callback(self._all_reduce)
+def _modules_to_replicate(policy: nn.Module) -> list[nn.Module]:
+    """
+    The called modules that hold trainable parameters, each trainable parameter in exactly one of them: DDP reduces
+    the gradient of a module's parameters after the backward through that module's forward, so a parameter outside
+    every called module would never be averaged, and one in two of them would be averaged twice.
+    """
+    owner: dict[int, int] = {}
+    modules = lm_modules(policy)
+    for index, module in enumerate(modules):
+        for p in module.parameters():
+            if p.requires_grad and owner.setdefault(id(p), index) != index:
+                raise ValueError(
+                    f"A trainable parameter of shape {tuple(p.shape)} is shared by two modules the policy calls "
+                    f"({type(modules[owner[id(p)]]).__name__} and {type(module).__name__}: tied input and output "
+                    "embeddings, trained). Data parallel cannot average it once: train LoRA adapters (use_lora=True, "
+                    "the default) or untie the embeddings (config.tie_word_embeddings=False)."
+                )
+    names = {id(p): n for n, p in policy.named_parameters()}
+    outside = [names[id(p)] for p in policy.parameters() if p.requires_grad and id(p) not in owner]
+    if outside:
+        raise ValueError(
+            f"Trainable parameters outside the modules the policy calls ({', '.join(outside[:3])}...): no data-parallel "
+            "engine would average their gradients. Freeze them, or make the policy's called_modules() include them."
+        )
+    used = set(owner.values())
+    return [module for index, module in enumerate(modules) if index in used]
 
-    @th.no_grad()
-    def _all_reduce(self) -> None:
-        self._queued = False
-        world_size = dist.get_world_size()
-        device = self.parameters[0].device
-        # Which parameters have a gradient on any rank (a collective every rank can make, whatever its graph).
-        present = th.tensor([p.grad is not None for p in self.parameters], dtype=th.float32, device=device)
-        dist.all_reduce(present)
-        params = [p for p, n in zip(self.parameters, present.tolist()) if n > 0]
-        for p in params:
-            if p.grad is None:
-                p.grad = th.zeros_like(p)
-        for bucket in self._buckets(params):
-            flat = th.cat([p.grad.reshape(-1) for p in bucket])  # type: ignore[union-attr]
-            dist.all_reduce(flat)
-            flat.div_(world_size)
-            offset = 0
-            for p in bucket:
-                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))  # type: ignore[union-attr]
-                offset += p.numel()
 
-    def _buckets(self, params: list[nn.Parameter]) -> Iterable[list[nn.Parameter]]:
-        """Consecutive parameters of one dtype and device, about ``bucket_numel`` elements at a time."""
-        bucket: list[nn.Parameter] = []
-        size = 0
-        for p in params:
-            if bucket and (size + p.numel() > self.bucket_numel or (p.dtype, p.device) != (bucket[0].dtype, bucket[0].device)):
-                yield bucket
-                bucket, size = [], 0
-            bucket.append(p)
-            size += p.numel()
-        if bucket:
-            yield bucket
+def _replicate(module: nn.Module, context: DistributedContext) -> None:
+    """
+    Make ``module`` a DDP replica (PyTorch's composable ``replicate``: DDP's reducer on the module's own forward, so
+    its parameter names, and the policy's state dict, stay as they are).
 
-    def remove(self) -> None:
-        """Stop averaging (removes the hooks)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    - ``broadcast_buffers=False``: a forward run by one rank only (rank 0's evaluation callback) must not wait for
+      the others; the policy's buffers are broadcast once by :func:`broadcast_parameters`.
+    - ``find_unused_parameters=True``: a rank whose minibatch leaves a parameter out (value-head warm-up runs the
+      LM without gradient) gives it a zero gradient instead of hanging the others.
+    - initialized now, on every rank (DDP's constructor is a collective; it would otherwise run at the first
+      forward, which may be rank 0's alone).
+    """
+    kwargs: dict = dict(broadcast_buffers=False, find_unused_parameters=True)
+    if context.device.type == "cuda":
+        kwargs["device_id"] = context.device
+    replicate(module, **kwargs)
+    replicate.state(module).lazy_init()
 
 
 def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
@@ -326,15 +324,18 @@ def make_data_parallel(model: OnPolicyAlgorithm, context: DistributedContext | N
             "data parallel (the policy's own policy_kwargs=dict(kl_target=...), the adaptive KL penalty, is supported)."
         )
     policy = model.policy
-    if policy in _SYNCS:
+    if policy in _DATA_PARALLEL:
         return model  # already data-parallel
     parameters = [p for p in policy.parameters() if p.requires_grad]
     _check_same_configuration(model, parameters)
+    modules = _modules_to_replicate(policy)
     broadcast_parameters(policy)
     cache = getattr(policy, "_rollout_cache", None)
     if cache is not None:
         cache.reset()  # it may hold keys and values of the weights before the broadcast
-    _SYNCS[policy] = GradientAverager(parameters)
+    for module in modules:
+        _replicate(module, context)
+    _DATA_PARALLEL.add(policy)
     buffer = model.rollout_buffer
     if isinstance(buffer, TextRolloutBuffer):
         buffer.minibatch_partition = agreed_minibatch_partition

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
 from sb3_textrl.common.kv_cache import last_valid_index, right_align
@@ -322,6 +323,11 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
 
     def _lora_kwargs(self, model: PreTrainedModel) -> dict[str, Any]:
         return super()._lora_kwargs(model) | dict(task_type="SEQ_2_SEQ_LM") | self.lora_config
+
+    def called_modules(self) -> list[nn.Module]:
+        """The encoder, the decoder, the output head and the value head (see ``TransformerLMPolicy.called_modules``)."""
+        model = self._hf_model()
+        return [model.get_encoder(), model.get_decoder(), model.get_output_embeddings(), self.value_net]
 
     # -- encoder, decoder, head ---------------------------------------------------------------------------------
     def _encode(self, model: PreTrainedModel, ids: th.Tensor, mask: th.Tensor) -> th.Tensor:

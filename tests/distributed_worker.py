@@ -59,9 +59,13 @@ def main(out: Path, lm: str) -> None:
     model = toy_ppo(toy_vec_env(train_task, N_ENVS, seed=ctx.seed(0, N_ENVS)), lm, seed=ctx.seed(0, N_ENVS), **TRAIN)
     model.set_logger(configure(str(out / f"logs_rank{rank}"), ["csv"]))  # make_data_parallel silences rank 1
     make_data_parallel(model, ctx)
+    if rank == 0:  # a forward of one rank alone (an evaluation callback's) must not wait for the other
+        results["rank0_alone"] = model.predict(toy_vec_env(train_task, 1, seed=5).reset(), deterministic=True)[0]
     checkpoints = CheckpointCallback(TRAIN["n_steps"], str(out / f"checkpoints_rank{rank}"))
     model.learn(3 * TRAIN["n_steps"] * N_ENVS, callback=MainProcessCallback(checkpoints, ctx))
     results["synced"] = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    if ctx.is_main:
+        model.save(out / "final_model.zip")
     results["kl_coef"] = model.policy.kl_controller.value
     results["contexts"] = model.rollout_buffer.contexts.copy()
     results["segment_lengths"] = [s.length for s in model.rollout_buffer.segments]

@@ -16,6 +16,7 @@ import pytest
 import torch as th
 from distributed_worker import N_ENVS, STEP
 from helpers import register_toy_task, toy_ppo, toy_vec_env
+from stable_baselines3 import PPO
 from stable_baselines3.common.logger import Logger
 
 from sb3_textrl.buffers import Segment
@@ -118,6 +119,20 @@ def test_only_rank_zero_logs_and_saves(ranks):
     assert sorted(p.name for p in (out / "checkpoints_rank0").iterdir()) == [
         "rl_model_16_steps.zip", "rl_model_32_steps.zip", "rl_model_48_steps.zip"]
     assert not (out / "checkpoints_rank1").exists()
+    assert len(ranks[0]["rank0_alone"]) == 1  # rank 0 ran a forward alone without hanging rank 1
+
+
+def test_rank_zero_checkpoint_loads_in_one_process(ranks, tiny_lm):
+    """The model.zip rank 0 writes is a plain single-process checkpoint: same state dict names, no DDP trace."""
+    out = ranks[0]["out"]
+    if "DistTrain-v0" not in gym.registry:
+        register_toy_task("DistTrain-v0", tiny_lm, max_new_tokens=6)
+    loaded = PPO.load(out / "final_model.zip", env=toy_vec_env("DistTrain-v0", 1), device="cpu")
+    state = loaded.policy.state_dict()
+    synced = ranks[0]["synced"]
+    assert state.keys() == synced.keys()
+    assert all(th.equal(state[k], synced[k]) for k in synced)
+    assert "DDP" not in type(loaded.policy.hf_model.base_model).__name__
 
 
 def test_refusals_name_the_problem_and_the_fix(ranks):

@@ -89,6 +89,12 @@ class LMForwards:
         # peft types its base model as a plain nn.Module: here it is the Hugging Face model it wraps.
         return cast(PreTrainedModel, self.lm.get_base_model()) if isinstance(self.lm, PeftModel) else self.lm
 
+    def called_modules(self) -> list[nn.Module]:
+        """The modules this policy calls directly, whose forwards data-parallel engines hook
+        (:func:`sb3_textrl.distributed.make_data_parallel`): the LM's trunk, its output head, the value head."""
+        model = self._hf_model()
+        return [model.base_model, model.get_output_embeddings(), self.value_net]
+
     # -- precision ----------------------------------------------------------------------------------------
     def autocast_dtype(self) -> th.dtype | None:
         """The dtype LM forwards autocast to on the policy's current device, or None for float32."""
