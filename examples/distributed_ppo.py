@@ -5,8 +5,9 @@
     python examples/distributed_ppo.py --tiny                                     # one process, no torchrun
 
 Every rank builds the same PPO with its own seed (other prompts, other samples); ``make_data_parallel`` broadcasts
-rank 0's weights, makes the LM's modules DDP replicas (gradients averaged inside SB3's unchanged train loop) and keeps β and the minibatch count
-in step. Rank 0 alone logs (stdout + csv in --output-dir/logs), writes checkpoints and saves the final model.
+rank 0's weights, makes the LM's modules DDP replicas (gradients averaged inside SB3's unchanged train loop)
+and keeps β and the minibatch count in step. Rank 0 alone logs (stdout + csv in --output-dir/logs), writes
+checkpoints and saves the final model.
 Several hosts and the other torchrun options: docs/distributed.md.
 """
 
@@ -111,7 +112,8 @@ def main(options: Options) -> dict[str, Any]:
         dist.all_gather(checksums, checksum.to(ctx.device))
     # Peak memory per rank: the process's resident set, and the parameters it holds (all of the LM's on every rank:
     # data parallel replicates the model).
-    memory = dict(peak_rss_mib=_peak_rss_mib(), parameter_mib=sum(p.numel() * p.element_size() for p in model.policy.parameters()) / 2**20)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.policy.parameters())
+    memory = dict(peak_rss_mib=_peak_rss_mib(), parameter_mib=parameter_bytes / 2**20)
     memories = [memory] * ctx.world_size
     if ctx.is_distributed:
         memories = [None] * ctx.world_size
