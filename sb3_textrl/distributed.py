@@ -119,31 +119,20 @@ def is_main_process() -> bool:
 
 
 # -- gradients --------------------------------------------------------------------------------------------------
-def lm_modules(policy: nn.Module) -> list[nn.Module]:
-    """
-    The modules a policy calls directly (its ``called_modules()``: the LM's trunk, its head, the value head; an
-    encoder-decoder's encoder and decoder): PyTorch's data-parallel engines hook their forwards.
-
-    :param policy: an sb3_textrl policy (or any module with ``called_modules()``)
-    :return: the modules, in the same order on every rank
-    """
-    called = getattr(policy, "called_modules", None)
-    if called is None:
-        raise TypeError(
-            f"make_data_parallel needs a policy that names the modules it calls (called_modules()), such as "
-            f"TransformerLMPolicy; got {type(policy).__name__}"
-        )
-    return list(called())
-
-
 def _modules_to_replicate(policy: nn.Module) -> list[nn.Module]:
     """
     The called modules that hold trainable parameters, each trainable parameter in exactly one of them: DDP reduces
     the gradient of a module's parameters after the backward through that module's forward, so a parameter outside
     every called module would never be averaged, and one in two of them would be averaged twice.
     """
+    called = getattr(policy, "called_modules", None)  # TransformerLMPolicy's, Seq2SeqLMPolicy's
+    if called is None:
+        raise TypeError(
+            f"make_data_parallel needs a policy that names the modules it calls (called_modules()), such as "
+            f"TransformerLMPolicy; got {type(policy).__name__}"
+        )
+    modules: list[nn.Module] = list(called())
     owner: dict[int, int] = {}
-    modules = lm_modules(policy)
     for index, module in enumerate(modules):
         for p in module.parameters():
             if p.requires_grad and owner.setdefault(id(p), index) != index:
@@ -173,10 +162,12 @@ def _replicate(module: nn.Module, context: DistributedContext) -> None:
       the others; the policy's buffers are broadcast once by :func:`broadcast_parameters`.
     - ``find_unused_parameters=True``: a rank whose minibatch leaves a parameter out (value-head warm-up runs the
       LM without gradient) gives it a zero gradient instead of hanging the others.
+    - ``init_sync=False``: :func:`broadcast_parameters` has already sent rank 0's trainable weights, and the frozen
+      ones come from the same checkpoint on every rank (DDP would send the whole LM again).
     - initialized now, on every rank (DDP's constructor is a collective; it would otherwise run at the first
       forward, which may be rank 0's alone).
     """
-    kwargs: dict = dict(broadcast_buffers=False, find_unused_parameters=True)
+    kwargs: dict = dict(broadcast_buffers=False, find_unused_parameters=True, init_sync=False)
     if context.device.type == "cuda":
         kwargs["device_id"] = context.device
     replicate(module, **kwargs)
