@@ -17,22 +17,33 @@ Launch a script that calls :func:`init_distributed` and :func:`make_data_paralle
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
+import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch as th
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from torch import nn
 from torch.distributed._composable.replicate import replicate
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from sb3_textrl.buffers import Segment, TextRolloutBuffer
+from sb3_textrl.common.sb3_bridge import save_with_parameters
+from sb3_textrl.lm import checkpoint
 
 # The data-parallel policies (weak: an entry goes away with its policy; nothing is stored on the model).
 _DATA_PARALLEL: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -192,6 +203,251 @@ def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
                 dist.broadcast(b, src=src)
 
 
+# -- sharding (FSDP2) ------------------------------------------------------------------------------------------
+STRATEGIES = ("ddp", "fsdp")
+
+
+def _block_lists(module: nn.Module) -> list[nn.Module]:
+    """The transformer blocks in ``module``: the entries of every ``nn.ModuleList`` of two or more modules of one type
+    that is not inside another such list (Llama's ``layers``, GPT-2's ``h``, T5's ``block``)."""
+    blocks: list[nn.Module] = []
+    lists: list[str] = []
+    for name, child in module.named_modules():
+        if any(name.startswith(outer + ".") for outer in lists):
+            continue
+        if isinstance(child, nn.ModuleList) and len(child) > 1 and len({type(m) for m in child}) == 1:
+            lists.append(name)
+            blocks.extend(child)
+    return blocks
+
+
+class _ShardedPolicy:
+    """
+    The FSDP2 modules of a sharded policy, and whether their full weights are gathered.
+
+    FSDP2 all-gathers a module's weights at each of its forwards, a collective every rank must join. Training is in
+    lock-step (every rank runs the same minibatch count), but a rollout is not: ranks decode, score the reference
+    and evaluate (rank 0 alone) a different number of times. So the full weights are gathered once, at the first
+    forward after training (every rank gets there at the same point: the first step of ``collect_rollouts``), and
+    kept for the whole rollout, as DeepSpeed-Chat's hybrid engine and TRL's ``unwrap_model_for_generation`` do for
+    generation under ZeRO-3; the first forward of training frees them again (a local operation).
+    """
+
+    def __init__(self, policy: nn.Module, modules: list[FSDPModule], roots: list[nn.Module]):
+        self._policy = weakref.ref(policy)
+        self.modules = modules  # blocks first, then the roots: the same order on every rank
+        self.gathered = False
+        for root in roots:
+            root.register_forward_pre_hook(self._before_forward, prepend=True)  # before FSDP's own hook
+
+    def gather(self) -> None:
+        """All-gather every module's full weights and keep them until :meth:`release` (a collective)."""
+        for module in self.modules:
+            module.set_reshard_after_forward(False, recurse=False)
+            module.unshard()
+        self.gathered = True
+
+    def release(self) -> None:
+        """Free the full weights: each rank keeps its shards, and every forward gathers a block's weights again."""
+        for module in self.modules:
+            module.set_reshard_after_forward(True, recurse=False)
+            module.reshard()
+        self.gathered = False
+
+    @contextlib.contextmanager
+    def shards(self) -> Iterator[None]:
+        """
+        Register the shards as the modules' parameters for the duration (the policy's state dict then holds each
+        rank's shards: what DCP saves and loads into), then gather again if the weights were gathered before. A
+        collective when they were: every rank enters it.
+        """
+        was_gathered = self.gathered
+        if was_gathered:
+            self.release()
+        try:
+            yield
+        finally:
+            if was_gathered:
+                self.gather()
+
+    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        policy = self._policy()
+        training = policy is not None and policy.training  # SB3's train() sets it; collect_rollouts() clears it
+        if training and self.gathered:
+            self.release()
+        elif not training and not self.gathered:
+            self.gather()
+
+
+# The sharded policies and their FSDP2 modules (weak, like _DATA_PARALLEL).
+_SHARDED: weakref.WeakKeyDictionary[nn.Module, _ShardedPolicy] = weakref.WeakKeyDictionary()
+
+
+def _shard(policy: nn.Module, context: DistributedContext) -> _ShardedPolicy:
+    """
+    Shard the policy's LM and value head over the ranks with FSDP2 (``fully_shard``): each block of every called
+    module, then the called module itself (its remaining weights: embeddings, final norm, head). A parameter shared
+    by two called modules (tied input and output embeddings) cannot sit in two FSDP2 groups: it stays whole on every
+    rank (``ignored_params``), which :func:`_modules_to_replicate` allows only when it is frozen. The optimizer is
+    rebuilt over the sharded parameters (each rank steps its own shard).
+    """
+    _modules_to_replicate(policy)  # the same refusals as DDP: trainable tensors shared, or outside every called module
+    called: list[nn.Module] = list(policy.called_modules())  # type: ignore[operator]
+    count: dict[int, int] = {}
+    for module in called:
+        for p in set(module.parameters()):
+            count[id(p)] = count.get(id(p), 0) + 1
+    shared = {p for module in called for p in module.parameters() if count[id(p)] > 1}
+    # FSDP2 warns that the trunk returns a view (GPT-2 reshapes its last hidden state), in case an in-place op on it
+    # drops the pre-backward hook; the policy never writes into the trunk's output (the update test checks the
+    # gradients against a single process).
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(context.device.type, (context.world_size,))
+    kwargs: dict = dict(mesh=mesh, ignored_params=shared)
+    autocast_dtype = getattr(policy, "autocast_dtype", None)  # TransformerLMPolicy's mixed_precision
+    dtype = autocast_dtype() if autocast_dtype is not None else None
+    if context.device.type == "cuda" and dtype is not None:
+        # The all-gathered weights in the autocast dtype, the gradients reduced in float32.
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=th.float32)
+    modules: list[FSDPModule] = []
+    roots: list[nn.Module] = []
+    for module in called:
+        own = [p for p in module.parameters() if p not in shared]
+        if not own:
+            continue  # a tied output head: its only weight is the (unsharded) input embedding
+        for block in _block_lists(module):
+            modules.append(fully_shard(block, **kwargs))
+        modules.append(fully_shard(module, **kwargs))
+        roots.append(module)
+    optimizer = cast(th.optim.Optimizer, policy.optimizer)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    policy.optimizer = type(optimizer)(trainable, **optimizer.defaults)  # type: ignore[assignment]
+    return _ShardedPolicy(policy, modules, roots)
+
+
+def refuse_sharded(policy: nn.Module, action: str) -> None:
+    """
+    Refuse to take a sharded policy's own state dict (``model.save`` on one rank would write this rank's shards, or
+    the weights gathered for a rollout, and a half-sharded optimizer).
+
+    :param policy: the policy
+    :param action: what was asked, for the message
+    """
+    if policy in _SHARDED:
+        raise RuntimeError(
+            f"{action}: this policy is sharded over the ranks (make_data_parallel(strategy='fsdp')), so one rank does not "
+            "hold its weights. Save it on every rank with sb3_textrl.distributed.save_model(model, path) (rank 0 writes "
+            "one model.zip that PPO.load reads in a single process; with CheckpointCallback use "
+            "DistributedCheckpointCallback) or save_sharded_checkpoint(model, directory) to resume."
+        )
+
+
+def _local_bytes(tensor: th.Tensor) -> int:
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()
+
+
+def parameter_bytes_per_rank(policy: nn.Module) -> int:
+    """The bytes of parameters this rank holds: a sharded parameter's local shard, every other parameter whole."""
+    return sum(_local_bytes(p) for p in policy.parameters())
+
+
+def _full(value: object) -> object:
+    """A copy of the value on the CPU, a sharded tensor's gathered (a collective); values other than tensors as they are."""
+    if isinstance(value, DTensor):
+        return value.full_tensor().detach().cpu()
+    if isinstance(value, th.Tensor):
+        return value.detach().cpu().clone()  # not a view of the live tensor, which training goes on changing
+    if isinstance(value, dict):
+        return {k: _full(v) for k, v in value.items()}
+    return value
+
+
+def gathered_parameters(model: OnPolicyAlgorithm) -> dict[str, dict] | None:
+    """
+    The model's state dicts with every sharded tensor gathered, as ``model.get_parameters()`` gives them for a
+    single process: rank 0 gets them, the other ranks None. A collective: every rank calls it.
+
+    :param model: a model made data-parallel with ``strategy="fsdp"`` (or any other model: its own parameters)
+    """
+    policy = model.policy
+    if policy not in _SHARDED:
+        return model.get_parameters() if is_main_process() else None
+    with th.no_grad(), _SHARDED[policy].shards():
+        tensors = {k: _full(v) for k, v in nn.Module.state_dict(policy).items()}
+        optimizer = policy.optimizer.state_dict()
+        optimizer["state"] = {i: _full(state) for i, state in optimizer["state"].items()}
+    if not is_main_process():
+        return None
+    state = checkpoint.without_base_weights(policy, dict(tensors), tensors=tensors)  # type: ignore[arg-type]
+    return {"policy": state, "policy.optimizer": optimizer}
+
+
+def save_model(model: OnPolicyAlgorithm, path: str | os.PathLike) -> None:
+    """
+    Save one single-process ``model.zip`` (``PPO.load`` reads it on one device): ``model.save(path)`` on rank 0, with
+    a sharded policy's tensors gathered first. A collective under ``strategy="fsdp"``: every rank calls it, rank 0
+    writes. (Under DDP every rank holds the whole model, and rank 0's ``model.save`` alone is the same.)
+
+    :param model: this rank's model
+    :param path: the zip file rank 0 writes
+    """
+    params = gathered_parameters(model)
+    if params is not None:
+        save_with_parameters(model, path, params)
+    if _initialized():
+        dist.barrier()  # the file is complete when any rank returns
+
+
+def _sharded_state(model: OnPolicyAlgorithm) -> dict:
+    policy = model.policy
+    counters = th.tensor([model.num_timesteps, model._n_updates], dtype=th.int64)
+    return {
+        "policy": nn.Module.state_dict(policy),  # every tensor: each rank's shards and the unsharded tensors
+        "optimizer": get_optimizer_state_dict(policy, policy.optimizer),
+        "counters": counters,
+    }
+
+
+def save_sharded_checkpoint(model: OnPolicyAlgorithm, directory: str | os.PathLike) -> None:
+    """
+    Write a resumable sharded checkpoint (``torch.distributed.checkpoint``): each rank writes its own shards of the
+    weights and the optimizer state, in parallel, and nothing is gathered; with the number of timesteps and updates.
+    A collective: every rank calls it. Load it with :func:`load_sharded_checkpoint` on the same number of ranks or
+    another (DCP reshards on load).
+
+    :param model: this rank's model, made data-parallel with ``strategy="fsdp"``
+    :param directory: the checkpoint directory, shared by the ranks (a shared file system across hosts)
+    """
+    if model.policy not in _SHARDED:
+        raise ValueError("save_sharded_checkpoint needs a model made data-parallel with strategy='fsdp'; "
+                         "save others with model.save (rank 0) or save_model")
+    with _SHARDED[model.policy].shards():
+        dcp.save(_sharded_state(model), checkpoint_id=os.fspath(directory))
+
+
+def load_sharded_checkpoint(model: OnPolicyAlgorithm, directory: str | os.PathLike) -> None:
+    """
+    Load a checkpoint of :func:`save_sharded_checkpoint` into this rank's model (built like the saved one, then made
+    data-parallel with ``strategy="fsdp"``); continue with ``model.learn(..., reset_num_timesteps=False)``.
+
+    :param model: this rank's model
+    :param directory: the checkpoint directory
+    """
+    if model.policy not in _SHARDED:
+        raise ValueError("load_sharded_checkpoint needs a model made data-parallel with strategy='fsdp' first")
+    policy = model.policy
+    with _SHARDED[policy].shards():
+        state = _sharded_state(model)
+        dcp.load(state, checkpoint_id=os.fspath(directory))  # in place into the shards; small tensors may be replaced
+        nn.Module.load_state_dict(policy, state["policy"])
+        set_optimizer_state_dict(policy, policy.optimizer, state["optimizer"])
+    model.num_timesteps, model._n_updates = (int(v) for v in state["counters"].tolist())
+    cache = getattr(policy, "_rollout_cache", None)
+    if cache is not None:
+        cache.reset()
+
+
 # -- minibatches ------------------------------------------------------------------------------------------------
 def split_segments(segments: list[Segment], n_groups: int) -> list[list[Segment]]:
     """
@@ -292,7 +548,9 @@ def _check_same_configuration(model: OnPolicyAlgorithm, parameters: list[nn.Para
         )
 
 
-def make_data_parallel(model: OnPolicyAlgorithm, context: DistributedContext | None = None) -> OnPolicyAlgorithm:
+def make_data_parallel(
+    model: OnPolicyAlgorithm, context: DistributedContext | None = None, strategy: str = "ddp"
+) -> OnPolicyAlgorithm:
     """
     Turn this rank's SB3 ``PPO`` into one replica of a data-parallel job (see the module docstring). Call it on
     every rank after building the model and before ``learn``; without a process group (or with one rank) it
@@ -300,11 +558,16 @@ def make_data_parallel(model: OnPolicyAlgorithm, context: DistributedContext | N
 
     :param model: this rank's PPO (or another on-policy algorithm), built alike on every rank
     :param context: this rank's place in the job; default: the initialized process group's
+    :param strategy: "ddp": every rank holds the whole model, DDP averages the gradients; "fsdp": FSDP2 shards the
+        weights, gradients and optimizer state of the LM's blocks over the ranks (the full weights are gathered
+        for each rollout; save with :func:`save_model` or :func:`save_sharded_checkpoint`, called on every rank)
     :return: the same model
     """
     context = context or DistributedContext.current()
     if not isinstance(model, OnPolicyAlgorithm):
         raise TypeError(f"make_data_parallel needs an on-policy SB3 algorithm such as PPO, got {type(model).__name__}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
     if not context.is_distributed or not _initialized():
         return model
     target_kl = getattr(model, "target_kl", None)  # PPO's; other on-policy algorithms have none
@@ -324,8 +587,16 @@ def make_data_parallel(model: OnPolicyAlgorithm, context: DistributedContext | N
     cache = getattr(policy, "_rollout_cache", None)
     if cache is not None:
         cache.reset()  # it may hold keys and values of the weights before the broadcast
-    for module in modules:
-        _replicate(module, context)
+    if strategy == "fsdp":
+        base = getattr(policy, "base_weights", None)
+        if base is not None:
+            base.own_fingerprint(policy)  # digests of the base LM's tensors while they are whole (for save_model)
+        sharded = _shard(policy, context)
+        sharded.gather()  # every rank is here: a rank-0 callback may run a forward before the first rollout
+        _SHARDED[policy] = sharded
+    else:
+        for module in modules:
+            _replicate(module, context)
     _DATA_PARALLEL.add(policy)
     buffer = model.rollout_buffer
     if isinstance(buffer, TextRolloutBuffer):
@@ -383,3 +654,38 @@ class MainProcessCallback(BaseCallback):
     def update_child_locals(self, locals_: dict) -> None:
         if self.context.is_main:
             self.callback.update_locals(locals_)
+
+
+class DistributedCheckpointCallback(BaseCallback):
+    """
+    SB3's ``CheckpointCallback`` for a sharded model: run on every rank (not inside :class:`MainProcessCallback`);
+    every ``save_freq`` calls (env steps, the same on every rank) the ranks gather the weights and rank 0 writes
+    ``{save_path}/{name_prefix}_{num_timesteps}_steps.zip`` (:func:`save_model`), or, with ``sharded=True``, every
+    rank writes its shards into the directory ``{save_path}/{name_prefix}_{num_timesteps}_steps``
+    (:func:`save_sharded_checkpoint`, for :func:`load_sharded_checkpoint`).
+
+    :param save_freq: env steps (calls of ``_on_step``) between checkpoints
+    :param save_path: the directory of the checkpoints
+    :param name_prefix: the start of each checkpoint's name
+    :param sharded: write sharded checkpoints instead of single-process ``model.zip`` files
+    """
+
+    def __init__(self, save_freq: int, save_path: str | os.PathLike, name_prefix: str = "rl_model", sharded: bool = False):
+        super().__init__()
+        if save_freq < 1:
+            raise ValueError(f"save_freq must be a positive number of env steps, got {save_freq}")
+        self.save_freq = save_freq
+        self.save_path = os.fspath(save_path)
+        self.name_prefix = name_prefix
+        self.sharded = sharded
+
+    def _on_step(self) -> bool:
+        if self.n_calls % self.save_freq == 0:
+            path = os.path.join(self.save_path, f"{self.name_prefix}_{self.num_timesteps}_steps")
+            if self.sharded:
+                save_sharded_checkpoint(self.model, path)  # type: ignore[arg-type]
+            else:
+                if is_main_process():
+                    os.makedirs(self.save_path, exist_ok=True)
+                save_model(self.model, path + ".zip")  # type: ignore[arg-type]
+        return True

@@ -447,6 +447,9 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         """The state without the base LM's frozen, unchanged weights, unless ``save_base_lm`` (see ``lm/checkpoint.py``)."""
+        from sb3_textrl.distributed import refuse_sharded  # distributed imports the buffers, which import this module
+
+        refuse_sharded(self, "state_dict")
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
         return checkpoint.without_base_weights(self, super().state_dict(*args, **kwargs), prefix)
 

@@ -1,8 +1,8 @@
 """One rank of the data-parallel tests, launched twice by tests/test_distributed.py through torchrun (gloo):
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py OUT_DIR TINY_LM
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py OUT_DIR TINY_LM [fsdp]
 
-Writes rank{r}_*.pkl files into OUT_DIR for the test process to compare.
+Writes rank{r}.pkl into OUT_DIR for the test process to compare (strategy "ddp" by default, or "fsdp").
 """
 
 from __future__ import annotations
@@ -15,8 +15,20 @@ import torch as th
 from helpers import ragged_stop_ids, register_toy_task, toy_ppo, toy_vec_env
 from stable_baselines3.common.callbacks import CheckpointCallback
 from stable_baselines3.common.logger import configure
+from torch.distributed.tensor import DTensor
 
-from sb3_textrl.distributed import MainProcessCallback, broadcast_parameters, init_distributed, make_data_parallel
+from sb3_textrl.distributed import (
+    DistributedCheckpointCallback,
+    MainProcessCallback,
+    broadcast_parameters,
+    gathered_parameters,
+    init_distributed,
+    load_sharded_checkpoint,
+    make_data_parallel,
+    parameter_bytes_per_rank,
+    save_model,
+    save_sharded_checkpoint,
+)
 
 # One gradient step: one rollout of N_STEPS x N_ENVS steps, one epoch, one minibatch holding all of it.
 STEP = dict(n_steps=5, batch_size=10, n_epochs=1, normalize_advantage=False, learning_rate=1.0, max_grad_norm=0.05,
@@ -27,8 +39,15 @@ TRAIN = dict(n_steps=8, batch_size=6, n_epochs=2, learning_rate=1e-2,
 N_ENVS = 2
 
 
+def full(tensor: th.Tensor) -> th.Tensor:
+    """A tensor's full value: a sharded one gathered (a collective), any other as it is."""
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
 def trainable(model) -> dict[str, th.Tensor]:
-    return {n: p.detach().clone() for n, p in model.policy.named_parameters() if p.requires_grad}
+    return {n: full(p) for n, p in model.policy.named_parameters() if p.requires_grad}
+
+
 
 
 def buffer_parts(model) -> dict:
@@ -40,19 +59,64 @@ def buffer_parts(model) -> dict:
     return parts
 
 
+def one_step(ctx, lm: str, strategy: str) -> dict:
+    """One gradient step, for the equivalence with a single process on both ranks' minibatches."""
+    step_task = register_toy_task("DistStep-v0", lm, max_new_tokens=5)
+    model = toy_ppo(toy_vec_env(step_task, N_ENVS, seed=ctx.seed(1, N_ENVS)), lm, seed=ctx.seed(1, N_ENVS), **STEP)
+    make_data_parallel(model, ctx, strategy=strategy)
+    results = {"step_before": trainable(model)}
+    model.learn(STEP["n_steps"] * N_ENVS)
+    return results | {"step_after": trainable(model), "step_buffer": buffer_parts(model)}
+
+
+def main_fsdp(out: Path, lm: str) -> None:
+    """The same update check, and the checkpoints, with the LM's blocks sharded by FSDP2."""
+    ctx = init_distributed("gloo")
+    rank = ctx.rank
+    results: dict = {"world_size": ctx.world_size}
+
+    results |= one_step(ctx, lm, "fsdp")  # 1. the update check
+
+    # 2. Several updates (ragged episodes, adaptive β), checkpoints of both kinds, memory.
+    train_task = register_toy_task("DistTrain-v0", lm, max_new_tokens=6, stop_token_ids=ragged_stop_ids())
+    train = TRAIN | dict(policy_kwargs=TRAIN["policy_kwargs"] | dict(save_base_lm=True))  # every tensor in model.zip
+    model = toy_ppo(toy_vec_env(train_task, N_ENVS, seed=ctx.seed(0, N_ENVS)), lm, seed=ctx.seed(0, N_ENVS), **train)
+    results["bytes_whole"] = parameter_bytes_per_rank(model.policy)
+    make_data_parallel(model, ctx, strategy="fsdp")
+    if rank == 0:  # the weights are gathered until training starts: rank 0 may run a forward alone
+        results["rank0_alone"] = model.predict(toy_vec_env(train_task, 1, seed=5).reset(), deterministic=True)[0]
+    checkpoints = DistributedCheckpointCallback(TRAIN["n_steps"], out / "checkpoints")
+    model.learn(3 * TRAIN["n_steps"] * N_ENVS, callback=checkpoints)
+    results["bytes_sharded"] = parameter_bytes_per_rank(model.policy)  # after training: sharded
+    try:
+        model.save(out / f"refused_rank{rank}.zip")
+    except RuntimeError as error:
+        results["save_error"] = str(error)
+    save_model(model, out / "final_model.zip")
+    save_sharded_checkpoint(model, out / "sharded")
+    results["saved"] = gathered_parameters(model)  # from the shards; rank 0's, None on rank 1
+    results["kl_coef"] = model.policy.kl_controller.value
+    results["num_timesteps"] = model.num_timesteps
+
+    # 3. Resume: a model built with another seed takes the sharded checkpoint's weights, optimizer state and counters.
+    other = toy_ppo(toy_vec_env(train_task, N_ENVS, seed=ctx.seed(9, N_ENVS)), lm, seed=ctx.seed(9, N_ENVS), **train)
+    make_data_parallel(other, ctx, strategy="fsdp")
+    results["other_before"] = trainable(other)
+    load_sharded_checkpoint(other, out / "sharded")
+    results["loaded"] = gathered_parameters(other)
+    results["loaded_num_timesteps"] = other.num_timesteps
+    other.learn(TRAIN["n_steps"] * N_ENVS, reset_num_timesteps=False)  # and trains on from there
+    results["resumed_num_timesteps"] = other.num_timesteps
+
+    (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
+
+
 def main(out: Path, lm: str) -> None:
     ctx = init_distributed("gloo")
     rank = ctx.rank
     results: dict = {"world_size": ctx.world_size}
 
-    # 1. One gradient step, for the equivalence with a single process on both ranks' minibatches.
-    step_task = register_toy_task("DistStep-v0", lm, max_new_tokens=5)
-    model = toy_ppo(toy_vec_env(step_task, N_ENVS, seed=ctx.seed(1, N_ENVS)), lm, seed=ctx.seed(1, N_ENVS), **STEP)
-    make_data_parallel(model, ctx)
-    results["step_before"] = trainable(model)
-    model.learn(STEP["n_steps"] * N_ENVS)
-    results["step_after"] = trainable(model)
-    results["step_buffer"] = buffer_parts(model)
+    results |= one_step(ctx, lm, "ddp")  # 1. the update check
 
     # 2. Several updates: weights, β, logs and checkpoints.
     train_task = register_toy_task("DistTrain-v0", lm, max_new_tokens=6, stop_token_ids=ragged_stop_ids())
@@ -94,4 +158,4 @@ def main(out: Path, lm: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    (main_fsdp if sys.argv[3:] == ["fsdp"] else main)(Path(sys.argv[1]), sys.argv[2])

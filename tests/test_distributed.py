@@ -18,6 +18,7 @@ from distributed_worker import N_ENVS, STEP
 from helpers import register_toy_task, toy_ppo, toy_vec_env
 from stable_baselines3 import PPO
 from stable_baselines3.common.logger import Logger
+from transformers import AutoConfig
 
 from sb3_textrl.buffers import Segment
 from sb3_textrl.distributed import DistributedContext, init_distributed, make_data_parallel, split_segments
@@ -25,12 +26,10 @@ from sb3_textrl.distributed import DistributedContext, init_distributed, make_da
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory, tiny_lm) -> list[dict]:
-    """Launch 2 gloo ranks once; each leaves its weights, buffers and messages in a pickle."""
-    out = tmp_path_factory.mktemp("distributed")
+def launch(out: Path, tiny_lm: str, *strategy: str) -> list[dict]:
+    """Run the worker on 2 gloo ranks; each leaves its weights, buffers and messages in a pickle."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-               str(out), tiny_lm]
+               str(out), tiny_lm, *strategy]
     env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
@@ -38,6 +37,18 @@ def ranks(tmp_path_factory, tiny_lm) -> list[dict]:
     for r in results:
         r["out"] = out
     return results
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, tiny_lm) -> list[dict]:
+    """DDP: every rank holds the whole model."""
+    return launch(tmp_path_factory.mktemp("distributed"), tiny_lm)
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory, tiny_lm) -> list[dict]:
+    """FSDP2: the LM's blocks and the value head sharded over the 2 ranks."""
+    return launch(tmp_path_factory.mktemp("fsdp"), tiny_lm, "fsdp")
 
 
 def max_difference(a: dict[str, th.Tensor], b: dict[str, th.Tensor]) -> float:
@@ -86,15 +97,17 @@ def union_step(tiny_lm: str, before: dict[str, th.Tensor], parts: list[dict]) ->
     return {n: p.detach().clone() for n, p in model.policy.named_parameters() if p.requires_grad}
 
 
-def test_one_step_on_two_ranks_equals_one_step_on_both_minibatches(ranks, tiny_lm):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_step_on_two_ranks_equals_one_step_on_both_minibatches(strategy, request, tiny_lm):
     """
     Each rank took one SGD step on its own minibatch (all its 10 steps: equal sizes, so the mean of the two
     ranks' mean losses is the mean loss over the 20 steps; normalize_advantage=False, because per-minibatch
     statistics would differ). A single process that trains once on both minibatches together must land on
     the same weights, to float tolerance. max_grad_norm is below the gradient's norm, so the clipping is
-    active: averaging after clipping (rank-local norms) would not match.
+    active: averaging after clipping (rank-local norms) would not match. Under FSDP2 each rank reduces, clips
+    (SB3's clip_grad_norm_ on the sharded gradients) and steps its own shards.
     """
-    first, second = ranks
+    first, second = request.getfixturevalue("ranks" if strategy == "ddp" else "fsdp_ranks")
     before = first["step_before"]
     assert max_difference(before, second["step_before"]) == 0  # rank 0's initial weights were broadcast
     assert max_difference(first["step_after"], second["step_after"]) == 0
@@ -133,6 +146,56 @@ def test_rank_zero_checkpoint_loads_in_one_process(ranks, tiny_lm):
     assert state.keys() == synced.keys()
     assert all(th.equal(state[k], synced[k]) for k in synced)
     assert "DDP" not in type(loaded.policy.hf_model.base_model).__name__
+
+
+def test_fsdp_holds_half_of_each_sharded_parameter_per_rank(fsdp_ranks, tiny_lm):
+    """After training, each rank holds a shard of every parameter but the tied embedding (kept whole: the head uses
+    it outside the trunk), about half of them; the rest is the same on both ranks, so together they are the model."""
+    config = AutoConfig.from_pretrained(tiny_lm)
+    embedding = config.vocab_size * config.n_embd * 4  # float32, tied input/output embedding
+    for rank in fsdp_ranks:
+        whole, sharded = rank["bytes_whole"] - embedding, rank["bytes_sharded"] - embedding
+        assert whole > 0 and sharded == pytest.approx(whole / 2, rel=0.01)  # a shard is padded to a multiple of 2 rows
+    # Every rank took the same steps: the same β, the same number of timesteps.
+    assert fsdp_ranks[0]["kl_coef"] == fsdp_ranks[1]["kl_coef"] != 0.1
+    assert len(fsdp_ranks[0]["rank0_alone"]) == 1  # gathered before training: rank 0 ran a forward alone
+
+
+def test_fsdp_model_zip_loads_in_one_process(fsdp_ranks, tiny_lm):
+    """save_model: the ranks gather, rank 0 writes a plain model.zip: same tensors and optimizer state, no shard."""
+    out, saved = fsdp_ranks[0]["out"], fsdp_ranks[0]["saved"]
+    assert fsdp_ranks[1]["saved"] is None  # rank 0 alone gets the gathered state
+    if "DistTrain-v0" not in gym.registry:
+        register_toy_task("DistTrain-v0", tiny_lm, max_new_tokens=6)
+    loaded = PPO.load(out / "final_model.zip", env=toy_vec_env("DistTrain-v0", 1), device="cpu")
+    state = loaded.policy.state_dict()
+    assert state.keys() == saved["policy"].keys() and max_difference(state, saved["policy"]) == 0
+    assert all(type(t) is th.Tensor or isinstance(t, th.nn.Parameter) for t in state.values())
+    optimizer = loaded.policy.optimizer.state_dict()["state"]
+    assert optimizer.keys() == saved["policy.optimizer"]["state"].keys() and len(optimizer) > 0
+    for index, moments in optimizer.items():
+        assert all(th.equal(moments[k], saved["policy.optimizer"]["state"][index][k]) for k in moments)
+    assert loaded.num_timesteps == fsdp_ranks[0]["num_timesteps"] == 48
+    # The periodic checkpoints of DistributedCheckpointCallback, and model.save refused with the way out.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "rl_model_16_steps.zip", "rl_model_32_steps.zip", "rl_model_48_steps.zip"]
+    for rank in fsdp_ranks:
+        assert "sharded over the ranks" in rank["save_error"] and "save_model(model, path)" in rank["save_error"]
+    assert not list(out.glob("refused_rank*.zip"))
+
+
+def test_fsdp_sharded_checkpoint_round_trip(fsdp_ranks):
+    """save_sharded_checkpoint / load_sharded_checkpoint: a model built with another seed takes every tensor, the
+    optimizer moments and the counters, into its shards, and trains on."""
+    first, second = fsdp_ranks
+    saved, loaded = first["saved"], first["loaded"]
+    assert max_difference(first["other_before"], {k: saved["policy"][k] for k in first["other_before"]}) > 1e-3
+    assert max_difference(loaded["policy"], saved["policy"]) == 0
+    for index, moments in saved["policy.optimizer"]["state"].items():
+        assert all(th.equal(moments[k], loaded["policy.optimizer"]["state"][index][k]) for k in moments)
+    assert (first["out"] / "sharded" / ".metadata").is_file()
+    for rank in fsdp_ranks:
+        assert rank["loaded_num_timesteps"] == 48 and rank["resumed_num_timesteps"] == 64
 
 
 def test_refusals_name_the_problem_and_the_fix(ranks):

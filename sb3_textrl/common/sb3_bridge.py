@@ -46,17 +46,24 @@ So the links are:
    ``PPO.load`` calls ``_setup_model`` outside ``__init__`` (``_init_setup_model=False``), so there are no
    arguments, and what was saved is kept. A policy built by hand, outside ``_setup_model``, finds no algorithm.
 
+5. **Saving parameters the algorithm does not hold** (:func:`save_with_parameters`). A policy sharded by FSDP2
+   (:mod:`sb3_textrl.distributed`) holds one shard of each tensor per rank; the single-file ``model.zip`` needs the
+   gathered full tensors, which every rank computes together and rank 0 writes. ``BaseAlgorithm.save`` takes its
+   tensors from ``self.get_parameters()`` and has no argument for others, so the function does what ``save`` does
+   with the given parameters.
+
 If SB3 ever offers a hook, each link has a direct replacement: a policy (or algorithm) argument to the buffer, or a
 ``bind(policy, algorithm)`` call after ``_setup_model``, would replace links 1 and 3 (``self.policy`` and
 ``self.algorithm.logger``); an ``extras`` dict returned by the policy and passed to ``add`` (as sb3-contrib passes
 ``action_masks``) would replace link 2; a ``policy_class.default_rollout_buffer_class`` read by ``_setup_model`` (or
-the algorithm passed to the policy) would replace link 4. Until then the rest of sb3_textrl goes through these
-functions only, so a change is made here.
+the algorithm passed to the policy) would replace link 4; a ``params`` argument to ``save`` would replace link 5.
+Until then the rest of sb3_textrl goes through these functions only, so a change is made here.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
@@ -64,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.save_util import recursive_getattr, save_to_zip_file
 
 from sb3_textrl.common.metric_keys import ROLLOUT
 
@@ -205,3 +213,21 @@ def find_algorithm_setup(max_depth: int = SETUP_MAX_DEPTH) -> AlgorithmSetup | N
         return None if algorithm is None else AlgorithmSetup(algorithm, None)
     finally:
         del frame  # a frame kept alive keeps every local of the stack alive
+
+
+def save_with_parameters(model: BaseAlgorithm, path: str | os.PathLike, params: dict[str, dict[str, Any]]) -> None:
+    """
+    ``model.save(path)`` with ``params`` in place of ``model.get_parameters()`` (link 5 of the module docstring): the
+    same attributes, excluded names and PyTorch variables as SB3's ``BaseAlgorithm.save`` (stable-baselines3 2.x).
+
+    :param model: the algorithm whose attributes are saved
+    :param path: the zip file to write (SB3 adds ``.zip`` when missing)
+    :param params: state dicts by name, as ``get_parameters()`` returns them (``"policy"``, ``"policy.optimizer"``)
+    """
+    state_dict_names, variable_names = model._get_torch_save_params()
+    if set(params) != set(state_dict_names):
+        raise ValueError(f"params must hold the state dicts {sorted(state_dict_names)}, got {sorted(params)}")
+    exclude = set(model._excluded_save_params()) | {name.split(".")[0] for name in state_dict_names + variable_names}
+    data = {key: value for key, value in model.__dict__.items() if key not in exclude}
+    variables = {name: recursive_getattr(model, name) for name in variable_names}
+    save_to_zip_file(os.fspath(path), data=data, params=params, pytorch_variables=variables)

@@ -170,15 +170,20 @@ class BaseWeights:
         return self.fingerprint
 
 
-def without_base_weights(policy: TransformerLMPolicy, state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def without_base_weights(
+    policy: TransformerLMPolicy, state: dict[str, Any], prefix: str = "", tensors: Mapping[str, th.Tensor] | None = None
+) -> dict[str, Any]:
     """
     ``state`` (the policy's ``state_dict()``) without the base LM's frozen, unchanged tensors, plus the marker; as
     it is with ``save_base_lm=True`` or when nothing can be left out.
+
+    :param tensors: the policy's tensors to compare with the base LM's (default: its own, ``keep_vars=True``; a
+        sharded policy passes the gathered full tensors)
     """
     base: BaseWeights | None = getattr(policy, "base_weights", None)
     if base is None or policy.save_base_lm:
         return state
-    keys = base.unchanged_keys(th.nn.Module.state_dict(policy, keep_vars=True))
+    keys = base.unchanged_keys(th.nn.Module.state_dict(policy, keep_vars=True) if tensors is None else tensors)
     if not keys or base.fingerprint is None:
         return state
     for key in keys:
