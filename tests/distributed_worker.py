@@ -1,6 +1,6 @@
 """One rank of the data-parallel tests, launched twice by tests/test_distributed.py through torchrun (gloo):
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py OUT_DIR TINY_LM [fsdp]
+    torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py OUT_DIR TINY_LM [fsdp UNTIED_LM]
 
 Writes rank{r}.pkl into OUT_DIR for the test process to compare (strategy "ddp" by default, or "fsdp").
 """
@@ -11,6 +11,7 @@ import pickle
 import sys
 from pathlib import Path
 
+import gymnasium as gym
 import torch as th
 from helpers import ragged_stop_ids, register_toy_task, toy_ppo, toy_vec_env
 from stable_baselines3.common.callbacks import CheckpointCallback
@@ -59,23 +60,31 @@ def buffer_parts(model) -> dict:
     return parts
 
 
-def one_step(ctx, lm: str, strategy: str) -> dict:
+# The policy variants of the FSDP2 update check, by name: LoRA on the top block only (the lower block's output
+# cached from the rollout), and full fine-tuning of an LM with untied embeddings (a frozen reference copy).
+FSDP_VARIANTS = {"top_block": dict(trainable_layers=1), "full": dict(use_lora=False)}
+
+
+def one_step(ctx, lm: str, strategy: str, **policy_kwargs) -> dict:
     """One gradient step, for the equivalence with a single process on both ranks' minibatches."""
-    step_task = register_toy_task("DistStep-v0", lm, max_new_tokens=5)
-    model = toy_ppo(toy_vec_env(step_task, N_ENVS, seed=ctx.seed(1, N_ENVS)), lm, seed=ctx.seed(1, N_ENVS), **STEP)
+    step_task = register_toy_task(f"DistStep{len(gym.registry)}-v0", lm, max_new_tokens=5)
+    step = STEP | dict(policy_kwargs=STEP["policy_kwargs"] | policy_kwargs)
+    model = toy_ppo(toy_vec_env(step_task, N_ENVS, seed=ctx.seed(1, N_ENVS)), lm, seed=ctx.seed(1, N_ENVS), **step)
     make_data_parallel(model, ctx, strategy=strategy)
     results = {"step_before": trainable(model)}
     model.learn(STEP["n_steps"] * N_ENVS)
     return results | {"step_after": trainable(model), "step_buffer": buffer_parts(model)}
 
 
-def main_fsdp(out: Path, lm: str) -> None:
+def main_fsdp(out: Path, lm: str, untied_lm: str) -> None:
     """The same update check, and the checkpoints, with the LM's blocks sharded by FSDP2."""
     ctx = init_distributed("gloo")
     rank = ctx.rank
     results: dict = {"world_size": ctx.world_size}
 
-    results |= one_step(ctx, lm, "fsdp")  # 1. the update check
+    results |= one_step(ctx, lm, "fsdp")  # 1. the update check, and its variants
+    for name, policy_kwargs in FSDP_VARIANTS.items():
+        results[name] = one_step(ctx, untied_lm if name == "full" else lm, "fsdp", **policy_kwargs)
 
     # 2. Several updates (ragged episodes, adaptive β), checkpoints of both kinds, memory.
     train_task = register_toy_task("DistTrain-v0", lm, max_new_tokens=6, stop_token_ids=ragged_stop_ids())
@@ -158,4 +167,7 @@ def main(out: Path, lm: str) -> None:
 
 
 if __name__ == "__main__":
-    (main_fsdp if sys.argv[3:] == ["fsdp"] else main)(Path(sys.argv[1]), sys.argv[2])
+    if sys.argv[3:4] == ["fsdp"]:
+        main_fsdp(Path(sys.argv[1]), sys.argv[2], sys.argv[4])
+    else:
+        main(Path(sys.argv[1]), sys.argv[2])

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch as th
-from distributed_worker import N_ENVS, STEP
+from conftest import save_tiny_lm
+from distributed_worker import FSDP_VARIANTS, N_ENVS, STEP
 from helpers import register_toy_task, toy_ppo, toy_vec_env
 from stable_baselines3 import PPO
 from stable_baselines3.common.logger import Logger
@@ -46,9 +47,15 @@ def ranks(tmp_path_factory, tiny_lm) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def fsdp_ranks(tmp_path_factory, tiny_lm) -> list[dict]:
+def untied_lm(tmp_path_factory, gpt2_tokenizer) -> str:
+    """The tiny GPT-2 with separate input and output embeddings (trainable under full fine-tuning)."""
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-gpt2-untied"), gpt2_tokenizer, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory, tiny_lm, untied_lm) -> list[dict]:
     """FSDP2: the LM's blocks and the value head sharded over the 2 ranks."""
-    return launch(tmp_path_factory.mktemp("fsdp"), tiny_lm, "fsdp")
+    return launch(tmp_path_factory.mktemp("fsdp"), tiny_lm, "fsdp", untied_lm)
 
 
 def max_difference(a: dict[str, th.Tensor], b: dict[str, th.Tensor]) -> float:
@@ -72,13 +79,14 @@ def test_ranks_end_with_identical_weights_and_beta(ranks):
     assert max_difference(first["control_after"], second["control_after"]) > 1e-3
 
 
-def union_step(tiny_lm: str, before: dict[str, th.Tensor], parts: list[dict]) -> dict[str, th.Tensor]:
+def union_step(tiny_lm: str, before: dict[str, th.Tensor], parts: list[dict], **policy_kwargs) -> dict[str, th.Tensor]:
     """One SB3 PPO.train() step of a single process whose rollout buffer holds all ``parts`` side by side."""
-    task = "DistStep-v0"
+    task = f"DistStep-{Path(tiny_lm).name}-v0"
     if task not in gym.registry:
         register_toy_task(task, tiny_lm, max_new_tokens=5)
     n_envs = N_ENVS * len(parts)
-    model = toy_ppo(toy_vec_env(task, n_envs), tiny_lm, **(STEP | dict(batch_size=STEP["n_steps"] * n_envs)))
+    step = STEP | dict(batch_size=STEP["n_steps"] * n_envs, policy_kwargs=STEP["policy_kwargs"] | policy_kwargs)
+    model = toy_ppo(toy_vec_env(task, n_envs), tiny_lm, **step)
     missing, unexpected = model.policy.load_state_dict(before, strict=False)
     assert not unexpected and not set(before) & set(missing)
     buffer = model.rollout_buffer
@@ -97,8 +105,8 @@ def union_step(tiny_lm: str, before: dict[str, th.Tensor], parts: list[dict]) ->
     return {n: p.detach().clone() for n, p in model.policy.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_one_step_on_two_ranks_equals_one_step_on_both_minibatches(strategy, request, tiny_lm):
+@pytest.mark.parametrize("strategy, variant", [("ddp", None), ("fsdp", None), ("fsdp", "top_block"), ("fsdp", "full")])
+def test_one_step_on_two_ranks_equals_one_step_on_both_minibatches(strategy, variant, request, tiny_lm):
     """
     Each rank took one SGD step on its own minibatch (all its 10 steps: equal sizes, so the mean of the two
     ranks' mean losses is the mean loss over the 20 steps; normalize_advantage=False, because per-minibatch
@@ -108,10 +116,14 @@ def test_one_step_on_two_ranks_equals_one_step_on_both_minibatches(strategy, req
     (SB3's clip_grad_norm_ on the sharded gradients) and steps its own shards.
     """
     first, second = request.getfixturevalue("ranks" if strategy == "ddp" else "fsdp_ranks")
+    policy_kwargs = {}
+    if variant is not None:  # LoRA on the top block only, or full fine-tuning of the untied LM
+        first, second, policy_kwargs = first[variant], second[variant], FSDP_VARIANTS[variant]
+        tiny_lm = request.getfixturevalue("untied_lm") if variant == "full" else tiny_lm
     before = first["step_before"]
     assert max_difference(before, second["step_before"]) == 0  # rank 0's initial weights were broadcast
     assert max_difference(first["step_after"], second["step_after"]) == 0
-    together = union_step(tiny_lm, before, [first["step_buffer"], second["step_buffer"]])
+    together = union_step(tiny_lm, before, [first["step_buffer"], second["step_buffer"]], **policy_kwargs)
     update = {k: first["step_after"][k] - before[k] for k in before}
     scale = max(float(u.abs().max()) for u in update.values())
     assert scale > 1e-4
@@ -120,7 +132,7 @@ def test_one_step_on_two_ranks_equals_one_step_on_both_minibatches(strategy, req
     norm = th.sqrt(sum((u.double() ** 2).sum() for u in update.values()))
     assert float(norm) == pytest.approx(STEP["learning_rate"] * STEP["max_grad_norm"], rel=1e-4)
     # And the comparison can fail: rank 0's minibatch alone gives another step.
-    alone = union_step(tiny_lm, before, [first["step_buffer"]])
+    alone = union_step(tiny_lm, before, [first["step_buffer"]], **policy_kwargs)
     assert max_difference(alone, first["step_after"]) > 100 * max_difference(together, first["step_after"]) + 1e-5
 
 

@@ -66,6 +66,7 @@ def tiny_gpt2(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     dropout: float = 0.0,
+    tie_word_embeddings: bool = True,
 ) -> GPT2LMHeadModel:
     """
     A small randomly initialized GPT-2 for tests and benchmarks, in eval mode.
@@ -83,6 +84,7 @@ def tiny_gpt2(
     :param eos_token_id: end-of-sequence id (default ``vocab_size - 1``)
     :param pad_token_id: padding id (default: ``eos_token_id``)
     :param dropout: dropout of residuals, embeddings and attention (0 keeps train and eval mode identical)
+    :param tie_word_embeddings: share one matrix between the input embedding and the output head (GPT-2's layout)
     :return: the model
     """
     eos_token_id = vocab_size - 1 if eos_token_id is None else eos_token_id
@@ -97,6 +99,7 @@ def tiny_gpt2(
         resid_pdrop=dropout,
         embd_pdrop=dropout,
         attn_pdrop=dropout,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
