@@ -2,12 +2,14 @@
 
     torchrun --standalone --nproc_per_node=2 examples/distributed_ppo.py --tiny   # 2 CPU processes (gloo), tiny LM
     torchrun --standalone --nproc_per_node=8 examples/distributed_ppo.py          # 8 GPUs of one host (NCCL), SmolLM2
+    torchrun --standalone --nproc_per_node=2 examples/distributed_ppo.py --tiny --strategy fsdp  # weights sharded
     python examples/distributed_ppo.py --tiny                                     # one process, no torchrun
 
 Every rank builds the same PPO with its own seed (other prompts, other samples); ``make_data_parallel`` broadcasts
-rank 0's weights, makes the LM's modules DDP replicas (gradients averaged inside SB3's unchanged train loop)
-and keeps β and the minibatch count in step. Rank 0 alone logs (stdout + csv in --output-dir/logs), writes
-checkpoints and saves the final model.
+rank 0's weights, makes the LM's modules DDP replicas (``--strategy ddp``: gradients averaged inside SB3's unchanged
+train loop) or shards them with FSDP2 (``--strategy fsdp``), and keeps β and the minibatch count in step. Rank 0
+alone logs (stdout + csv in --output-dir/logs) and writes checkpoints and the final model (the ranks gather them
+together with ``save_model``).
 Several hosts and the other torchrun options: docs/distributed.md.
 """
 
@@ -22,12 +24,18 @@ from typing import Any
 import torch as th
 import torch.distributed as dist
 from stable_baselines3 import PPO
-from stable_baselines3.common.callbacks import CheckpointCallback
 from stable_baselines3.common.logger import configure
+from torch.distributed.tensor import DTensor
 
 from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy, make_text_vec_env
 from sb3_textrl.common.options import parse_dataclass_options
-from sb3_textrl.distributed import MainProcessCallback, init_distributed, make_data_parallel
+from sb3_textrl.distributed import (
+    DistributedCheckpointCallback,
+    init_distributed,
+    make_data_parallel,
+    parameter_bytes_per_rank,
+    save_model,
+)
 from sb3_textrl.models import save_tiny_gpt2_lm
 
 
@@ -48,6 +56,8 @@ class Options:
     kl_coef: float = 0.05
     kl_target: float = 0.0  # > 0: adapt β towards this KL per episode (averaged over the ranks)
     checkpoint_every: int = 0  # timesteps per rank between checkpoints; 0: only the final model
+    strategy: str = "ddp"  # "ddp": the whole model on every rank; "fsdp": the LM's weights sharded over the ranks
+    full_finetune: bool = False  # train every weight instead of LoRA adapters (needs untied embeddings)
     backend: str = "auto"  # NCCL with CUDA, else gloo
     tiny: bool = False  # a tiny random GPT-2 and short texts: seconds, for CI
     seed: int = 0
@@ -69,6 +79,11 @@ def _peak_rss_mib() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _local(tensor: th.Tensor) -> th.Tensor:
+    """This rank's part of a tensor: a sharded (DTensor) one's shard, any other whole."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def main(options: Options) -> dict[str, Any]:
@@ -93,27 +108,36 @@ def main(options: Options) -> dict[str, Any]:
         n_steps=options.max_new_tokens, batch_size=options.batch_size, n_epochs=options.n_epochs, gamma=1.0,
         learning_rate=options.learning_rate, seed=seed, verbose=int(ctx.is_main),
         device=ctx.device if options.device == "auto" else options.device,
-        policy_kwargs=dict(lm=options.lm, kl_coef=options.kl_coef, kl_target=options.kl_target or None),
+        policy_kwargs=dict(lm=options.lm, kl_coef=options.kl_coef, kl_target=options.kl_target or None,
+                           use_lora=not options.full_finetune),
     )
     if ctx.is_main:
         model.set_logger(configure(str(out / "logs"), ["stdout", "csv"]))
-    make_data_parallel(model, ctx)  # on every rank, before learn
+    make_data_parallel(model, ctx, strategy=options.strategy)  # on every rank, before learn
 
     steps_per_rank = options.updates * options.max_new_tokens * options.n_envs
-    checkpoints = CheckpointCallback(options.checkpoint_every or steps_per_rank, str(out / "checkpoints"))
+    # Run by every rank (the ranks gather a sharded model together); rank 0 writes.
+    checkpoints = DistributedCheckpointCallback(options.checkpoint_every or steps_per_rank, out / "checkpoints")
     start = time.perf_counter()
-    model.learn(steps_per_rank, callback=MainProcessCallback(checkpoints, ctx))
+    model.learn(steps_per_rank, callback=checkpoints)
     seconds = time.perf_counter() - start
 
-    # The replicas are one model: compare a checksum of the trainable weights across the ranks.
-    checksum = th.stack([p.detach().double().sum() for p in model.policy.parameters() if p.requires_grad]).sum()
+    # The ranks are one model: compare a checksum of the trainable weights (a sharded one's local shard: summed over
+    # the ranks it is the whole tensor's checksum, which every rank then holds) across the ranks.
+    checksum = th.stack([_local(p).detach().double().sum() for p in model.policy.parameters() if p.requires_grad]).sum()
+    if options.strategy == "fsdp" and ctx.is_distributed:
+        checksum = checksum.to(ctx.device)
+        dist.all_reduce(checksum)
     checksums = [checksum.to(ctx.device) for _ in range(ctx.world_size)]
     if ctx.is_distributed:
         dist.all_gather(checksums, checksum.to(ctx.device))
-    # Peak memory per rank: the process's resident set, and the parameters it holds (all of the LM's on every rank:
-    # data parallel replicates the model).
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.policy.parameters())
-    memory = dict(peak_rss_mib=_peak_rss_mib(), parameter_mib=parameter_bytes / 2**20)
+    # Memory per rank, after training: the process's peak resident set (and the GPU's peak), the parameters and the
+    # optimizer state it holds (under DDP the whole model on every rank; under FSDP2 its shards).
+    optimizer_bytes = sum(_local(t).nbytes for state in model.policy.optimizer.state.values() for t in state.values())
+    memory = dict(peak_rss_mib=_peak_rss_mib(), parameter_mib=parameter_bytes_per_rank(model.policy) / 2**20,
+                  optimizer_mib=optimizer_bytes / 2**20)
+    if ctx.device.type == "cuda":
+        memory["peak_cuda_mib"] = th.cuda.max_memory_allocated(ctx.device) / 2**20
     memories = [memory] * ctx.world_size
     if ctx.is_distributed:
         memories = [None] * ctx.world_size
@@ -124,8 +148,8 @@ def main(options: Options) -> dict[str, Any]:
         kl_coef=model.policy.kl_controller.value, ranks_agree=len({float(c) for c in checksums}) == 1,
         rank0_rollout=model.rollout_buffer.metrics, memory_per_rank=memories, options=asdict(options),
     )
+    save_model(model, out / "ppo_model.zip")  # every rank: a sharded model is gathered
     if ctx.is_main:
-        model.save(out / "ppo_model")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps({k: v for k, v in summary.items() if k != "options"}, indent=2))
     return summary
