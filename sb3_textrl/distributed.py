@@ -5,7 +5,10 @@ The ranks stay one model because :func:`make_data_parallel`
 - broadcasts rank 0's trainable parameters and floating-point buffers (β of the adaptive KL controller) once,
 - makes the modules the policy calls (LM trunk, head, value head) DDP replicas with PyTorch's composable
   ``replicate``: DDP averages the gradients over the ranks during every ``loss.backward()`` — before SB3 clips
-  their norm, so every rank clips the same averaged gradient and takes the same optimizer step,
+  their norm, so every rank clips the same averaged gradient and takes the same optimizer step;
+  or, with ``strategy="fsdp"``, shards them with FSDP2's ``fully_shard`` (each block, then the rest of each module):
+  each rank holds and steps 1/N of the weights, gradients and optimizer state, and the full weights are gathered
+  for each rollout (:class:`_ShardedPolicy`); :func:`save_model` and :func:`save_sharded_checkpoint` save it,
 - makes :class:`~sb3_textrl.buffers.TextRolloutBuffer` yield the same number of minibatches on every rank (each
   rank packs whole episodes, whose lengths differ per rank; a rank with one backward pass fewer would hang),
 - adapts β from the KL averaged over the ranks,

@@ -1,6 +1,6 @@
 """One rank of the data-parallel tests, launched twice by tests/test_distributed.py through torchrun (gloo):
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py OUT_DIR TINY_LM [fsdp UNTIED_LM]
+    torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py OUT_DIR TINY_LM [fsdp UNTIED_LM T5]
 
 Writes rank{r}.pkl into OUT_DIR for the test process to compare (strategy "ddp" by default, or "fsdp").
 """
@@ -14,10 +14,12 @@ from pathlib import Path
 import gymnasium as gym
 import torch as th
 from helpers import ragged_stop_ids, register_toy_task, toy_ppo, toy_vec_env
+from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CheckpointCallback
 from stable_baselines3.common.logger import configure
 from torch.distributed.tensor import DTensor
 
+from sb3_textrl import Seq2SeqLMPolicy, TextRolloutBuffer
 from sb3_textrl.distributed import (
     DistributedCheckpointCallback,
     MainProcessCallback,
@@ -76,7 +78,7 @@ def one_step(ctx, lm: str, strategy: str, **policy_kwargs) -> dict:
     return results | {"step_after": trainable(model), "step_buffer": buffer_parts(model)}
 
 
-def main_fsdp(out: Path, lm: str, untied_lm: str) -> None:
+def main_fsdp(out: Path, lm: str, untied_lm: str, t5_lm: str) -> None:
     """The same update check, and the checkpoints, with the LM's blocks sharded by FSDP2."""
     ctx = init_distributed("gloo")
     rank = ctx.rank
@@ -116,6 +118,18 @@ def main_fsdp(out: Path, lm: str, untied_lm: str) -> None:
     results["loaded_num_timesteps"] = other.num_timesteps
     other.learn(TRAIN["n_steps"] * N_ENVS, reset_num_timesteps=False)  # and trains on from there
     results["resumed_num_timesteps"] = other.num_timesteps
+
+    # 4. An encoder-decoder (Seq2SeqLMPolicy): encoder and decoder blocks sharded, the shared embedding whole.
+    t5_task = register_toy_task("DistSeq2Seq-v0", t5_lm, max_new_tokens=5, stop_token_ids=ragged_stop_ids()[:38])
+    t5 = PPO(Seq2SeqLMPolicy, toy_vec_env(t5_task, N_ENVS, seed=ctx.seed(0, N_ENVS)), n_steps=8, batch_size=8,
+             policy_kwargs=dict(lm=t5_lm, kl_coef=0.1), seed=ctx.seed(0, N_ENVS), device="cpu",
+             rollout_buffer_class=TextRolloutBuffer)
+    results["t5_bytes_whole"] = parameter_bytes_per_rank(t5.policy)
+    make_data_parallel(t5, ctx, strategy="fsdp")
+    t5.learn(2 * 8 * N_ENVS)
+    results["t5_bytes_sharded"] = parameter_bytes_per_rank(t5.policy)
+    results["t5_trained"] = trainable(t5)
+    save_model(t5, out / "t5_model.zip")
 
     (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
 
@@ -168,6 +182,6 @@ def main(out: Path, lm: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[3:4] == ["fsdp"]:
-        main_fsdp(Path(sys.argv[1]), sys.argv[2], sys.argv[4])
+        main_fsdp(Path(sys.argv[1]), sys.argv[2], sys.argv[4], sys.argv[5])
     else:
         main(Path(sys.argv[1]), sys.argv[2])

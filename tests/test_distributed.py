@@ -23,6 +23,8 @@ from transformers import AutoConfig
 
 from sb3_textrl.buffers import Segment
 from sb3_textrl.distributed import DistributedContext, init_distributed, make_data_parallel, split_segments
+from sb3_textrl.envs.news_data import generate_news_examples
+from sb3_textrl.models import tiny_t5, train_small_tokenizer
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -53,14 +55,24 @@ def untied_lm(tmp_path_factory, gpt2_tokenizer) -> str:
 
 
 @pytest.fixture(scope="module")
-def fsdp_ranks(tmp_path_factory, tiny_lm, untied_lm) -> list[dict]:
+def tiny_t5_lm(tmp_path_factory) -> str:
+    """A 2+2-layer T5 with a 300-token BPE vocabulary (its embedding shared by encoder, decoder and head)."""
+    tokenizer = train_small_tokenizer([r["article"] for r in generate_news_examples(50)], vocab_size=300)
+    path = tmp_path_factory.mktemp("tiny-t5")
+    tiny_t5(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory, tiny_lm, untied_lm, tiny_t5_lm) -> list[dict]:
     """FSDP2: the LM's blocks and the value head sharded over the 2 ranks."""
-    return launch(tmp_path_factory.mktemp("fsdp"), tiny_lm, "fsdp", untied_lm)
+    return launch(tmp_path_factory.mktemp("fsdp"), tiny_lm, "fsdp", untied_lm, tiny_t5_lm)
 
 
 def max_difference(a: dict[str, th.Tensor], b: dict[str, th.Tensor]) -> float:
     assert a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    return max(float((a[k].detach().double() - b[k].detach().double()).abs().max()) for k in a)
 
 
 def test_ranks_end_with_identical_weights_and_beta(ranks):
@@ -194,6 +206,20 @@ def test_fsdp_model_zip_loads_in_one_process(fsdp_ranks, tiny_lm):
     for rank in fsdp_ranks:
         assert "sharded over the ranks" in rank["save_error"] and "save_model(model, path)" in rank["save_error"]
     assert not list(out.glob("refused_rank*.zip"))
+
+
+def test_fsdp_shards_an_encoder_decoder(fsdp_ranks, tiny_t5_lm):
+    """Seq2SeqLMPolicy: its encoder and decoder blocks are sharded (the shared token embedding stays whole), it
+    trains on 2 ranks, and the gathered model.zip loads in one process with the ranks' trained weights."""
+    config = AutoConfig.from_pretrained(tiny_t5_lm)
+    embedding = config.vocab_size * config.d_model * 4
+    for rank in fsdp_ranks:
+        whole, sharded = rank["t5_bytes_whole"] - embedding, rank["t5_bytes_sharded"] - embedding
+        assert sharded == pytest.approx(whole / 2, rel=0.01)
+    assert max_difference(fsdp_ranks[0]["t5_trained"], fsdp_ranks[1]["t5_trained"]) == 0
+    loaded = PPO.load(fsdp_ranks[0]["out"] / "t5_model.zip", device="cpu")
+    trained = {n: p for n, p in loaded.policy.named_parameters() if p.requires_grad}
+    assert max_difference(trained, fsdp_ranks[0]["t5_trained"]) == 0
 
 
 def test_fsdp_sharded_checkpoint_round_trip(fsdp_ranks):
