@@ -63,8 +63,10 @@ def buffer_parts(model) -> dict:
 
 
 # The policy variants of the FSDP2 update check, by name: LoRA on the top block only (the lower block's output
-# cached from the rollout), and full fine-tuning of an LM with untied embeddings (a frozen reference copy).
-FSDP_VARIANTS = {"top_block": dict(trainable_layers=1), "full": dict(use_lora=False)}
+# cached from the rollout), gradient checkpointing, and full fine-tuning of an LM with untied embeddings (a frozen
+# reference copy).
+FSDP_VARIANTS = {"top_block": dict(trainable_layers=1), "checkpointed": dict(gradient_checkpointing=True),
+                 "full": dict(use_lora=False)}
 
 
 def one_step(ctx, lm: str, strategy: str, **policy_kwargs) -> dict:

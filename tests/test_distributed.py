@@ -117,7 +117,7 @@ def union_step(tiny_lm: str, before: dict[str, th.Tensor], parts: list[dict], **
     return {n: p.detach().clone() for n, p in model.policy.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("strategy, variant", [("ddp", None), ("fsdp", None), ("fsdp", "top_block"), ("fsdp", "full")])
+@pytest.mark.parametrize("strategy, variant", [("ddp", None), ("fsdp", None), *(("fsdp", v) for v in FSDP_VARIANTS)])
 def test_one_step_on_two_ranks_equals_one_step_on_both_minibatches(strategy, variant, request, tiny_lm):
     """
     Each rank took one SGD step on its own minibatch (all its 10 steps: equal sizes, so the mean of the two
@@ -129,7 +129,7 @@ def test_one_step_on_two_ranks_equals_one_step_on_both_minibatches(strategy, var
     """
     first, second = request.getfixturevalue("ranks" if strategy == "ddp" else "fsdp_ranks")
     policy_kwargs = {}
-    if variant is not None:  # LoRA on the top block only, or full fine-tuning of the untied LM
+    if variant is not None:  # LoRA on the top block only, checkpointed, or full fine-tuning of the untied LM
         first, second, policy_kwargs = first[variant], second[variant], FSDP_VARIANTS[variant]
         tiny_lm = request.getfixturevalue("untied_lm") if variant == "full" else tiny_lm
     before = first["step_before"]
