@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import math
 import os
 import sys
@@ -26,6 +27,7 @@ from sb3_textrl.common.names import DEFAULT_TASK
 
 TRACEBACK_VARIABLE = "SB3_TEXTRL_TRACEBACK"
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+DECODING_HELP = "greedy | sample[:temperature=T,top_k=K,top_p=P]"  # DecodingSettings.parse (sample, eval)
 _TASK_FLAG_KWARGS = ("dataset", "tokenizer", "max_new_tokens")  # env arguments with a flag of their own
 _OLD_NAMES = "_old_names"  # parser default: {old flag: new flag}, for the docs and the tests
 _REQUIRED = "_required_flags"  # parser default: [(dest, flag)] checked after parsing (an alias may set them)
@@ -345,6 +347,13 @@ def check_device(device: str) -> None:
 
 
 # --- running a command ------------------------------------------------------------------------------------------
+
+
+def show_progress_logs() -> None:
+    """Print sb3_textrl's INFO log lines (progress: epochs, truncation counts, skipped prompts) as plain messages;
+    other libraries stay at warnings."""
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("sb3_textrl").setLevel(logging.INFO)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

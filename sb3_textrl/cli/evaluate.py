@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from sb3_textrl.cli.common import (
+    DECODING_HELP,
     add_command,
     add_flag,
     add_model,
@@ -16,7 +17,6 @@ from sb3_textrl.cli.common import (
     non_negative_int,
     positive_int,
 )
-from sb3_textrl.cli.sample import DECODING_HELP
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from sb3_textrl.cli.common import add_command, add_run_flags, add_task_flags, env_kwargs, positive_int
-
-DECODING_HELP = "greedy | sample[:temperature=T,top_k=K,top_p=P]"
+from sb3_textrl.cli.common import (
+    DECODING_HELP,
+    add_command,
+    add_run_flags,
+    add_task_flags,
+    env_kwargs,
+    positive_int,
+    show_progress_logs,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -41,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``sb3-textrl sample`` with the parsed arguments (the implementation is imported here)."""
     from sb3_textrl.sampling import CandidateSource, DecodingSettings, sample_for_rating
 
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("sb3_textrl").setLevel(logging.INFO)  # which prompts a rerun skips
+    show_progress_logs()  # which prompts a rerun skips
 
     kwargs = env_kwargs(args, args.task)
     source_a = CandidateSource(args.model_a, DecodingSettings.parse(args.decoding_a))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from sb3_textrl.cli.common import (
     add_command,
@@ -15,6 +14,7 @@ from sb3_textrl.cli.common import (
     float_in,
     positive_float,
     positive_int,
+    show_progress_logs,
 )
 from sb3_textrl.common.names import MINILM_NAME
 from sb3_textrl.reward_model.config import RewardModelConfig
@@ -73,9 +73,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``sb3-textrl train-rm`` with the parsed arguments (the implementation is imported here)."""
     from sb3_textrl.reward_model.train import MAX_ACCURACY_HALF_WIDTH, train_reward_model
 
-    logging.basicConfig(format="%(message)s")
-    # our epoch lines and truncation counts; other libraries stay at warnings
-    logging.getLogger("sb3_textrl").setLevel(logging.INFO)
+    show_progress_logs()  # our epoch lines and truncation counts
     config = RewardModelConfig(
         backbone=args.model,
         epochs=args.epochs,
