@@ -307,6 +307,9 @@ class FeedbackStore:
         self._clock = clock or _utc_now
         self._timeout_s = timeout_s
         self.read_only = read_only
+        # One connection may be shared by threads (check_same_thread=False); the lock keeps their transactions apart.
+        self._lock = threading.RLock()
+        self._in_transaction = False  # inside transaction(): the writes join it instead of committing one by one
         if read_only:
             self._open_read_only()
             return
@@ -316,9 +319,6 @@ class FeedbackStore:
             raise FeedbackStoreError(
                 f"the folder of {self.path} does not exist; create {self.path.parent} first or pass another path"
             )
-        # One connection may be shared by threads (check_same_thread=False); the lock keeps their transactions apart.
-        self._lock = threading.RLock()
-        self._in_transaction = False  # inside transaction(): the writes join it instead of committing one by one
         # isolation_level=None: transactions are opened explicitly (BEGIN IMMEDIATE) so writers queue up front.
         self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
@@ -348,8 +348,6 @@ class FeedbackStore:
         on a read-only disk or in a folder this user cannot write opens too."""
         if not self.path.is_file():
             raise FeedbackStoreError(f"{self.path} does not exist; pass the path of a feedback database")
-        self._lock = threading.RLock()
-        self._in_transaction = False
         uri = self.path.resolve().as_uri()
         # mode=ro reads a WAL database only where its -shm file can be made; immutable=1 reads it from a read-only
         # disk (it takes no locks: right for a store nobody writes meanwhile).
