@@ -22,7 +22,15 @@ from stable_baselines3.common.logger import Logger
 from transformers import AutoConfig
 
 from sb3_textrl.buffers import Segment
-from sb3_textrl.distributed import DistributedContext, init_distributed, make_data_parallel, split_segments
+from sb3_textrl.distributed import (
+    DistributedContext,
+    init_distributed,
+    load_sharded_checkpoint,
+    make_data_parallel,
+    save_model,
+    save_sharded_checkpoint,
+    split_segments,
+)
 from sb3_textrl.envs.news_data import generate_news_examples
 from sb3_textrl.models import tiny_t5, train_small_tokenizer
 
@@ -257,7 +265,7 @@ def test_split_segments_gives_exactly_the_count_asked():
         split_segments(even[:2], 3)
 
 
-def test_without_torchrun_everything_is_single_process(tiny_lm, monkeypatch):
+def test_without_torchrun_everything_is_single_process(tiny_lm, monkeypatch, tmp_path):
     monkeypatch.delenv("RANK", raising=False)
     context = init_distributed()
     assert context == DistributedContext() and context.is_main and not context.is_distributed
@@ -265,8 +273,18 @@ def test_without_torchrun_everything_is_single_process(tiny_lm, monkeypatch):
     task = register_toy_task("DistSingle-v0", tiny_lm, max_new_tokens=3)
     model = toy_ppo(toy_vec_env(task, 1), tiny_lm, n_steps=3, batch_size=3)
     assert make_data_parallel(model) is model and model.rollout_buffer.minibatch_partition is None
+    assert make_data_parallel(model, strategy="fsdp") is model  # one process: nothing to shard over
     with pytest.raises(TypeError, match="on-policy SB3 algorithm"):
         make_data_parallel(model.policy)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="strategy must be one of 'ddp', 'fsdp', got 'zero3'"):
+        make_data_parallel(model, strategy="zero3")
+    with pytest.raises(ValueError, match="strategy='fsdp'"):
+        save_sharded_checkpoint(model, tmp_path / "sharded")
+    with pytest.raises(ValueError, match="strategy='fsdp' first"):
+        load_sharded_checkpoint(model, tmp_path / "sharded")
+    save_model(model, tmp_path / "alone.zip")  # without a process group: model.save
+    loaded = PPO.load(tmp_path / "alone.zip", env=toy_vec_env(task, 1), device="cpu")
+    assert max_difference(loaded.policy.state_dict(), model.policy.state_dict()) == 0
 
 
 def test_example_runs_alone_without_torchrun(tmp_path, monkeypatch):
