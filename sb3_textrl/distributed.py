@@ -307,11 +307,13 @@ def _shard(policy: nn.Module, context: DistributedContext) -> _ShardedPolicy:
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(context.device.type, (context.world_size,))
     kwargs: dict = dict(mesh=mesh, ignored_params=shared)
+    block_kwargs = dict(kwargs)
     autocast_dtype = getattr(policy, "autocast_dtype", None)  # TransformerLMPolicy's mixed_precision
     dtype = autocast_dtype() if autocast_dtype is not None else None
     if context.device.type == "cuda" and dtype is not None:
-        # The all-gathered weights in the autocast dtype, the gradients reduced in float32.
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=th.float32)
+        # The blocks' weights all-gathered in the autocast dtype (they run under autocast anyway), the gradients
+        # reduced in float32; the rest (embeddings, heads, the value head) keeps its float32 forward.
+        block_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=th.float32)
     modules: list[FSDPModule] = []
     roots: list[nn.Module] = []
     for module in called:
@@ -319,7 +321,7 @@ def _shard(policy: nn.Module, context: DistributedContext) -> _ShardedPolicy:
         if not own:
             continue  # a tied output head: its only weight is the (unsharded) input embedding
         for block in _block_lists(module):
-            modules.append(fully_shard(block, **kwargs))
+            modules.append(fully_shard(block, **block_kwargs))
         modules.append(fully_shard(module, **kwargs))
         roots.append(module)
     optimizer = cast(th.optim.Optimizer, policy.optimizer)
