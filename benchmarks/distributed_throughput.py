@@ -32,6 +32,11 @@ RANDOM_LMS = {
     # HuggingFaceTB/SmolLM2-360M's config.json: hidden 960, MLP 2560, 32 layers, 15 heads of 64, 5 key-value heads
     "smollm2-360m-untied": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
                                 num_key_value_heads=5, head_dim=64),
+    # Qwen/Qwen2.5-0.5B's config.json (its own 151,936-row vocabulary; the env uses the first 49,152 rows):
+    # 630M weights once untied
+    "qwen2.5-0.5b-untied": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6),
 }
 
 
@@ -43,7 +48,13 @@ def save_random_lm(name: str, out: Path) -> str:
     from sb3_textrl.models.assets import embedded_lm_dir
 
     embedded = embedded_lm_dir()
-    config = AutoConfig.from_pretrained(embedded, tie_word_embeddings=False, **RANDOM_LMS[name])
+    fields = dict(RANDOM_LMS[name])
+    if "model_type" in fields:  # another family, with the embedded tokenizer's special ids
+        own = AutoConfig.from_pretrained(embedded)
+        ids = dict(bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id)
+        config = AutoConfig.for_model(fields.pop("model_type"), tie_word_embeddings=False, **ids, **fields)
+    else:
+        config = AutoConfig.from_pretrained(embedded, tie_word_embeddings=False, **fields)
     th.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(embedded).save_pretrained(out)
