@@ -25,13 +25,13 @@ import torch as th
 import torch.distributed as dist
 from stable_baselines3 import PPO
 from stable_baselines3.common.logger import configure
-from torch.distributed.tensor import DTensor
 
 from sb3_textrl import TextRolloutBuffer, TransformerLMPolicy, make_text_vec_env
 from sb3_textrl.common.options import parse_dataclass_options
 from sb3_textrl.distributed import (
     DistributedCheckpointCallback,
     init_distributed,
+    local_shard,
     make_data_parallel,
     parameter_bytes_per_rank,
     save_model,
@@ -81,11 +81,6 @@ def _peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def _local(tensor: th.Tensor) -> th.Tensor:
-    """This rank's part of a tensor: a sharded (DTensor) one's shard, any other whole."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 def main(options: Options) -> dict[str, Any]:
     ctx = init_distributed(options.backend)
     out = Path(options.output_dir)
@@ -124,7 +119,7 @@ def main(options: Options) -> dict[str, Any]:
 
     # The ranks are one model: compare a checksum of the trainable weights (a sharded one's local shard: summed over
     # the ranks it is the whole tensor's checksum, which every rank then holds) across the ranks.
-    checksum = th.stack([_local(p).detach().double().sum() for p in model.policy.parameters() if p.requires_grad]).sum()
+    checksum = th.stack([local_shard(p).detach().double().sum() for p in model.policy.parameters() if p.requires_grad]).sum()
     if options.strategy == "fsdp" and ctx.is_distributed:
         checksum = checksum.to(ctx.device)
         dist.all_reduce(checksum)
@@ -133,7 +128,7 @@ def main(options: Options) -> dict[str, Any]:
         dist.all_gather(checksums, checksum.to(ctx.device))
     # Memory per rank, after training: the process's peak resident set (and the GPU's peak), the parameters and the
     # optimizer state it holds (under DDP the whole model on every rank; under FSDP2 its shards).
-    optimizer_bytes = sum(_local(t).nbytes for state in model.policy.optimizer.state.values() for t in state.values())
+    optimizer_bytes = sum(local_shard(t).nbytes for state in model.policy.optimizer.state.values() for t in state.values())
     memory = dict(peak_rss_mib=_peak_rss_mib(), parameter_mib=parameter_bytes_per_rank(model.policy) / 2**20,
                   optimizer_mib=optimizer_bytes / 2**20)
     if ctx.device.type == "cuda":

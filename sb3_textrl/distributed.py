@@ -286,21 +286,27 @@ class _ShardedPolicy:
 _SHARDED: weakref.WeakKeyDictionary[nn.Module, _ShardedPolicy] = weakref.WeakKeyDictionary()
 
 
+def _shared_parameters(modules: list[nn.Module]) -> set[nn.Parameter]:
+    """The parameters that more than one of ``modules`` holds (tied input and output embeddings)."""
+    first_holder: dict[int, int] = {}
+    shared: set[nn.Parameter] = set()
+    for index, module in enumerate(modules):
+        for p in module.parameters():
+            if first_holder.setdefault(id(p), index) != index:
+                shared.add(p)
+    return shared
+
+
 def _shard(policy: nn.Module, context: DistributedContext) -> _ShardedPolicy:
     """
     Shard the policy's LM and value head over the ranks with FSDP2 (``fully_shard``): each block of every called
     module, then the called module itself (its remaining weights: embeddings, final norm, head). A parameter shared
     by two called modules (tied input and output embeddings) cannot sit in two FSDP2 groups: it stays whole on every
-    rank (``ignored_params``), which :func:`_modules_to_replicate` allows only when it is frozen. The optimizer is
-    rebuilt over the sharded parameters (each rank steps its own shard).
+    rank (``ignored_params``), which :func:`_modules_to_replicate` (run first by :func:`make_data_parallel`) allows
+    only when it is frozen. The optimizer is rebuilt over the sharded parameters (each rank steps its own shard).
     """
-    _modules_to_replicate(policy)  # the same refusals as DDP: trainable tensors shared, or outside every called module
     called: list[nn.Module] = list(policy.called_modules())  # type: ignore[operator]
-    count: dict[int, int] = {}
-    for module in called:
-        for p in set(module.parameters()):
-            count[id(p)] = count.get(id(p), 0) + 1
-    shared = {p for module in called for p in module.parameters() if count[id(p)] > 1}
+    shared = _shared_parameters(called)
     # FSDP2 warns that the trunk returns a view (GPT-2 reshapes its last hidden state), in case an in-place op on it
     # drops the pre-backward hook; the policy never writes into the trunk's output (the update test checks the
     # gradients against a single process).
@@ -317,8 +323,7 @@ def _shard(policy: nn.Module, context: DistributedContext) -> _ShardedPolicy:
     modules: list[FSDPModule] = []
     roots: list[nn.Module] = []
     for module in called:
-        own = [p for p in module.parameters() if p not in shared]
-        if not own:
+        if all(p in shared for p in module.parameters()):
             continue  # a tied output head: its only weight is the (unsharded) input embedding
         for block in _block_lists(module):
             modules.append(fully_shard(block, **block_kwargs))
@@ -347,14 +352,14 @@ def refuse_sharded(policy: nn.Module, action: str) -> None:
         )
 
 
-def _local_bytes(tensor: th.Tensor) -> int:
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return local.numel() * local.element_size()
+def local_shard(tensor: th.Tensor) -> th.Tensor:
+    """This rank's part of a tensor: a sharded (DTensor) one's local shard, any other tensor whole."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def parameter_bytes_per_rank(policy: nn.Module) -> int:
     """The bytes of parameters this rank holds: a sharded parameter's local shard, every other parameter whole."""
-    return sum(_local_bytes(p) for p in policy.parameters())
+    return sum(local_shard(p).nbytes for p in policy.parameters())
 
 
 def _full(value: object) -> object:
