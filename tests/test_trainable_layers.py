@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from sb3_textrl import MaskableTextRolloutBuffer, MaskableTransformerLMPolicy, TextRolloutBuffer
 from sb3_textrl.common.kv_cache import positions_from_mask
-from sb3_textrl.common.layer_split import LayerSplit, find_blocks
+from sb3_textrl.common.layer_split import LayerSplit, find_blocks, position_wise_parts
 from sb3_textrl.common.segments import flat_steps
 from sb3_textrl.policies import SPLIT_HIDDEN
 
@@ -124,6 +124,43 @@ def test_top_blocks_from_kept_hidden_states_equal_the_full_forward(family_lm, us
     with th.no_grad():
         _, log_prob, _ = policy.evaluate_actions(split, actions)
     np.testing.assert_allclose(log_prob.numpy(), flat_steps(buffer.log_probs, buffer.segments), atol=1e-4)
+
+
+def rows_seen_by_last_block_parts(policy, obs, actions) -> dict[str, int]:
+    """Rows of input each position-wise part of the last block computed in one evaluate_actions (and backward)."""
+    seen: dict[str, int] = {}
+    last = policy.layer_split.blocks(policy.hf_model)[-1]
+
+    def recorder(key: str):
+        return lambda module, args: seen.__setitem__(key, args[0].reshape(-1, args[0].shape[-1]).shape[0])
+
+    handles = [getattr(parent, name).register_forward_pre_hook(recorder(f"{type(parent).__name__}.{name}"))
+               for parent, name in position_wise_parts(last)]
+    try:
+        _, log_prob, _ = policy.evaluate_actions(obs, actions)
+        log_prob.sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_the_last_block_runs_its_position_wise_parts_only_where_actions_are_read(family_lm):
+    task = task_for(family_lm, "SplitLastBlock-v0")
+    model = toy_ppo(toy_vec_env(task, n_envs=3), family_lm, n_steps=9, policy_kwargs=dict(trainable_layers=2))
+    policy = model.policy
+    buffer = collect(model)
+    split, full, actions = split_and_full_batches(buffer)
+    parts = position_wise_parts(policy.layer_split.blocks(policy.hf_model)[-1])
+    # The MLP and the attention's output projection in every family; the query projection where it is its own.
+    assert len(parts) == (2 if "gpt2" in family_lm else 3)
+    restricted = rows_seen_by_last_block_parts(policy, split, actions)
+    everywhere = rows_seen_by_last_block_parts(policy, full, actions)
+    assert set(restricted.values()) == {len(actions)}  # one row per action (the exactness tests check the values)
+    assert min(everywhere.values()) > len(actions)  # the full forward: every used column of every segment
+    policy.hf_model.gradient_checkpointing_enable()  # its backward re-runs the block outside the restriction
+    policy.hf_model.train()
+    assert min(rows_seen_by_last_block_parts(policy, split, actions).values()) > len(actions)
 
 
 def test_only_the_top_blocks_train_and_the_reference_shares_the_lower_ones(family_lm):

@@ -14,6 +14,13 @@ attention mask, the position embeddings and everything else a family needs), but
 lower blocks in its block list are replaced by pass-through modules, the first of which hands on the cached hidden
 state instead of the embeddings. Nothing model-specific is re-implemented, so any family whose decoder blocks sit in
 one ``nn.ModuleList`` of ``num_hidden_layers`` modules works (Llama/SmolLM2, GPT-2, Qwen2, Mistral, ...).
+
+The last block, read only where actions are predicted: a PPO forward reads the final hidden state only at the
+positions that predict an action (the last prompt token and the completion's tokens); the prompt's other positions
+matter to the last block only through their keys and values. Its position-wise parts (the MLP, the attention's
+query and output projections; ~90 % of a SmolLM2 block's matmuls) therefore run on those positions alone, and the
+other rows of their outputs are zeros that nothing reads. Found by name (``mlp``; ``q_proj``, ``o_proj``/``c_proj``/
+``out_proj``/``dense`` of the attention); a family that names them otherwise runs them everywhere, which is only slower.
 """
 
 from __future__ import annotations
@@ -64,6 +71,54 @@ class _PassThrough(nn.Module):
     def forward(self, hidden_states: th.Tensor, *args: Any, **kwargs: Any) -> th.Tensor | tuple[th.Tensor]:
         out = hidden_states if self.hidden is None else self.hidden
         return (out,) if self.as_tuple else out
+
+
+class _AtPositions(nn.Module):
+    """Runs a position-wise module on the given rows of its (..., S, H) input only; the other output rows are zeros."""
+
+    def __init__(self, inner: nn.Module, rows: th.Tensor, n_rows: int):
+        super().__init__()
+        self.inner = inner
+        self.rows = rows  # (N,) indices into the flattened (B·S) positions
+        self.n_rows = n_rows
+        self.computed_rows = 0  # rows computed by the last call (read by the tests)
+
+    def forward(self, x: th.Tensor, *args: Any, **kwargs: Any) -> Any:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] != self.n_rows:  # not the forward the rows were given for: compute everything
+            self.computed_rows = flat.shape[0]
+            return self.inner(x, *args, **kwargs)
+        y = self.inner(flat.index_select(0, self.rows), *args, **kwargs)  # (N, H_out)
+        if not isinstance(y, th.Tensor):  # e.g. a mixture of experts returning router logits: not position-wise
+            self.computed_rows = flat.shape[0]
+            return self.inner(x, *args, **kwargs)
+        self.computed_rows = len(self.rows)
+        out = y.new_zeros(flat.shape[0], y.shape[-1]).index_copy(0, self.rows, y)  # (B·S, H_out)
+        return out.view(*x.shape[:-1], y.shape[-1])
+
+
+# Child names of the position-wise parts of a decoder block, by family (Llama/Qwen2/Mistral, GPT-2, Phi, BART-like).
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_ATTENTION_NAMES = ("self_attn", "attn", "attention")
+_QUERY_NAMES = ("q_proj",)  # a fused query-key-value projection (GPT-2's c_attn) cannot be split by position
+_ATTENTION_OUTPUT_NAMES = ("o_proj", "c_proj", "out_proj", "dense")
+
+
+def position_wise_parts(block: nn.Module) -> list[tuple[nn.Module, str]]:
+    """
+    The position-wise submodules of a decoder block whose output at a position feeds only that position's output:
+    the MLP, the attention's query projection (not the keys and values, which every later position reads) and its
+    output projection.
+
+    :param block: one decoder block
+    :return: ``(parent module, attribute name)`` of each part found
+    """
+    parts = [(block, name) for name in _MLP_NAMES if isinstance(getattr(block, name, None), nn.Module)][:1]
+    attention = next((getattr(block, n) for n in _ATTENTION_NAMES if isinstance(getattr(block, n, None), nn.Module)), None)
+    if attention is not None:
+        for names in (_QUERY_NAMES, _ATTENTION_OUTPUT_NAMES):
+            parts += [(attention, name) for name in names if isinstance(getattr(attention, name, None), nn.Module)][:1]
+    return parts
 
 
 class LayerSplit:
@@ -159,20 +214,32 @@ class LayerSplit:
             handle.remove()
 
     @contextlib.contextmanager
-    def from_split(self, model: nn.Module, hidden: th.Tensor) -> Iterator[None]:
+    def from_split(self, model: nn.Module, hidden: th.Tensor, read_positions: th.Tensor | None = None) -> Iterator[None]:
         """
         Inside the context a forward of ``model`` skips its lower blocks and starts the top ones from ``hidden``.
 
         :param model: the LM (the policy's or the reference's: the lower blocks are the same frozen weights)
         :param hidden: (B, S, H) hidden states entering the first trainable block, in the columns of the forward's
             ``input_ids``
+        :param read_positions: (N,) flat indices (row · S + column) of the only positions whose final hidden state the
+            caller reads: the last block's position-wise parts then run there alone (see the module's docstring).
+            None: everywhere. Ignored under gradient checkpointing, whose backward re-runs the block outside the context
         """
         blocks = self.blocks(model)
         lower = list(blocks[: self.first_trainable])
         for index in range(self.first_trainable):
             blocks[index] = _PassThrough(hidden if index == 0 else None, self._block_returns_tuple)
+        restricted: list[tuple[nn.Module, str, nn.Module]] = []
+        if read_positions is not None and not getattr(model, "is_gradient_checkpointing", False):
+            n_rows = hidden.shape[0] * hidden.shape[1]
+            for parent, name in position_wise_parts(blocks[-1]):
+                inner = getattr(parent, name)
+                restricted.append((parent, name, inner))
+                setattr(parent, name, _AtPositions(inner, read_positions, n_rows))
         try:
             yield
         finally:
+            for parent, name, inner in restricted:
+                setattr(parent, name, inner)
             for index, block in enumerate(lower):
                 blocks[index] = block

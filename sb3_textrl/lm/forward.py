@@ -16,7 +16,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from sb3_textrl.common.kv_cache import last_valid_index, longest_extensions, positions_from_mask
-from sb3_textrl.common.segments import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, action_hidden, used_columns
+from sb3_textrl.common.segments import SEGMENT_LENGTHS, SEGMENT_STARTS, SPLIT_HIDDEN, action_positions, used_columns
 from sb3_textrl.lm import precision
 from sb3_textrl.lm.algorithm import check_token_ids
 from sb3_textrl.lm.heads import head_values, lm_logits, process_logits
@@ -171,12 +171,14 @@ class LMForwards:
         # Crop the columns no segment uses: left padding shared by all rows, right padding after the last action.
         first, end = used_columns(mask, starts, lengths)
         ids, mask = ids[:, first:end], mask[:, first:end]
+        rows, columns = action_positions(starts - first, lengths)  # (N,) each: where each action is predicted
         if SPLIT_HIDDEN in obs and self.layer_split is not None:  # only the top blocks, from the rollout's hidden states
-            with self.layer_split.from_split(model, obs[SPLIT_HIDDEN][:, first:end]):
+            read = rows * ids.shape[1] + columns  # the last block's position-wise parts run at these positions only
+            with self.layer_split.from_split(model, obs[SPLIT_HIDDEN][:, first:end], read_positions=read):
                 hidden, _ = self._trunk(model, ids, mask, positions_from_mask(mask))  # (S, W, H)
         else:
             hidden, _ = self._trunk(model, ids, mask, positions_from_mask(mask))  # (S, W, H)
-        return action_hidden(hidden, starts - first, lengths)  # (N, H)
+        return hidden[rows, columns]  # (N, H)
 
     def _last_hidden_per_step(self, obs: PyTorchObs, model: PreTrainedModel | None = None) -> th.Tensor:
         """(B, H) hidden state at each observation's last token, one forward per distinct sequence."""
