@@ -34,8 +34,12 @@ def _print_samples(title: str, samples: list[Sample]) -> None:
         print(f"  reward: {sample.reward:.3f}")
 
 
-def _envs(config: DemoConfig) -> tuple[VecEnv, VecEnv, list[int]]:
-    """The grouped training envs, the eval env and the held-out prompt indices of the eval env."""
+def demo_envs(config: DemoConfig) -> tuple[VecEnv, VecEnv, list[int]]:
+    """
+    The demo's grouped training envs, its eval env and the held-out prompt indices of the eval env.
+
+    :param config: demo settings
+    """
     env_kwargs: dict[str, Any] = dict(
         tokenizer=config.lm if config.tokenizer is None else config.tokenizer,
         max_new_tokens=config.n_steps,
@@ -72,12 +76,23 @@ def _envs(config: DemoConfig) -> tuple[VecEnv, VecEnv, list[int]]:
     return env, eval_env, list(range(n_eval_prompts - config.n_eval, n_eval_prompts))
 
 
-def _model(config: DemoConfig, env: VecEnv) -> PPO:
-    """Stock SB3 PPO with the LM policy, RLOO advantages and no critic."""
+def demo_model(config: DemoConfig, env: VecEnv) -> PPO:
+    """
+    Stock SB3 PPO with the LM policy, RLOO advantages and no critic: the demo's model.
+
+    :param config: demo settings (``policy_kwargs`` and ``ppo_kwargs`` override the demo's own choices)
+    :param env: the training VecEnv (:func:`demo_envs`)
+    """
     precision = fast_mixed_precision(config.device) if config.mixed_precision == "auto" else config.mixed_precision
-    return PPO(
-        TransformerLMPolicy,
-        env,
+    policy_kwargs: dict[str, Any] = dict(
+        lm=config.lm,
+        kl_coef=config.kl_coef,
+        critic=False,
+        trainable_layers=config.trainable_layers,
+        mixed_precision=precision,
+        temperature=config.temperature,
+    )
+    ppo_kwargs: dict[str, Any] = dict(
         rollout_buffer_class=TextRolloutBuffer,
         rollout_buffer_kwargs=dict(advantage="rloo"),
         n_steps=config.n_steps,
@@ -85,18 +100,14 @@ def _model(config: DemoConfig, env: VecEnv) -> PPO:
         n_epochs=config.n_epochs,
         learning_rate=config.learning_rate,
         gamma=1.0,  # the reward comes at the end of the summary; do not discount it
-        policy_kwargs=dict(
-            lm=config.lm,
-            kl_coef=config.kl_coef,
-            critic=False,
-            trainable_layers=config.trainable_layers,
-            mixed_precision=precision,
-            temperature=config.temperature,
-        ),
         seed=config.seed,
         device=config.device,
         verbose=1,
     )
+    if "policy_kwargs" in config.ppo_kwargs:
+        raise ValueError("ppo_kwargs['policy_kwargs']: give the policy's arguments as DemoConfig.policy_kwargs instead")
+    ppo_kwargs |= config.ppo_kwargs
+    return PPO(TransformerLMPolicy, env, policy_kwargs=policy_kwargs | config.policy_kwargs, **ppo_kwargs)
 
 
 def _summary(
@@ -129,8 +140,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     if config.n_samples > config.n_eval:
         raise ValueError(f"n_samples={config.n_samples} shows more articles than n_eval={config.n_eval} evaluates; lower it")
     out = Path(config.output_dir)
-    env, eval_env, held_out = _envs(config)
-    model = _model(config, env)
+    env, eval_env, held_out = demo_envs(config)
+    model = demo_model(config, env)
     model.set_logger(configure(str(out / "logs"), ["stdout", "csv"]))
 
     before = generate_samples(model, eval_env, held_out)

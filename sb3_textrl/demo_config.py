@@ -34,3 +34,5 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # further NewsSummary-v0 arguments (e.g. system_prompt)
+    policy_kwargs: dict[str, Any] = field(default_factory=dict)  # TransformerLMPolicy arguments over the demo's
+    ppo_kwargs: dict[str, Any] = field(default_factory=dict)  # PPO arguments over the demo's (e.g. normalize_advantage)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import sys
@@ -99,3 +100,24 @@ def test_custom_task_reward_is_the_lexicon_balance():
     assert example.positivity([""] * 4, ["great and friendly!", "rude, slow", "a table", ""], [None] * 4) == [
         2 / 3, -1.0, 0.0, 0.0
     ]
+
+
+def test_demo_validation_scores_validation_sets_before_and_after(tmp_path, tiny_lm):
+    example = load_example("demo_validation")
+    results = tmp_path / "runs.jsonl"
+    line = example.main([
+        "--set", f"lm={tiny_lm}", "--set", "n_envs=4", "--set", "samples_per_prompt=2", "--set", "n_steps=4",
+        "--set", "updates=2", "--set", "n_epochs=1", "--set", "trainable_layers=1", "--set", "max_prompt_tokens=64",
+        "--set", "device=cpu", "--ppo-kwarg", "normalize_advantage=false", "--policy-kwarg", "kl_coef=0.1",
+        "--n-articles", "4", "--n-sampled", "2", "--eval-envs", "4", "--output-dir", str(tmp_path / "run"),
+        "--results", str(results),
+    ])
+    assert line["ppo_kwargs"] == {"normalize_advantage": False} and line["policy_kwargs"] == {"kl_coef": 0.1}
+    for key in ("seed2000_greedy", "seed2000_sampled", "seed3000_greedy", "seed3000_sampled"):
+        assert "95% CI" in line[key]
+    assert json.loads(results.read_text()) == line
+    # The PPO ran with the overrides, and the demo's held-out seed is refused as a validation set.
+    rows = list(csv.DictReader((tmp_path / "run" / "logs" / "progress.csv").open()))
+    assert rows and all(float(row["rollout/kl_coef"]) == pytest.approx(0.1) for row in rows)
+    with pytest.raises(SystemExit, match="held-out"):
+        example.main(["--validation-seeds", "1000,2000"])
