@@ -25,6 +25,10 @@ def test_demo_runs_and_saves_model_and_logs(tmp_path, tiny_lm):
     gain = result["gain"]
     assert gain["n"] == 3 and gain["low"] <= gain["difference"] <= gain["high"]
     assert gain["difference"] == pytest.approx(result["reward_after"] - result["reward_before"])
+    # And by sampling from the policy (n_sampled_eval summaries per article), paired over the same articles.
+    sampled = result["sampled"]
+    assert sampled["n_per_article"] == 2 and sampled["gain"]["n"] == 3
+    assert sampled["gain"]["low"] <= sampled["gain"]["difference"] <= sampled["gain"]["high"]
     low, high = result["reward_before_ci"]
     assert low <= result["reward_before"] <= high
     assert (tmp_path / "demo" / "model.zip").is_file()

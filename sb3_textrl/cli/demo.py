@@ -30,6 +30,7 @@ _COUNTS: dict[str, tuple[Callable[[str], int], str]] = dict(
     updates=(positive_int, "PPO iterations (rollout + training)"),
     n_eval=(positive_int, "held-out articles scored before and after (greedy)"),
     n_samples=(non_negative_int, "of those, summaries printed before and after"),
+    n_sampled_eval=(non_negative_int, "sampled summaries per held-out article also scored before and after (0: greedy only)"),
     eval_every=(positive_int, "rollouts between evaluations on the held-out articles"),
     eval_data_seed=(int, "seed of the held-out generated articles (training uses data_seed 0)"),
     max_prompt_tokens=(positive_int, "prompt budget in tokens (longer articles are cut to fit, and counted)"),
@@ -39,6 +40,16 @@ _COUNTS: dict[str, tuple[Callable[[str], int], str]] = dict(
 def _layers(text: str) -> int | str:
     """``--trainable-layers``: a count >= 1, or ``none`` (every layer)."""
     return "none" if text.strip().lower() == "none" else positive_int(text)
+
+
+def _boolean(text: str) -> bool:
+    """``true``/``false`` (also 1/0, yes/no)."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -84,6 +95,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--learning-rate", type=positive_float, help=f"of the LoRA adapters (default {defaults['learning_rate']})"
+    )
+    parser.add_argument(
+        "--normalize-advantage",
+        type=_boolean,
+        help=f"PPO's per-minibatch advantage normalisation, true/false (default {defaults['normalize_advantage']})",
     )
     parser.add_argument("--kl-coef", type=non_negative_float, help=f"β of the KL penalty (default {defaults['kl_coef']})")
     parser.add_argument("--temperature", type=positive_float, help=f"of the rollouts (default {defaults['temperature']})")
