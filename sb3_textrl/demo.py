@@ -115,12 +115,16 @@ def demo_model(config: DemoConfig, env: VecEnv) -> PPO:
 
 
 def _sampled_rewards(model: PPO, eval_env: VecEnv, held_out: list[int], config: DemoConfig) -> list[float]:
-    """Each held-out article's mean reward over ``config.n_sampled_eval`` summaries sampled from the policy."""
-    th.manual_seed(config.seed)
-    runs = [
-        [s.reward for s in generate_samples(model, eval_env, held_out, deterministic=False)]
-        for _ in range(config.n_sampled_eval)
-    ]
+    """
+    Each held-out article's mean reward over ``config.n_sampled_eval`` summaries sampled from the policy, with the same
+    random draws before and after training; torch's random state is restored, so training does not depend on it.
+    """
+    with th.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        th.manual_seed(config.seed)
+        runs = [
+            [s.reward for s in generate_samples(model, eval_env, held_out, deterministic=False)]
+            for _ in range(config.n_sampled_eval)
+        ]
     return [float(np.mean(article)) for article in zip(*runs, strict=True)]
 
 
@@ -189,7 +193,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         sampled_gain = paired_bootstrap(sampled_before, sampled_after, seed=config.seed)
         result["sampled"] = {"n_per_article": config.n_sampled_eval, "gain": sampled_gain.to_dict()}
         sampled_line = (
-            f" Sampled at temperature {config.temperature} ({config.n_sampled_eval} summaries per article): "
+            f" Sampled at temperature {config.temperature} ({config.n_sampled_eval} per article): "
             f"{sampled_gain.mean_a:.3f} before, {sampled_gain.mean_b:.3f} after; paired difference {sampled_gain}."
         )
     print(

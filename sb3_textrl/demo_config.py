@@ -27,7 +27,7 @@ class DemoConfig:
     trainable_layers: int | None = 4  # LoRA in the top 4 blocks only, trained from the rollout's cached activations
     max_prompt_tokens: int = 320
     n_eval: int = 32  # held-out articles scored before and after (greedy), with bootstrap intervals
-    n_sampled_eval: int = 2  # sampled summaries per held-out article also scored before and after (0: greedy only)
+    n_sampled_eval: int = 1  # sampled summaries per held-out article also scored before and after (0: greedy only)
     n_samples: int = 4  # of those, shown before and after
     eval_data_seed: int = 1000  # seed of the held-out generated articles (training uses data_seed 0)
     eval_every: int = 20  # rollouts between evaluations on the held-out articles (and one after the last update)

@@ -25,9 +25,9 @@ def test_demo_runs_and_saves_model_and_logs(tmp_path, tiny_lm):
     gain = result["gain"]
     assert gain["n"] == 3 and gain["low"] <= gain["difference"] <= gain["high"]
     assert gain["difference"] == pytest.approx(result["reward_after"] - result["reward_before"])
-    # And by sampling from the policy (n_sampled_eval summaries per article), paired over the same articles.
+    # And by sampling from the policy (n_sampled_eval=1 summary per article), paired over the same articles.
     sampled = result["sampled"]
-    assert sampled["n_per_article"] == 2 and sampled["gain"]["n"] == 3
+    assert sampled["n_per_article"] == 1 and sampled["gain"]["n"] == 3
     assert sampled["gain"]["low"] <= sampled["gain"]["difference"] <= sampled["gain"]["high"]
     low, high = result["reward_before_ci"]
     assert low <= result["reward_before"] <= high
@@ -51,3 +51,16 @@ def test_demo_with_a_learned_reward_model(tmp_path, tiny_lm):
     result = run_demo(tiny_config(tmp_path, tiny_lm, reward_model=str(tmp_path / "rm")))
     assert result["reward"] == "learned_rm"  # the env scored episodes with the reward model, not ROUGE
     assert (tmp_path / "demo" / "model.zip").is_file()
+
+
+def test_the_sampled_evaluation_does_not_change_training(tmp_path, tiny_lm):
+    # It draws from torch's random state before training; the state is restored, so the run is the same without it.
+    with_sampling = run_demo(tiny_config(tmp_path / "a", tiny_lm, n_sampled_eval=2))
+    without = run_demo(tiny_config(tmp_path / "b", tiny_lm, n_sampled_eval=0))
+    assert "sampled" in with_sampling and "sampled" not in without
+    assert with_sampling["gain"] == without["gain"]
+    # The rollouts sampled the same tokens: the same per-update KL and ratios in both logs.
+    logs = [(tmp_path / run / "demo" / "logs" / "progress.csv").read_text().splitlines() for run in ("a", "b")]
+    columns = [dict(zip(log[0].split(","), zip(*(line.split(",") for line in log[1:])), strict=False)) for log in logs]
+    for key in ("rollout/kl_to_ref", "rollout/task_reward", "train/approx_kl"):
+        assert columns[0][key] == columns[1][key]

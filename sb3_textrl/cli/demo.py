@@ -64,8 +64,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="PPO on NewsSummary-v0 with the embedded LM: summaries before and after",
         description="Fine-tune the embedded SmolLM2-135M-Instruct (or --model) with stock SB3 PPO on NewsSummary-v0: "
         "LoRA in the top blocks, k summaries per article judged against each other (RLOO), a KL penalty to the untuned "
-        "LM. Held-out articles are scored before and after (greedy) with bootstrap intervals; the model, logs, plots "
-        "and summary.json go to --output-dir.",
+        "LM. Held-out articles are scored before and after (greedy and sampled) with bootstrap intervals; the model, logs, "
+        "plots and summary.json go to --output-dir.",
     )
     defaults = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
     add_model(parser, "LM name or local path (default: the embedded SmolLM2-135M-Instruct)")
