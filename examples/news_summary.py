@@ -35,6 +35,8 @@ from sb3_textrl.plotting import plot_runs
 from sb3_textrl.policies import fast_mixed_precision
 from sb3_textrl.sft import train_sft
 
+EVAL_BATCH = 8  # articles decoded together in every evaluation (greedy summaries depend on it only by float rounding)
+
 
 @dataclass
 class Options:
@@ -48,16 +50,19 @@ class Options:
     n_val: int = 16  # validation articles from the training part: they pick the PPO checkpoint
     sft_examples: int = 256  # at most this many training pairs for SFT
     sft_epochs: int = 2
-    ppo_updates: int = 180  # PPO iterations (rollout + training)
-    n_envs: int = 8
+    ppo_updates: int = 90  # PPO iterations (rollout + training)
+    n_envs: int = 16  # 4 articles x k = 4 summaries per rollout
     samples_per_prompt: int = 4  # k completions of each article per rollout, judged against each other
     advantage: str = "rloo"  # "rloo", "grpo" (no critic) or "gae" (value head)
     n_epochs: int = 2
+    minibatches: int = 2  # gradient steps per epoch
+    normalize_advantage: bool = False  # PPO's per-minibatch advantage scaling (off: groups weigh by their reward spread)
+    temperature: float = 0.7  # of the rollouts' sampling and of the log-probs PPO trains (evaluation is greedy)
     max_new_tokens: int = 48
     max_prompt_tokens: int = 320
     kl_coef: float = 0.05
     trainable_layers: int | None = 4  # train only the top N blocks, from the rollout's cached lower activations
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     reward: str = "rougeL"  # the PPO reward: a ROUGE variant against the reference
     mixed_precision: str = "auto"  # SFT's and PPO's autocast: "bf16", "no", or "auto" (bf16 where it is fast)
     train_stop_tokens: bool = False  # let rollout summaries end at EOS (evaluation always does)
@@ -117,6 +122,10 @@ def main(options: Options) -> dict[str, Any]:
         options.max_prompt_tokens, options.max_new_tokens = min(options.max_prompt_tokens, 96), min(options.max_new_tokens, 8)
         if options.trainable_layers is not None:  # the tiny LM has 2 blocks
             options.trainable_layers = 1
+    rollout_size = options.n_envs * options.max_new_tokens
+    if options.minibatches < 1 or rollout_size % options.minibatches:
+        raise ValueError(f"minibatches={options.minibatches} must be >= 1 and divide the rollout's {rollout_size} tokens "
+                         f"(n_envs {options.n_envs} x max_new_tokens {options.max_new_tokens}); fix --minibatches")
     precision = fast_mixed_precision(options.device) if options.mixed_precision == "auto" else options.mixed_precision
     train_file, val_file, eval_file, n_train = split_articles(options, out)
     task_kwargs = dict(max_new_tokens=options.max_new_tokens, max_prompt_tokens=options.max_prompt_tokens)
@@ -127,7 +136,7 @@ def main(options: Options) -> dict[str, Any]:
     def run_eval(label: str, model: Any, tokenizer: str | None, baselines: tuple[str, ...] = ()) -> None:
         start = time.perf_counter()
         result = evaluate(
-            model, dataset=eval_file, n=options.n_eval, baselines=baselines, n_envs=options.n_envs, seed=options.seed,
+            model, dataset=eval_file, n=options.n_eval, baselines=baselines, n_envs=EVAL_BATCH, seed=options.seed,
             device=options.device, output_dir=out / f"eval_{label}",
             env_kwargs=task_kwargs | ({"tokenizer": tokenizer} if tokenizer else {}),
         )
@@ -163,15 +172,15 @@ def main(options: Options) -> dict[str, Any]:
     else:
         env = make_text_vec_env("NewsSummary-v0", n_envs=options.n_envs, seed=options.seed, env_kwargs=env_kwargs)
     # The validation articles: the learning curve and the choice of the checkpoint (never the held-out ones).
-    val_env = make_text_vec_env("NewsSummary-v0", n_envs=min(options.n_envs, 8), seed=options.seed,
+    val_env = make_text_vec_env("NewsSummary-v0", n_envs=EVAL_BATCH, seed=options.seed,
                                 env_kwargs=task_kwargs | dict(dataset=str(val_file), tokenizer=str(sft_dir)))
     model = PPO(
         TransformerLMPolicy, env, rollout_buffer_class=TextRolloutBuffer,
         rollout_buffer_kwargs=dict(advantage=options.advantage), n_steps=options.max_new_tokens,
-        batch_size=options.n_envs * options.max_new_tokens, n_epochs=options.n_epochs,
-        learning_rate=options.learning_rate, gamma=1.0,
+        batch_size=rollout_size // options.minibatches, n_epochs=options.n_epochs,
+        learning_rate=options.learning_rate, normalize_advantage=options.normalize_advantage, gamma=1.0,
         policy_kwargs=dict(lm=str(sft_dir), kl_coef=options.kl_coef, trainable_layers=options.trainable_layers,
-                           critic=not group_advantage, mixed_precision=precision),
+                           critic=not group_advantage, mixed_precision=precision, temperature=options.temperature),
         seed=options.seed, device=options.device,
     )
     log_dir = out / "ppo_logs"
