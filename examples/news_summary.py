@@ -50,19 +50,19 @@ class Options:
     n_val: int = 16  # validation articles from the training part: they pick the PPO checkpoint
     sft_examples: int = 256  # at most this many training pairs for SFT
     sft_epochs: int = 2
-    ppo_updates: int = 90  # PPO iterations (rollout + training)
-    n_envs: int = 16  # 4 articles x k = 4 summaries per rollout
+    ppo_updates: int = 180  # PPO iterations (rollout + training)
+    n_envs: int = 8  # 2 articles x k = 4 summaries per rollout
     samples_per_prompt: int = 4  # k completions of each article per rollout, judged against each other
     advantage: str = "rloo"  # "rloo", "grpo" (no critic) or "gae" (value head)
     n_epochs: int = 2
-    minibatches: int = 2  # gradient steps per epoch
-    normalize_advantage: bool = False  # PPO's per-minibatch advantage scaling (off: groups weigh by their reward spread)
-    temperature: float = 0.7  # of the rollouts' sampling and of the log-probs PPO trains (evaluation is greedy)
+    minibatches: int = 1  # gradient steps per epoch
+    normalize_advantage: bool = True  # PPO's per-minibatch advantage scaling (turn off: --no-normalize-advantage)
+    temperature: float = 1.0  # of the rollouts' sampling and of the log-probs PPO trains (evaluation is greedy)
     max_new_tokens: int = 48
     max_prompt_tokens: int = 320
     kl_coef: float = 0.05
     trainable_layers: int | None = 4  # train only the top N blocks, from the rollout's cached lower activations
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     reward: str = "rougeL"  # the PPO reward: a ROUGE variant against the reference
     mixed_precision: str = "auto"  # SFT's and PPO's autocast: "bf16", "no", or "auto" (bf16 where it is fast)
     train_stop_tokens: bool = False  # let rollout summaries end at EOS (evaluation always does)

@@ -16,6 +16,7 @@ class Options:
     n_envs: int = 4
     kl_coef: float = 0.05
     tiny: bool = False
+    normalize_advantage: bool = True
     trainable_layers: int | None = None
     splits: dict[str, int] = field(default_factory=lambda: {"sft": 0})
 
@@ -25,6 +26,13 @@ def test_flags_are_typed_like_the_defaults_and_booleans_are_switches():
                                       args=["--n-envs", "8", "--kl-coef", "0.1", "--tiny", "--lm", "path/to/lm"])
     assert options == Options(n_envs=8, kl_coef=0.1, tiny=True, lm="path/to/lm")
     assert parse_dataclass_options(Options, "doc", skip=("splits",), args=[]) == Options()
+
+
+def test_a_switch_that_defaults_to_true_can_be_turned_off():
+    options = parse_dataclass_options(Options, "doc", skip=("splits",), args=["--no-normalize-advantage"])
+    assert options.normalize_advantage is False
+    assert parse_dataclass_options(Options, "doc", skip=("splits",), args=["--normalize-advantage"]).normalize_advantage
+    assert parse_dataclass_options(Options, "doc", skip=("splits",), args=["--no-tiny"]).tiny is False
 
 
 def test_a_field_defaulting_to_none_takes_the_type_of_its_annotation():

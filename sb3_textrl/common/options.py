@@ -15,7 +15,7 @@ def parse_dataclass_options(options_class: type[T], description: str | None, ski
     """
     Parse ``--some-option VALUE`` flags into an instance of ``options_class``: one flag per field (underscores become
     dashes), typed like the field's default (a field defaulting to None takes the type its annotation names besides
-    None, e.g. ``int | None``, else a string), booleans as switches.
+    None, e.g. ``int | None``, else a string), booleans as ``--flag`` / ``--no-flag`` switches.
 
     :param options_class: a dataclass whose fields all have defaults
     :param description: the parser's description (a script passes its ``__doc__``, shown by ``--help``)
@@ -33,7 +33,8 @@ def parse_dataclass_options(options_class: type[T], description: str | None, ski
         value: Any = getattr(defaults, field.name)
         flag = "--" + field.name.replace("_", "-")
         if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true")
+            # --flag and --no-flag both exist, so a switch that defaults to True can be turned off.
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
             parse = type(value) if value is not None else _optional_type(field.type)
             if _accepts_none(field.type):
