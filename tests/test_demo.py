@@ -17,7 +17,7 @@ def tiny_config(tmp_path, lm: str, **overrides) -> DemoConfig:
     return DemoConfig(**(settings | overrides))
 
 
-def test_demo_runs_and_saves_model_and_logs(tmp_path, tiny_lm):
+def test_demo_runs_and_saves_model_and_logs(tmp_path, tiny_lm, capsys):
     result = run_demo(tiny_config(tmp_path, tiny_lm))
     assert 0.0 <= result["reward_before"] <= 1.0 and 0.0 <= result["reward_after"] <= 1.0
     assert result["reward"] == "rouge1" and result["n_eval"] == 3
@@ -25,10 +25,19 @@ def test_demo_runs_and_saves_model_and_logs(tmp_path, tiny_lm):
     gain = result["gain"]
     assert gain["n"] == 3 and gain["low"] <= gain["difference"] <= gain["high"]
     assert gain["difference"] == pytest.approx(result["reward_after"] - result["reward_before"])
-    # And by sampling from the policy (n_sampled_eval=1 summary per article), paired over the same articles.
+    # And by sampling from the policy (the default 2 summaries per article), paired over the same articles.
     sampled = result["sampled"]
-    assert sampled["n_per_article"] == 1 and sampled["gain"]["n"] == 3
+    assert sampled["n_per_article"] == 2 and sampled["gain"]["n"] == 3
     assert sampled["gain"]["low"] <= sampled["gain"]["difference"] <= sampled["gain"]["high"]
+    for (low, high), mean in zip((sampled["reward_before_ci"], sampled["reward_after_ci"]),
+                                 (sampled["gain"]["mean_a"], sampled["gain"]["mean_b"]), strict=True):
+        assert low <= mean <= high
+    # The last words lead with the policy's sampled mean reward and say what its interval shows.
+    printed = capsys.readouterr().out
+    assert "Mean reward of the policy on 3 held-out articles (sampled at temperature 0.7, 2 summaries" in printed
+    gain = sampled["gain"]
+    verdict = "excludes 0" if gain["low"] > 0 else "lies below 0" if gain["high"] < 0 else "includes 0"
+    assert f"The sampled gain's interval {verdict}" in printed
     low, high = result["reward_before_ci"]
     assert low <= result["reward_before"] <= high
     assert (tmp_path / "demo" / "model.zip").is_file()

@@ -28,9 +28,13 @@ _COUNTS: dict[str, tuple[Callable[[str], int], str]] = dict(
     samples_per_prompt=(positive_int, "summaries of each article per rollout, each judged against the others (RLOO)"),
     n_steps=(positive_int, "tokens per env per rollout (= max_new_tokens: one summary per env per rollout)"),
     updates=(positive_int, "PPO iterations (rollout + training)"),
-    n_eval=(positive_int, "held-out articles scored before and after (greedy)"),
+    n_eval=(positive_int, "held-out articles scored before and after (greedy and sampled)"),
     n_samples=(non_negative_int, "of those, summaries printed before and after"),
-    n_sampled_eval=(non_negative_int, "sampled summaries per held-out article also scored before and after (0: greedy only)"),
+    n_sampled_eval=(
+        non_negative_int,
+        "sampled summaries per held-out article scored before and after: the policy's own mean reward, the headline "
+        "(0: greedy only)",
+    ),
     eval_every=(positive_int, "rollouts between evaluations on the held-out articles"),
     eval_data_seed=(int, "seed of the held-out generated articles (training uses data_seed 0)"),
     max_prompt_tokens=(positive_int, "prompt budget in tokens (longer articles are cut to fit, and counted)"),
