@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import textwrap
 import time
 from pathlib import Path
@@ -17,11 +19,13 @@ from stable_baselines3.common.vec_env import VecEnv
 from sb3_textrl.buffers import TextRolloutBuffer
 from sb3_textrl.callbacks import TextEvalCallback, TextSampleCallback
 from sb3_textrl.checkpoints import TextCheckpointCallback, save_model
+from sb3_textrl.common.atomic import atomic_file
 from sb3_textrl.demo_config import DemoConfig
 from sb3_textrl.envs.batched import make_text_vec_env
 from sb3_textrl.envs.groups import make_group_vec_env
 from sb3_textrl.evaluation import Sample, generate_samples
 from sb3_textrl.metrics.bootstrap import PairedDifference, format_interval, mean_interval, paired_bootstrap
+from sb3_textrl.plotting import plot_runs
 from sb3_textrl.policies import TransformerLMPolicy, fast_mixed_precision
 from sb3_textrl.rewards.base import reward_name
 
@@ -219,8 +223,13 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         verdict = f"The {measure} gain's interval lies below 0: the policy got worse (docs/results.md: the demo's settings)."
     else:
         verdict = f"The {measure} gain's interval includes 0: no significant change on these articles."
+    result["settings"] = dataclasses.asdict(config)
+    with atomic_file(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    plots = plot_runs([out / "logs"], out / "plots")
     print(
         f"\n{headline} ({train_seconds:.0f} s of training and evaluation). {verdict}\n"
-        f"Model saved to {out / 'model.zip'}; logs in {out / 'logs'} (plot them: sb3-textrl plot {out})."
+        f"Model saved to {out / 'model.zip'}; numbers in {out / 'summary.json'}; logs in {out / 'logs'}, "
+        f"{len(plots)} plots of them in {out / 'plots'}."
     )
     return result

@@ -41,6 +41,10 @@ def test_demo_runs_and_saves_model_and_logs(tmp_path, tiny_lm, capsys):
     low, high = result["reward_before_ci"]
     assert low <= result["reward_before"] <= high
     assert (tmp_path / "demo" / "model.zip").is_file()
+    # The numbers and the settings that gave them, and the training curves, as the help says.
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["sampled"]["gain"] == sampled["gain"] and summary["settings"]["n_eval"] == 3
+    assert (tmp_path / "demo" / "plots" / "reward.png").is_file()
     header = (tmp_path / "demo" / "logs" / "progress.csv").read_text().splitlines()[0]
     assert "eval/task_reward" in header and "rollout/kl_to_ref" in header and "rollout/groups" in header
 
