@@ -58,7 +58,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens per completion; also PPO's n_steps")
     parser.add_argument("--n-epochs", type=int, default=2)
     parser.add_argument("--layers", default="before,all,8,4,2",
-                        help="comma-separated trainable_layers values ('all' = None; 'before' = None as before this option)")
+                        help="comma-separated trainable_layers values ('all' = None; 'before' = None as before this option; "
+                             "a ':plain' suffix, e.g. '4:plain': autocast without the frozen weights' bf16 copies)")
     parser.add_argument("--mixed-precision", default="auto", choices=("auto", "bf16", "no"))
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (one iteration of every variant each)")
     parser.add_argument("--min-speedup", type=float, default=3.0, help="target: trainable_layers=4 / all layers")
@@ -69,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.tiny:
-        args.lm, args.n_layers, args.rounds, args.layers = "random", 4, 1, "before,all,2"
+        args.lm, args.n_layers, args.rounds, args.layers = "random", 4, 1, "before,all,2,2:plain"
         args.prompt_tokens, args.new_tokens, args.n_envs = min(args.prompt_tokens, 64), min(args.new_tokens, 8), 2
     else:
         args.n_layers = None
@@ -77,14 +78,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 BEFORE = "before"  # every layer, with the end-of-rollout bootstrap prefill that this issue removed
+PLAIN = ":plain"  # suffix: CPU autocast re-casting every frozen weight at every op, as before FrozenWeightCasts
 
 
 def layer_settings(spec: str) -> list[int | str | None]:
     names = {"all": None, BEFORE: BEFORE}
-    return [names[item.strip()] if item.strip() in names else int(item) for item in spec.split(",")]
+    settings: list[int | str | None] = []
+    for item in (item.strip() for item in spec.split(",")):
+        core = item.removesuffix(PLAIN)
+        if core != item:
+            settings.append(f"{'all' if names.get(core, core) is None else core}{PLAIN}")
+        else:
+            settings.append(names[item] if item in names else int(item))
+    return settings
+
+
+def trainable_of(layers: int | str | None) -> int | None:
+    """The policy's trainable_layers for a variant."""
+    if isinstance(layers, str):
+        core = layers.removesuffix(PLAIN)
+        return None if core in ("all", BEFORE) else int(core)
+    return layers
 
 
 def label(layers: int | str | None) -> str:
+    if isinstance(layers, str) and layers.endswith(PLAIN):
+        return f"{label(trainable_of(layers))}, plain autocast (no bf16 weight copies)"
     if layers == BEFORE:
         return "all layers, as before trainable_layers (bootstrap prefill kept)"
     return "all layers" if layers is None else f"trainable_layers={layers}"
@@ -104,19 +123,25 @@ class Runner:
 
     def __init__(self, args: argparse.Namespace, lm_dir: Path, layers: int | str | None, env_kwargs: dict[str, Any]):
         env = make_vec_env("NewsSummary-v0", n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
-        trainable = None if layers == BEFORE else layers
+        trainable = trainable_of(layers)
         self.ppo = PPO(
             TransformerLMPolicy, env, n_steps=args.new_tokens, batch_size=args.n_envs * args.new_tokens,
             n_epochs=args.n_epochs, gamma=1.0, seed=args.seed, device=args.device, verbose=0,
             rollout_buffer_class=BootstrapPrefillBuffer if layers == BEFORE else TimedTextRolloutBuffer,
             policy_kwargs=dict(lm=str(lm_dir), kl_coef=0.05, mixed_precision=args.mixed_precision, trainable_layers=trainable),
         )
+        if isinstance(layers, str) and layers.endswith(PLAIN):
+            self.ppo.policy.frozen_weight_casts = None  # every frozen weight cast at every op, as before
         self.tokens = args.n_envs * args.new_tokens
         self.timer = SplitTimer(torch.device(args.device))
         self.prompt_lengths = [len(ids) for ids in env.get_attr("prompt_ids")[0]]
 
     def __call__(self) -> None:
         self.ppo.learn(self.tokens, callback=self.timer, reset_num_timesteps=False)
+
+    def weight_copies_bytes(self) -> int:
+        casts = self.ppo.policy.frozen_weight_casts
+        return 0 if casts is None else casts.size_in_bytes()
 
     def split_line(self, timings: Timings) -> str:
         rollout = sum(self.timer.rollout_seconds[1:])  # the first rollout was the untimed warm-up
@@ -126,6 +151,7 @@ class Runner:
         return (f"- {timings.variant}: rollout {rollout / len(timings.seconds):.1f} s per iteration (of which reference "
                 f"pass + GAE {returns / len(timings.seconds):.1f} s), training {train / len(timings.seconds):.1f} s; "
                 f"buffer {self.ppo.rollout_buffer.size_in_bytes()['total'] / 2**20:.1f} MiB; "
+                f"bf16 weight copies {self.weight_copies_bytes() / 2**20:.0f} MiB; "
                 f"mean completion {np.mean(lengths):.1f} tokens")
 
 

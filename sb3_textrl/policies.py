@@ -207,6 +207,8 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
         self.register_buffer("n_rollouts", th.zeros((), dtype=th.int64))
         self.action_dist = CategoricalDistribution(int(self.action_space.n))
         self._rollout_cache = self._make_rollout_cache()
+        # bf16 copies of the frozen weights for CPU autocast (lm/precision.py): bitwise what autocast computes, cheaper
+        self.frozen_weight_casts = precision.FrozenWeightCasts()
         trainable = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
         self.base_weights = checkpoint.BaseWeights.of(self, base_state, self.ref_lm)  # what checkpoints may leave out
@@ -455,6 +457,7 @@ class TransformerLMPolicy(LMForwards, ActorCriticPolicy):
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         self._rollout_cache.reset()
+        self.frozen_weight_casts.clear()
         if self.nlpo is not None:
             self.nlpo.cache.reset()
         state_dict = checkpoint.loadable_state_dict(self, state_dict)  # older layouts, base LM weights left out

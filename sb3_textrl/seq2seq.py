@@ -332,7 +332,7 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
     # -- encoder, decoder, head ---------------------------------------------------------------------------------
     def _encode(self, model: PreTrainedModel, ids: th.Tensor, mask: th.Tensor) -> th.Tensor:
         """Encoder: (B, E) prompt tokens -> (B, E, H) hidden states."""
-        with self._autocast():
+        with self._autocast(model.get_encoder()):
             return model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
 
     def _decode(
@@ -347,7 +347,7 @@ class Seq2SeqLMPolicy(TransformerLMPolicy):
         """Decoder: (B, S) tokens (mask (B, past + S)) -> (B, S, H) final hidden states, and the updated cache."""
         inputs = dict(input_ids=ids, attention_mask=mask)
         inputs |= dict(encoder_hidden_states=encoder_hidden, encoder_attention_mask=encoder_mask)
-        with self._autocast():
+        with self._autocast(model.get_decoder()):
             return run_with_cache(model.get_decoder(), past, past is not None, **inputs)
 
     def _logits(self, model: PreTrainedModel, hidden: th.Tensor) -> th.Tensor:

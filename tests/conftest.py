@@ -6,7 +6,9 @@ from pathlib import Path
 
 import gymnasium as gym
 import pytest
+import torch as th
 from helpers import ragged_stop_ids, register_toy_task
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from sb3_textrl.models import load_gpt2_tokenizer, tiny_gpt2
 
@@ -44,3 +46,26 @@ def ragged_task(tiny_lm) -> str:
     if task not in gym.registry:
         register_toy_task(task, tiny_lm, max_new_tokens=5, stop_token_ids=ragged_stop_ids())
     return task
+
+
+N_BLOCKS = 4
+
+
+def _llama_like(config_class, model_class, vocab: int):
+    config = config_class(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=N_BLOCKS,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          tie_word_embeddings=True, eos_token_id=vocab - 1, bos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    with th.random.fork_rng(devices=[]):
+        th.manual_seed(0)
+        return model_class(config).eval()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2"])
+def family_lm(request, tmp_path_factory, gpt2_tokenizer) -> str:
+    directory = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    if request.param == "gpt2":
+        return save_tiny_lm(directory, gpt2_tokenizer, n_layer=N_BLOCKS)
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[request.param]
+    _llama_like(*classes, len(gpt2_tokenizer)).save_pretrained(directory)
+    gpt2_tokenizer.save_pretrained(directory)
+    return str(directory)

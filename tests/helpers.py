@@ -76,3 +76,13 @@ def greedy_episode(model, env, obs) -> list[int]:
         obs, _, terminated, truncated, _ = env.step(action)
         done = terminated or truncated
     return tokens
+
+
+def outputs_and_grads(policy, obs, actions):
+    """evaluate_actions and the gradients of (log-probs + values + entropy) summed, the gradients then cleared."""
+    policy.optimizer.zero_grad()
+    values, log_prob, entropy = policy.evaluate_actions(obs, actions)
+    (log_prob.sum() + values.sum() + entropy.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad and p.grad is not None}
+    policy.optimizer.zero_grad()
+    return values.detach(), log_prob.detach(), entropy.detach(), grads

@@ -5,40 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch as th
-from conftest import save_tiny_lm
-from helpers import ragged_stop_ids, register_toy_task, toy_ppo, toy_vec_env
+from conftest import N_BLOCKS, save_tiny_lm
+from helpers import outputs_and_grads, ragged_stop_ids, register_toy_task, toy_ppo, toy_vec_env
 from sb3_contrib import MaskablePPO
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig
 
 from sb3_textrl import MaskableTextRolloutBuffer, MaskableTransformerLMPolicy, TextRolloutBuffer
 from sb3_textrl.common.kv_cache import positions_from_mask
 from sb3_textrl.common.layer_split import LayerSplit, find_blocks, position_wise_parts
 from sb3_textrl.common.segments import flat_steps
 from sb3_textrl.policies import SPLIT_HIDDEN
-
-N_BLOCKS = 4
-
-
-def _llama_like(config_class, model_class, vocab: int):
-    config = config_class(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=N_BLOCKS,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          tie_word_embeddings=True, eos_token_id=vocab - 1, bos_token_id=vocab - 1, pad_token_id=vocab - 1)
-    with th.random.fork_rng(devices=[]):
-        th.manual_seed(0)
-        return model_class(config).eval()
-
-
-@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2"])
-def family_lm(request, tmp_path_factory, gpt2_tokenizer) -> str:
-    directory = tmp_path_factory.mktemp(f"tiny-{request.param}")
-    if request.param == "gpt2":
-        return save_tiny_lm(directory, gpt2_tokenizer, n_layer=N_BLOCKS)
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[request.param]
-    _llama_like(*classes, len(gpt2_tokenizer)).save_pretrained(directory)
-    gpt2_tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +55,6 @@ def split_and_full_batches(buffer):
     full = {k: v for k, v in split.items() if k != SPLIT_HIDDEN}
     actions = th.as_tensor(flat_steps(buffer.actions, chunk))
     return split, full, actions
-
-
-def outputs_and_grads(policy, obs, actions):
-    policy.optimizer.zero_grad()
-    values, log_prob, entropy = policy.evaluate_actions(obs, actions)
-    (log_prob.sum() + values.sum() + entropy.sum()).backward()
-    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad and p.grad is not None}
-    policy.optimizer.zero_grad()
-    return values.detach(), log_prob.detach(), entropy.detach(), grads
 
 
 def assert_split_equals_full(policy, buffer, atol: float = 1e-5, grad_rtol: float = 1e-4):

@@ -100,8 +100,10 @@ class LMForwards:
         """The dtype LM forwards autocast to on the policy's current device, or None for float32."""
         return precision.autocast_dtype(self.mixed_precision, self.device)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        return precision.autocast(self.autocast_dtype(), self.device)
+    def _autocast(self, model: nn.Module | None = None) -> contextlib.AbstractContextManager:
+        """The policy's autocast; with ``model``, the forward of that module reads its frozen weights' copies."""
+        casts = getattr(self, "frozen_weight_casts", None)
+        return precision.autocast(self.autocast_dtype(), self.device, model, casts)
 
     # -- the trunk ----------------------------------------------------------------------------------------
     def _trunk(
@@ -120,7 +122,7 @@ class LMForwards:
         :param past: the KV cache to extend, or None
         :param use_cache: return the updated cache (else None)
         """
-        with self._autocast():
+        with self._autocast(model):
             inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
             return run_with_cache(model.base_model, past, use_cache, **inputs)
 
@@ -197,7 +199,7 @@ class LMForwards:
     # -- heads ----------------------------------------------------------------------------------------------
     def _logits(self, model: PreTrainedModel, hidden: th.Tensor) -> th.Tensor:
         """LM head on selected hidden states, restricted to the env's vocabulary: (N, H) -> (N, V) float32."""
-        return lm_logits(model, hidden, int(self.action_space.n), self._autocast())
+        return lm_logits(model, hidden, int(self.action_space.n), self._autocast(model.get_output_embeddings()))
 
     def _process_logits(self, logits: th.Tensor, allowed: th.Tensor | None = None) -> th.Tensor:
         """
