@@ -300,3 +300,19 @@ def test_empty_dataset_file(tmp_path, gpt2_tokenizer):
 def test_missing_dataset_file(tmp_path, gpt2_tokenizer):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         make_news(gpt2_tokenizer, dataset=tmp_path / "nope.jsonl", max_prompt_tokens=256, max_new_tokens=8)
+
+
+def test_envs_of_one_tokenizer_share_the_tokenization_but_not_their_prompts(gpt2_tokenizer):
+    # The memo (sb3_textrl/envs/memo.py): a second env reuses the first one's token ids, and owns its objects.
+    first = make_news(copy.deepcopy(gpt2_tokenizer), limit=6)
+    tokenizer = first.unwrapped.tokenizer
+    second = make_news(tokenizer, limit=6)
+    a, b = first.unwrapped, second.unwrapped
+    assert [ids.tolist() for ids in a.prompt_ids] == [ids.tolist() for ids in b.prompt_ids]
+    assert a.prompt_ids[0] is not b.prompt_ids[0] and a.prompts[0] is not b.prompts[0]
+    assert a.prompts[0].meta is not b.prompts[0].meta
+    b.prompt_ids[0][:] = 0  # one env's arrays are its own
+    assert a.prompt_ids[0].tolist() != b.prompt_ids[0].tolist()
+    fingerprint = a.observation_space.tokenizer_hash
+    tokenizer.add_tokens(["<brand-new-token>"])  # a longer tokenizer is fingerprinted afresh
+    assert make_news(tokenizer, limit=6).unwrapped.observation_space.tokenizer_hash != fingerprint

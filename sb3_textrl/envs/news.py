@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from sb3_textrl.envs.memo import tokenizer_memo
 from sb3_textrl.envs.news_data import generate_news_examples, load_summary_dataset
 from sb3_textrl.envs.registry import TokenizerSpec, resolve_tokenizer
 from sb3_textrl.envs.text_env import TextGenerationEnv, TextPrompt, log_once
@@ -73,6 +75,25 @@ def build_news_prompts(
     return prompts, templated
 
 
+def shared_news_prompts(
+    rows: tuple[dict[str, str], ...], tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int
+) -> tuple[list[TextPrompt], bool]:
+    """
+    :func:`build_news_prompts`, computed once for all the envs of a VecEnv: each env gets its own prompt objects.
+
+    :param rows: the (cached) dataset rows; the result is kept for this very tuple
+    :param tokenizer: the task's tokenizer
+    :param max_prompt_tokens: prompt budget in tokens
+    :return: the prompts, and whether they already contain the model's special tokens
+    """
+    key = ("news_prompts", id(rows), max_prompt_tokens, getattr(tokenizer, "chat_template", None))
+    # The rows are kept with the result: while it is stored, no other tuple can take their id.
+    _, prompts, templated = tokenizer_memo(
+        tokenizer, key, lambda: (rows, *build_news_prompts(list(rows), tokenizer, max_prompt_tokens))
+    )
+    return [dataclasses.replace(p, meta=dict(p.meta)) for p in prompts], templated
+
+
 @functools.lru_cache(maxsize=8)
 def _load_rows(
     dataset: str | None, split: str, limit: int | None, n_articles: int, data_seed: int, fields: tuple[str | None, str | None]
@@ -122,8 +143,8 @@ def make_news_summary_env(
         raise ValueError(f"{TASK_ID}: limit must be a positive number of rows or None, got {limit}")
     tok, tok_name = resolve_tokenizer(tokenizer)
     source = None if dataset is None else os.fspath(dataset)
-    rows = list(_load_rows(source, split, limit, n_articles, data_seed, (article_field, summary_field)))
-    prompts, templated = build_news_prompts(rows, tok, max_prompt_tokens)
+    source_rows = _load_rows(source, split, limit, n_articles, data_seed, (article_field, summary_field))
+    prompts, templated = shared_news_prompts(source_rows, tok, max_prompt_tokens)
     reward_fn = RougeReward(reward) if isinstance(reward, str) else reward
     env_kwargs.setdefault("add_special_tokens", not templated)
     return TextGenerationEnv(

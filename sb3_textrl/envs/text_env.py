@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from sb3_textrl.envs.arguments import check_context, check_lengths_and_render_mode, checked_penalty, resolve_stop_ids
 from sb3_textrl.envs.chat import encode_prompts, env_prompts
 from sb3_textrl.envs.masks import MaskSpec, resolve_action_mask
+from sb3_textrl.envs.memo import tokenizer_memo
 from sb3_textrl.rewards.base import RewardFn, TextReward, reward_name, score_batch
 
 logger = logging.getLogger("sb3_textrl")
@@ -65,8 +66,12 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     :param tokenizer: a Hugging Face tokenizer
     :return: 16 hex digits
     """
-    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return hashlib.sha256("\x00".join(str(t) for t in tokens).encode()).hexdigest()[:16]
+
+    def compute() -> str:
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        return hashlib.sha256("\x00".join(str(t) for t in tokens).encode()).hexdigest()[:16]
+
+    return tokenizer_memo(tokenizer, "fingerprint", compute)
 
 
 class TextObservationSpace(spaces.Dict):
@@ -239,7 +244,9 @@ class TextGenerationEnv(gym.Env):
             setattr(self, name, value)
 
     def _tokenize_prompts(self, add_special_tokens: bool) -> list[np.ndarray]:
-        encoded = encode_prompts(self.tokenizer, self.prompts, add_special_tokens)
+        # The envs of a VecEnv share their prompts' token ids (each env copies its own arrays below).
+        key = ("prompt_ids", add_special_tokens, tuple((p.lm_text, p.templated is not None) for p in self.prompts))
+        encoded = tokenizer_memo(self.tokenizer, key, lambda: encode_prompts(self.tokenizer, self.prompts, add_special_tokens))
         too_long = sum(len(ids) > self.max_prompt_tokens for ids in encoded)
         if too_long:
             log_once(
