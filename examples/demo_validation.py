@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch as th
 from stable_baselines3.common.logger import configure
 
 from sb3_textrl.demo import DemoConfig, demo_envs, demo_model
 from sb3_textrl.envs.batched import make_text_vec_env
-from sb3_textrl.evaluation import generate_samples
+from sb3_textrl.evaluation import generate_sample_sets
 from sb3_textrl.metrics.bootstrap import paired_bootstrap
 
 
@@ -53,6 +52,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--validation-seeds", default="2000,3000", help="data seeds of the validation sets")
     parser.add_argument("--n-articles", type=int, default=64, help="articles scored per validation set")
     parser.add_argument("--n-sampled", type=int, default=2, help="sampled summaries per article")
+    parser.add_argument("--draw-counts", default=None,
+                        help="also score the sampled gain from the first K draws of each article, for each K of this "
+                             "comma-separated list (default: --n-sampled only), to see how the interval narrows")
     parser.add_argument("--eval-envs", type=int, default=32, help="articles decoded per batch")
     parser.add_argument("--output-dir", default="runs/demo_validation")
     parser.add_argument("--results", default=None, help="JSONL file to append the run's line to")
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = [int(seed) for seed in args.validation_seeds.split(",")]
     if 1000 in seeds:
         raise SystemExit("--validation-seeds: 1000 is the demo's held-out set; choose settings on other seeds")
+    draw_counts = [args.n_sampled] if args.draw_counts is None else [int(k) for k in args.draw_counts.split(",")]
+    if not all(1 <= k <= args.n_sampled for k in draw_counts):
+        raise SystemExit(f"--draw-counts {args.draw_counts}: each must be between 1 and --n-sampled {args.n_sampled}")
     settings = _pairs(args.set, "--set")
     config = DemoConfig(**settings, output_dir=args.output_dir, policy_kwargs=_pairs(args.policy_kwarg, "--policy-kwarg"),
                         ppo_kwargs=_pairs(args.ppo_kwarg, "--ppo-kwarg"))
@@ -77,14 +82,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"--n-articles {args.n_articles}: the validation set has {n} articles")
         sets[seed] = (venv, list(range(n - args.n_articles, n)))
 
-    def score() -> dict[int, tuple[list[float], list[float]]]:
+    def score() -> dict[int, tuple[list[float], np.ndarray]]:
+        # Per set: greedy rewards, and the (n_sampled, articles) rewards of the draws (seeded alike before and after).
         out = {}
         for seed, (venv, indices) in sets.items():
-            greedy = [s.reward for s in generate_samples(model, venv, indices)]
-            th.manual_seed(config.seed)
-            sampled = [[s.reward for s in generate_samples(model, venv, indices, deterministic=False)]
-                       for _ in range(args.n_sampled)]
-            out[seed] = (greedy, list(np.mean(sampled, axis=0)))
+            drawn = generate_sample_sets(model, venv, indices, args.n_sampled, seed=config.seed)
+            out[seed] = ([s.reward for s in drawn.greedy], np.array([[s.reward for s in d] for d in drawn.sampled]))
         return out
 
     start = time.perf_counter()
@@ -97,9 +100,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     line: dict[str, Any] = {"settings": settings, "policy_kwargs": config.policy_kwargs, "ppo_kwargs": config.ppo_kwargs,
                             "train_seconds": round(train_seconds), "eval_seconds": round(eval_seconds)}
     for seed in seeds:
-        for column, kind in enumerate(("greedy", "sampled")):
-            gain = paired_bootstrap(before[seed][column], after[seed][column], seed=config.seed)
-            line[f"seed{seed}_{kind}"] = f"{gain.mean_a:.3f} -> {gain.mean_b:.3f}, {gain}"
+        gain = paired_bootstrap(before[seed][0], after[seed][0], seed=config.seed)
+        line[f"seed{seed}_greedy"] = f"{gain.mean_a:.3f} -> {gain.mean_b:.3f}, {gain}"
+        for k in draw_counts:
+            mean_before, mean_after = before[seed][1][:k].mean(axis=0), after[seed][1][:k].mean(axis=0)
+            gain = paired_bootstrap(list(mean_before), list(mean_after), seed=config.seed)
+            name = f"seed{seed}_sampled" + ("" if k == args.n_sampled and len(draw_counts) == 1 else f"_{k}draws")
+            line[name] = f"{gain.mean_a:.3f} -> {gain.mean_b:.3f}, {gain} (width {gain.high - gain.low:.3f})"
     print(json.dumps(line))
     if args.results:
         with open(args.results, "a", encoding="utf-8") as file:

@@ -23,7 +23,7 @@ from sb3_textrl.checkpoints import save_model
 from sb3_textrl.common import metric_keys as keys
 from sb3_textrl.common.kl import mean_episode_kl
 from sb3_textrl.envs.batched import make_text_vec_env
-from sb3_textrl.evaluation import Sample, generate_samples, has_reference, kl_to_reference
+from sb3_textrl.evaluation import Sample, SampleSets, generate_sample_sets, generate_samples, has_reference, kl_to_reference
 from sb3_textrl.policies import TransformerLMPolicy
 from sb3_textrl.rewards.rouge import RougeReward
 
@@ -222,6 +222,11 @@ class TextEvalCallback(EventCallback):
     :param best_model_save_path: folder for ``best_model.zip`` (saved when ``metric`` improves); None saves nothing
     :param log_path: folder for ``evaluations.jsonl`` (metrics and samples of every evaluation); None writes nothing
     :param deterministic: greedy decoding (True) or sampling from the policy
+    :param n_sampled: also sample this many completions of each prompt (with ``deterministic``) and record their mean
+        task reward as ``eval/sampled_task_reward``: the policy's own expected reward, which PPO's updates move
+        before they move the greedy completions. The greedy and sampled completions of a prompt share one prefill.
+    :param sampling_seed: seed of those draws at every evaluation (torch's state is restored after), so successive
+        evaluations compare the policies on the same random numbers
     :param metric: the ``eval/`` metric that picks the best model (higher is better)
     :param kl_to_ref: also record ``eval/kl_to_ref`` (one teacher-forced forward of the policy and one of the reference
         per evaluation, no generation); skipped for a policy without a reference model
@@ -242,6 +247,8 @@ class TextEvalCallback(EventCallback):
         best_model_save_path: str | os.PathLike | None = None,
         log_path: str | os.PathLike | None = None,
         deterministic: bool = True,
+        n_sampled: int = 0,
+        sampling_seed: int = 0,
         metric: str = "task_reward",
         kl_to_ref: bool = True,
         n_eval_envs: int = 4,
@@ -253,7 +260,11 @@ class TextEvalCallback(EventCallback):
         super().__init__(callback_on_new_best, verbose=verbose)
         if eval_freq_rollouts < 1:
             raise ValueError(f"eval_freq_rollouts must be >= 1, got {eval_freq_rollouts}")
-        known = (keys.TASK_REWARD, *EVAL_ROUGE_METRICS)
+        if n_sampled < 0:
+            raise ValueError(f"n_sampled must be >= 0, got {n_sampled}")
+        if n_sampled and not deterministic:
+            raise ValueError("n_sampled adds sampled completions to greedy ones: use it with deterministic=True")
+        known = (keys.TASK_REWARD, *EVAL_ROUGE_METRICS) + ((keys.SAMPLED_TASK_REWARD,) if n_sampled else ())
         if metric.removeprefix(keys.EVAL) not in known:
             raise ValueError(f"metric must be one of {', '.join(known)} (higher is better), got {metric!r}")
         self.eval_env = _eval_vec_env(eval_env, n_eval_envs, eval_env_kwargs)
@@ -264,6 +275,8 @@ class TextEvalCallback(EventCallback):
         self.best_model_save_path = None if best_model_save_path is None else Path(best_model_save_path)
         self.log_path = None if log_path is None else Path(log_path)
         self.deterministic = deterministic
+        self.n_sampled = n_sampled
+        self.sampling_seed = sampling_seed
         self.metric = metric.removeprefix(keys.EVAL)
         self.kl_to_ref = kl_to_ref
         self.callback_after_eval = callback_after_eval
@@ -274,6 +287,7 @@ class TextEvalCallback(EventCallback):
         self.last_mean_reward = -np.inf  # value of `metric` at the last evaluation
         self.last_metrics: dict[str, float] = {}
         self.last_samples: list[Sample] = []
+        self.last_sample_sets: SampleSets | None = None  # with n_sampled: the last evaluation's greedy and sampled
         self._continue_training = True
         self._updates_at_last_eval: int | None = None
 
@@ -349,9 +363,18 @@ class TextEvalCallback(EventCallback):
         """
         policy = self.model.policy
         was_training = policy.training
+        sets = None
         with _preserved_rng(self.model.device):
-            samples = generate_samples(self.model, self.eval_env, self.prompt_indices, self.deterministic)
+            if self.n_sampled:
+                sets = generate_sample_sets(
+                    self.model, self.eval_env, self.prompt_indices, self.n_sampled, seed=self.sampling_seed
+                )
+                samples = sets.greedy
+            else:
+                samples = generate_samples(self.model, self.eval_env, self.prompt_indices, self.deterministic)
         metrics = self._metrics(samples)
+        if sets is not None:
+            metrics[keys.SAMPLED_TASK_REWARD] = float(np.mean(sets.sampled_rewards()))
         if self.kl_to_ref and isinstance(policy, TransformerLMPolicy) and has_reference(policy):
             kl = mean_episode_kl(kl_to_reference(policy, samples))  # the statistic of rollout/kl_to_ref
             if kl is not None:
@@ -359,7 +382,7 @@ class TextEvalCallback(EventCallback):
         policy.set_training_mode(was_training)
         self._updates_at_last_eval = getattr(self.model, "_n_updates", None)
 
-        self.last_samples, self.last_metrics = samples, metrics
+        self.last_samples, self.last_metrics, self.last_sample_sets = samples, metrics, sets
         for key, value in metrics.items():
             self.logger.record(keys.EVAL + key, value)
         table = samples_markdown([_sample_dict(s) for s in samples])
@@ -398,7 +421,7 @@ class TextEvalCallback(EventCallback):
             prompts = [s.prompt for s in samples]
             for name in EVAL_ROUGE_METRICS:
                 metrics[name] = float(np.mean(RougeReward(name).score(prompts, completions, references)))
-        if self.metric not in metrics:
+        if self.metric not in metrics and self.metric != keys.SAMPLED_TASK_REWARD:  # evaluate() adds that one
             raise ValueError(
                 f"TextEvalCallback(metric={self.metric!r}) needs a reference for every eval prompt; this eval env's "
                 "prompts have none. Use metric='task_reward' or give the eval task references."

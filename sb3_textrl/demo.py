@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch as th
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import configure
@@ -23,7 +21,7 @@ from sb3_textrl.common.atomic import atomic_file
 from sb3_textrl.demo_config import DemoConfig
 from sb3_textrl.envs.batched import make_text_vec_env
 from sb3_textrl.envs.groups import make_group_vec_env
-from sb3_textrl.evaluation import Sample, generate_samples
+from sb3_textrl.evaluation import Sample, SampleSets, generate_sample_sets
 from sb3_textrl.metrics.bootstrap import PairedDifference, format_interval, mean_interval, paired_bootstrap
 from sb3_textrl.plotting import plot_runs
 from sb3_textrl.policies import TransformerLMPolicy, fast_mixed_precision
@@ -118,20 +116,6 @@ def demo_model(config: DemoConfig, env: VecEnv) -> PPO:
     return PPO(TransformerLMPolicy, env, policy_kwargs=policy_kwargs | config.policy_kwargs, **ppo_kwargs)
 
 
-def _sampled_rewards(model: PPO, eval_env: VecEnv, held_out: list[int], config: DemoConfig) -> list[float]:
-    """
-    Each held-out article's mean reward over ``config.n_sampled_eval`` summaries sampled from the policy, with the same
-    random draws before and after training; torch's random state is restored, so training does not depend on it.
-    """
-    with th.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        th.manual_seed(config.seed)
-        runs = [
-            [s.reward for s in generate_samples(model, eval_env, held_out, deterministic=False)]
-            for _ in range(config.n_sampled_eval)
-        ]
-    return [float(np.mean(article)) for article in zip(*runs, strict=True)]
-
-
 def _summary(
     config: DemoConfig, before: list[Sample], after: list[Sample], gain: PairedDifference, train_seconds: float, env: VecEnv
 ) -> dict[str, Any]:
@@ -166,13 +150,17 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     model = demo_model(config, env)
     model.set_logger(configure(str(out / "logs"), ["stdout", "csv"]))
 
-    before = generate_samples(model, eval_env, held_out)
+    # Greedy and sampled summaries of the held-out articles, each article prefilled once; the draws are seeded alike
+    # before and after (and torch's random state restored), so training does not depend on them.
+    before_sets = generate_sample_sets(model, eval_env, held_out, config.n_sampled_eval, seed=config.seed)
+    before = before_sets.greedy
     _print_samples("Before PPO (greedy)", before[: config.n_samples])
-    sampled_before = _sampled_rewards(model, eval_env, held_out, config) if config.n_sampled_eval else []
     start = time.perf_counter()
-    # Samples of every rollout in the log (and logs/samples.md); greedy ROUGE on the held-out articles under eval/.
+    # Samples of every rollout in the log (and logs/samples.md); greedy ROUGE and the sampled mean reward on the
+    # held-out articles under eval/.
     evaluation = TextEvalCallback(
-        eval_env, prompt_indices=held_out, eval_freq_rollouts=config.eval_every, log_path=out / "logs", verbose=1
+        eval_env, prompt_indices=held_out, eval_freq_rollouts=config.eval_every, log_path=out / "logs",
+        n_sampled=config.n_sampled_eval, sampling_seed=config.seed, verbose=1,
     )
     callbacks = CallbackList(
         [
@@ -185,9 +173,10 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
     # The callback's last evaluation ran after the final update, on the same articles: those are the "after" samples.
     after = evaluation.last_samples
+    after_sets = evaluation.last_sample_sets or SampleSets(after, [])
     _print_samples(f"After {config.updates} PPO updates (greedy)", after[: config.n_samples])
     save_model(model, out / "model")
-    sampled_after = _sampled_rewards(model, eval_env, held_out, config) if config.n_sampled_eval else []
+    sampled_before, sampled_after = before_sets.sampled_rewards(), after_sets.sampled_rewards()
 
     gain = paired_bootstrap([s.reward for s in before], [s.reward for s in after], seed=config.seed)
     result = _summary(config, before, after, gain, train_seconds, env)

@@ -150,6 +150,29 @@ def test_sampled_evaluation_does_not_change_the_training_run(toy_task, tiny_lm):
     assert model.policy.training == plain_model.policy.training  # the final evaluation restored the mode
 
 
+def test_greedy_and_sampled_evaluation_share_the_prefill_and_the_seeded_draws(toy_task, tiny_lm):
+    """n_sampled adds eval/sampled_task_reward from seeded draws: the same draws at every evaluation of one policy,
+    so two evaluations of an unchanged policy agree exactly, and the training run is the one without evaluations."""
+    plain_model, plain = _train_params(toy_task, tiny_lm)
+    evaluation = TextEvalCallback(
+        toy_vec_env(toy_task, n_envs=3, seed=1), n_sampled=2, sampling_seed=4, metric="sampled_task_reward", verbose=0
+    )
+    model, evaluated = _train_params(toy_task, tiny_lm, evaluation)
+    assert all(th.equal(a, b) for a, b in zip(plain, evaluated))
+    sets = evaluation.last_sample_sets
+    assert sets is not None and len(sets.sampled) == 2 and len(sets.greedy) == len(evaluation.last_samples) == 5
+    assert evaluation.last_metrics["sampled_task_reward"] == pytest.approx(np.mean(sets.sampled_rewards()))
+    assert evaluation.last_mean_reward == evaluation.last_metrics["sampled_task_reward"]
+    first = [[s.completion for s in draw] for draw in sets.sampled]
+    again = evaluation.evaluate()  # the same policy: the same draws
+    assert [[s.completion for s in draw] for draw in evaluation.last_sample_sets.sampled] == first
+    assert again["sampled_task_reward"] == evaluation.last_metrics["sampled_task_reward"]
+    with pytest.raises(ValueError, match="use it with deterministic=True"):
+        TextEvalCallback(toy_vec_env(toy_task, n_envs=1), n_sampled=2, deterministic=False)
+    with pytest.raises(ValueError, match="metric must be one of"):  # no draws, no sampled metric
+        TextEvalCallback(toy_vec_env(toy_task, n_envs=1), metric="sampled_task_reward")
+
+
 class _LogProbCheck(BaseCallback):
     """After each rollout: the log-probs PPO stored must equal those evaluate_actions computes from scratch."""
 

@@ -116,6 +116,16 @@ def test_demo_validation_scores_validation_sets_before_and_after(tmp_path, tiny_
     for key in ("seed2000_greedy", "seed2000_sampled", "seed3000_greedy", "seed3000_sampled"):
         assert "95% CI" in line[key]
     assert json.loads(results.read_text()) == line
+    fewer = example.main([
+        "--set", f"lm={tiny_lm}", "--set", "n_envs=4", "--set", "samples_per_prompt=2", "--set", "n_steps=4",
+        "--set", "updates=1", "--set", "n_epochs=1", "--set", "trainable_layers=1", "--set", "max_prompt_tokens=64",
+        "--set", "device=cpu", "--validation-seeds", "2000", "--n-articles", "4", "--n-sampled", "2",
+        "--draw-counts", "1,2", "--eval-envs", "4", "--output-dir", str(tmp_path / "run2"),
+    ])
+    assert "seed2000_sampled" not in fewer and "width" in fewer["seed2000_sampled_1draws"]
+    assert "95% CI" in fewer["seed2000_sampled_2draws"]
+    with pytest.raises(SystemExit, match="between 1 and --n-sampled 2"):
+        example.main(["--n-sampled", "2", "--draw-counts", "3"])
     # The PPO ran with the overrides, and the demo's held-out seed is refused as a validation set.
     rows = list(csv.DictReader((tmp_path / "run" / "logs" / "progress.csv").open()))
     assert rows and all(float(row["rollout/kl_coef"]) == pytest.approx(0.1) for row in rows)

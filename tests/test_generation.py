@@ -297,3 +297,84 @@ def test_decoding_context_reaches_the_fast_path(eos_lm):
         old, new = run_both(model, env, order=[1, 2], deterministic=False, seed=11)
     assert_same_samples(old, new)
     assert (model.policy.temperature, model.policy.top_k) == (1.0, None)
+
+
+# -- shared prefills and per-row determinism ----------------------------------------------------------------------
+
+
+def count_prefill_rows(model, monkeypatch) -> list[int]:
+    """Record the batch size of every multi-token forward of the policy's trunk (the prefills)."""
+    rows: list[int] = []
+    trunk = model.policy._trunk
+
+    def counting(lm, input_ids, *args, **kwargs):
+        if input_ids.shape[1] > 1:
+            rows.append(int(input_ids.shape[0]))
+        return trunk(lm, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model.policy, "_trunk", counting)
+    return rows
+
+
+def test_repeated_prompts_are_prefilled_once_and_decode_as_alone(eos_lm, monkeypatch):
+    env = make_vec_env(toy_task("GenRepeat-v0", eos_lm), n_envs=1, seed=0)
+    model = toy_ppo(env, eos_lm)
+    randomize_lora(model)
+    text_env = text_env_of(env)
+    order = [3, 0, 3, 6, 0, 3]
+    alone = {i: decode(model.policy, [text_env.prompt_ids[i]], 8, text_env.stop_token_ids).tokens[0] for i in set(order)}
+    prefills = count_prefill_rows(model, monkeypatch)
+    out = decode(model.policy, [text_env.prompt_ids[i] for i in order], 8, text_env.stop_token_ids)
+    assert prefills == [3]  # one row per distinct prompt
+    for i, tokens in zip(order, out.tokens, strict=True):
+        np.testing.assert_array_equal(tokens, alone[i])
+    assert len({len(alone[i]) for i in alone}) > 1  # rows that stop at different steps, some of them copies
+
+
+def test_per_row_determinism_gives_each_row_its_all_greedy_or_all_sampled_tokens(eos_lm):
+    """No stop tokens, so every row lives to the end and the draws are comparable row by row: a mixed batch's greedy
+    rows are the all-greedy batch's, its sampled rows the all-sampled batch's under the same seed."""
+    env = make_vec_env(toy_task("GenMixed-v0", eos_lm), n_envs=1, seed=0)
+    model = toy_ppo(env, eos_lm, policy_kwargs=dict(temperature=1.5))
+    randomize_lora(model)
+    prompts = [text_env_of(env).prompt_ids[i] for i in (1, 1, 4, 4, 7)]
+    flags = [True, False, False, True, False]
+
+    def run(deterministic):
+        th.manual_seed(3)
+        return decode(model.policy, prompts, 8, [], deterministic).tokens
+
+    greedy, sampled, mixed = run(True), run(False), run(flags)
+    for row, flag in enumerate(flags):
+        np.testing.assert_array_equal(mixed[row], (greedy if flag else sampled)[row])
+    assert not np.array_equal(sampled[0], greedy[0])  # the test means something: sampling moved off the greedy tokens
+    with pytest.raises(ValueError, match="3 flags for 5 prompts"):
+        decode(model.policy, prompts, 8, [], [True, False, True])
+
+
+def test_sample_sets_match_separate_calls_and_restore_the_random_state(eos_lm, monkeypatch):
+    from sb3_textrl.evaluation import generate_sample_sets
+
+    env = make_vec_env(toy_task("GenSets-v0", eos_lm), n_envs=2, seed=0)
+    model = toy_ppo(env, eos_lm)
+    randomize_lora(model)
+    order = [0, 5, 2]
+    state = th.get_rng_state()
+    prefills = count_prefill_rows(model, monkeypatch)
+    sets = generate_sample_sets(model, env, order, n_sampled=3, seed=11)
+    assert th.equal(th.get_rng_state(), state)
+    assert prefills == [2, 1]  # env.num_envs = 2 prompts per batch, each prefilled once for its 4 completions
+    monkeypatch.undo()
+    assert_same_samples(sets.greedy, generate_samples(model, env, order, deterministic=True, fast=False))
+    assert [[s.prompt_index for s in draw] for draw in sets.sampled] == [order] * 3
+    again = generate_sample_sets(model, env, order, n_sampled=3, seed=11)
+    assert [[s.completion for s in d] for d in again.sampled] == [[s.completion for s in d] for d in sets.sampled]
+    other = generate_sample_sets(model, env, order, n_sampled=3, seed=12)
+    assert [[s.completion for s in d] for d in other.sampled] != [[s.completion for s in d] for d in sets.sampled]
+    means = sets.sampled_rewards()
+    assert means == pytest.approx([np.mean([d[i].reward for d in sets.sampled]) for i in range(3)])
+    # The env loop (the fallback) gives the same greedy completions and as many draws.
+    monkeypatch.setattr("sb3_textrl.common.generation.fast_path_unsupported", lambda model, env: "forced")
+    slow = generate_sample_sets(model, env, order, n_sampled=2, seed=11)
+    assert_same_samples(slow.greedy, sets.greedy)
+    assert [[s.prompt_index for s in draw] for draw in slow.sampled] == [order] * 2

@@ -95,6 +95,36 @@ def test_top_blocks_from_kept_hidden_states_equal_the_full_forward(family_lm, us
     np.testing.assert_allclose(log_prob.numpy(), flat_steps(buffer.log_probs, buffer.segments), atol=1e-4)
 
 
+def test_lower_blocks_alone_give_the_full_forwards_split_hidden_and_the_kl_pass_uses_them(family_lm, monkeypatch):
+    """split_hidden's recompute runs the lower blocks only (the top ones stand aside) and gets what a whole forward
+    hands the first trainable block; kl_to_reference reads the top blocks of policy and reference from there."""
+    from sb3_textrl.evaluation import generate_samples, kl_to_reference
+
+    task = task_for(family_lm, "SplitLowerOnly-v0")
+    env = toy_vec_env(task, n_envs=3)
+    model = toy_ppo(env, family_lm, n_steps=9, policy_kwargs=dict(trainable_layers=2))
+    policy = model.policy
+    perturb_trainable(policy)
+    samples = generate_samples(model, env, [0, 1, 2, 3])
+    ids = th.as_tensor(np.stack([s.observation["input_ids"] for s in samples]))
+    mask = th.as_tensor(np.stack([s.observation["attention_mask"] for s in samples]))
+    hf, split = policy.hf_model, policy.layer_split
+    with split.capture(hf) as whole:
+        policy._trunk(hf, ids, mask, positions_from_mask(mask))
+    ran: list[int] = []
+    for block in split.blocks(hf)[split.first_trainable :]:
+        block.register_forward_pre_hook(lambda module, args, kwargs: ran.append(1), with_kwargs=True)
+    policy._rollout_cache.reset()  # nothing kept: split_hidden recomputes every row
+    recomputed = policy.split_hidden(ids, mask)
+    assert not ran  # the top blocks stood aside
+    th.testing.assert_close(recomputed, whole[0] * mask.unsqueeze(-1), atol=0, rtol=0)
+    kl = kl_to_reference(policy, samples)
+    assert len(ran) == 2 * 2 * 1  # one batch: the top 2 blocks of the policy and of the reference, once each
+    monkeypatch.setattr(policy, "layer_split", None)  # the full forwards of both, as without trainable_layers
+    np.testing.assert_allclose(kl, kl_to_reference(policy, samples), atol=1e-5, rtol=0)
+    assert np.abs(kl).max() > 1e-3  # the policy moved off its reference: the comparison means something
+
+
 def rows_seen_by_last_block_parts(policy, obs, actions) -> dict[str, int]:
     """Rows of input each position-wise part of the last block computed in one evaluate_actions (and backward)."""
     seen: dict[str, int] = {}

@@ -108,6 +108,18 @@ class _LMStepper:
         self.positions = self.positions + 1
 
 
+def _greedy_rows(deterministic: bool | Sequence[bool], n_rows: int, device: th.device) -> tuple[bool, th.Tensor | None]:
+    """``deterministic`` -> (the flag of every row, None) when the rows agree, else (False, (B,) bool per row)."""
+    if isinstance(deterministic, bool | np.bool_):
+        return bool(deterministic), None
+    flags = [bool(flag) for flag in deterministic]
+    if len(flags) != n_rows:
+        raise ValueError(f"deterministic has {len(flags)} flags for {n_rows} prompts: give one per prompt, or one bool")
+    if len(set(flags)) < 2:
+        return all(flags), None
+    return False, th.as_tensor(flags, device=device)
+
+
 def _left_pad(prompts: Sequence[np.ndarray], device: th.device) -> tuple[th.Tensor, th.Tensor]:
     """Prompts (each (L_i,)) -> ids (B, P) and mask (B, P), left-padded with token 0 (masked out)."""
     width = max(len(p) for p in prompts)
@@ -135,7 +147,7 @@ def decode(
     prompts: Sequence[np.ndarray],
     max_new_tokens: int,
     stop_token_ids: Collection[int],
-    deterministic: bool = True,
+    deterministic: bool | Sequence[bool] = True,
     env_masks: EnvMaskFn | None = None,
 ) -> DecodeOutput:
     """
@@ -144,13 +156,15 @@ def decode(
     Each step does what the policy's rollout step does for one token (``TransformerLMPolicy._sample_step``): the LM
     head through ``policy._logits``, the allowed tokens (the env's masks, or NLPO's top-p set of the masking policy
     within them), then ``policy._distribution`` (temperature, top-k, top-p) and its ``get_actions``. Sampling draws from
-    torch's global generator: seed it (``th.manual_seed``) for a reproducible run.
+    torch's global generator: seed it (``th.manual_seed``) for a reproducible run. Identical prompts of the batch are
+    prefilled once and their KV cache shared, so greedy and sampled completions of one prompt (``deterministic`` per
+    row) cost one prefill, which is most of the time of a short completion of a long prompt.
 
     :param policy: a causal-LM :class:`~sb3_textrl.TransformerLMPolicy` (or ``MaskableTransformerLMPolicy``)
     :param prompts: token ids of each prompt, (L_i,) int arrays of any lengths (at least 1 token each)
     :param max_new_tokens: length limit of a completion
     :param stop_token_ids: tokens that end a row (kept as its last token); empty: every row runs to the limit
-    :param deterministic: greedy decoding (the most likely allowed token) instead of sampling
+    :param deterministic: greedy decoding (the most likely allowed token) instead of sampling; or one flag per prompt
     :param env_masks: the env's action masks, called once per step with the live rows and their tokens so far
         (:class:`EnvActionMasks`); None: no env mask
     :return: the generated tokens of every prompt
@@ -162,7 +176,13 @@ def decode(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = policy.device
     n_rows = len(prompts)
-    ids, mask = _left_pad(prompts, device)
+    all_greedy, greedy_rows = _greedy_rows(deterministic, n_rows, device)  # greedy_rows: (B,) bool, or None
+    # One prefill per distinct prompt: `copies` maps each row to its prompt's row of the prefill.
+    distinct: dict[bytes, int] = {}
+    copies = [distinct.setdefault(np.asarray(p, dtype=np.int64).tobytes(), row) for row, p in enumerate(prompts)]
+    firsts = sorted(set(copies))
+    ids, mask = _left_pad([prompts[row] for row in firsts], device)
+    prefill_row = th.as_tensor([firsts.index(row) for row in copies], device=device)  # (B,)
     stop = th.as_tensor(sorted(int(t) for t in stop_token_ids), dtype=th.long, device=device)
     generated = th.zeros(n_rows, max_new_tokens, dtype=th.long, device=device)  # (B, T)
     lengths = th.zeros(n_rows, dtype=th.long, device=device)  # (B,)
@@ -174,6 +194,10 @@ def decode(
     if policy.nlpo_top_p is not None:
         with _masking_model(policy) as model:
             masker = _LMStepper(policy, model, ids, mask)
+    if len(firsts) < n_rows:  # the rows of a repeated prompt start from copies of its prefill
+        lm.keep(prefill_row)
+        if masker is not None:
+            masker.keep(prefill_row)
     for step in range(max_new_tokens):
         logits = lm.logits()  # (N, V)
         allowed = None
@@ -186,7 +210,11 @@ def decode(
             with _masking_model(policy):
                 mask_logits = masker.logits()
             allowed = top_p_allowed(mask_logits, policy.nlpo_top_p, allowed)  # type: ignore[arg-type]
-        actions = policy._distribution(logits, allowed).get_actions(deterministic=deterministic).long()  # (N,)
+        distribution = policy._distribution(logits, allowed)
+        if greedy_rows is None:
+            actions = distribution.get_actions(deterministic=all_greedy).long()  # (N,)
+        else:  # a draw for every live row (so a row's draws do not depend on which rows ended), the mode where greedy
+            actions = th.where(greedy_rows[live], distribution.mode(), distribution.sample()).long()  # (N,)
         generated[live, step] = actions
         lengths[live] += 1
         ends = th.isin(actions, stop)  # (N,)
@@ -321,7 +349,7 @@ def generate_env_samples(
     model: BaseAlgorithm,
     env: VecEnv,
     prompt_indices: Sequence[int],
-    deterministic: bool = True,
+    deterministic: bool | Sequence[bool] = True,
     batch_size: int | None = None,
     progress_bar: bool = False,
 ) -> list[Sample]:
@@ -333,8 +361,8 @@ def generate_env_samples(
     :param model: a model with a causal-LM :class:`~sb3_textrl.TransformerLMPolicy`; a ``MaskableTransformerLMPolicy``
         decodes under the env's action masks, as MaskablePPO trained it
     :param env: a DummyVecEnv of the task (only read: its envs are not stepped)
-    :param prompt_indices: which of the task's prompts to complete (repeats allowed)
-    :param deterministic: greedy decoding (True) or sampling from the policy
+    :param prompt_indices: which of the task's prompts to complete (repeats allowed: a batch prefills each prompt once)
+    :param deterministic: greedy decoding (True) or sampling from the policy; or one flag per entry of ``prompt_indices``
     :param batch_size: prompts decoded at once (None: ``env.num_envs``)
     :param progress_bar: show a progress bar over prompts
     :return: one :class:`~sb3_textrl.evaluation.Sample` per prompt, in the order given
@@ -350,6 +378,9 @@ def generate_env_samples(
     text_env = text_env_of(env)
     batch_size = batch_size or env.num_envs
     order = [int(i) for i in prompt_indices]
+    flags = [deterministic] * len(order) if isinstance(deterministic, bool | np.bool_) else list(deterministic)
+    if len(flags) != len(order):
+        raise ValueError(f"deterministic has {len(flags)} flags for {len(order)} prompt indices: one per index, or one bool")
     masked = isinstance(policy, MaskableActorCriticPolicy) and text_env.action_mask is not None
     n_prompt, n_new = text_env.max_prompt_tokens, text_env.max_new_tokens
     tokens: list[np.ndarray] = []
@@ -358,7 +389,8 @@ def generate_env_samples(
     for first in range(0, len(order), batch_size):
         batch = order[first : first + batch_size]
         out = decode(
-            policy, [text_env.prompt_ids[i] for i in batch], n_new, text_env.stop_token_ids, deterministic,
+            policy, [text_env.prompt_ids[i] for i in batch], n_new, text_env.stop_token_ids,
+            flags[first : first + batch_size],
             EnvActionMasks(text_env, batch) if masked else None,
         )
         tokens += out.tokens

@@ -63,12 +63,15 @@ def find_blocks(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
 class _PassThrough(nn.Module):
     """Stands in for a frozen lower block: hands its input on (or, for the first one, the cached hidden state)."""
 
-    def __init__(self, hidden: th.Tensor | None, as_tuple: bool):
+    def __init__(self, hidden: th.Tensor | None, as_tuple: bool, record: list[th.Tensor] | None = None):
         super().__init__()
         self.hidden = hidden
         self.as_tuple = as_tuple
+        self.record = record  # receives the input of each forward (a top block standing aside, see lower_only)
 
     def forward(self, hidden_states: th.Tensor, *args: Any, **kwargs: Any) -> th.Tensor | tuple[th.Tensor]:
+        if self.record is not None:
+            self.record.append(hidden_states.detach())
         out = hidden_states if self.hidden is None else self.hidden
         return (out,) if self.as_tuple else out
 
@@ -208,6 +211,29 @@ class LayerSplit:
             yield captured
         finally:
             handle.remove()
+
+    @contextlib.contextmanager
+    def lower_only(self, model: nn.Module) -> Iterator[list[th.Tensor]]:
+        """
+        Inside the context a forward of ``model`` runs its frozen lower blocks only: the top blocks hand their input
+        on, so the forward's output is not the LM's, and the hidden state entering the first trainable block is
+        recorded, as :meth:`capture` records it from a whole forward.
+
+        :param model: the LM (the policy's or the reference's: the lower blocks are the same frozen weights)
+        :return: a list that receives one (B, S, H) tensor per forward
+        """
+        blocks = self.blocks(model)
+        top = list(blocks[self.first_trainable :])
+        captured: list[th.Tensor] = []
+        for offset in range(len(top)):
+            blocks[self.first_trainable + offset] = _PassThrough(
+                None, self._block_returns_tuple, record=captured if offset == 0 else None
+            )
+        try:
+            yield captured
+        finally:
+            for offset, block in enumerate(top):
+                blocks[self.first_trainable + offset] = block
 
     @contextlib.contextmanager
     def from_split(self, model: nn.Module, hidden: th.Tensor, read_positions: th.Tensor | None = None) -> Iterator[None]:

@@ -20,6 +20,7 @@ TOTAL_TIMESTEPS = "time/total_timesteps"  # SB3's x axis: csv column and the ste
 
 # Our metrics (names without the section).
 TASK_REWARD = "task_reward"  # mean task score of the finished episodes, before the KL penalty and any task penalty
+SAMPLED_TASK_REWARD = "sampled_task_reward"  # TextEvalCallback(n_sampled=k): mean task score of k draws per prompt
 KL_TO_REF = "kl_to_ref"  # mean KL to the reference per completion, nats (common.kl.mean_episode_kl)
 KL_COEF = "kl_coef"  # the KL penalty's current β
 COMPLETION_LEN = "completion_len"  # mean completion length (mean_completion_length below)

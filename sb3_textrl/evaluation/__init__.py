@@ -6,7 +6,8 @@ file and a Markdown report. ``sb3-textrl eval`` (:mod:`sb3_textrl.cli.evaluate`)
 
 The modules, by concern:
 
-- :mod:`~sb3_textrl.evaluation.samples`: :class:`Sample` and :func:`generate_samples` (the fast path or the env loop)
+- :mod:`~sb3_textrl.evaluation.samples`: :class:`Sample`, :func:`generate_samples` (the fast path or the env loop) and
+  :func:`generate_sample_sets` (greedy and sampled completions of the same prompts)
 - :mod:`~sb3_textrl.evaluation.reference`: :func:`has_reference`, :func:`reference_identity`, :func:`kl_to_reference`
 - :mod:`~sb3_textrl.evaluation.inputs`: what :func:`evaluate` is asked for, checked (model settings, env, prompts,
   decodings, baselines; :func:`saved_model_settings`)
@@ -20,7 +21,7 @@ from sb3_textrl.evaluation.inputs import BASELINES, saved_model_settings
 from sb3_textrl.evaluation.reference import has_reference, kl_to_reference, reference_identity
 from sb3_textrl.evaluation.results import JSON_NAME, MARKDOWN_NAME, METRICS, EvalResult, EvalSample, default_output_dir
 from sb3_textrl.evaluation.run import evaluate
-from sb3_textrl.evaluation.samples import Sample, generate_samples
+from sb3_textrl.evaluation.samples import Sample, SampleSets, generate_sample_sets, generate_samples
 
 __all__ = [
     "BASELINES",
@@ -31,8 +32,10 @@ __all__ = [
     "EvalResult",
     "EvalSample",
     "Sample",
+    "SampleSets",
     "default_output_dir",
     "evaluate",
+    "generate_sample_sets",
     "generate_samples",
     "has_reference",
     "kl_to_reference",

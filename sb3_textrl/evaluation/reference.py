@@ -77,8 +77,9 @@ def kl_to_reference(
     :func:`sb3_textrl.sampling.decoding` to score under other settings) and π_ref the reference at the same
     temperature. Each completion costs one teacher-forced forward of the policy and one of the reference
     (:meth:`TransformerLMPolicy.evaluate_actions` and :meth:`TransformerLMPolicy.reference_log_probs`), ``batch_size``
-    completions at a time. For sampled completions the mean is an unbiased estimate of KL(π‖π_ref) per completion;
-    for greedy ones it is the log-ratio of the greedy completion.
+    completions at a time; with ``trainable_layers`` the frozen lower blocks, which the two share, run once, and both
+    run only their top blocks from there (as in training). For sampled completions the mean is an unbiased estimate
+    of KL(π‖π_ref) per completion; for greedy ones it is the log-ratio of the greedy completion.
 
     :param policy: the policy that generated the samples
     :param samples: samples from :func:`generate_samples` (they carry their last observation)
@@ -89,7 +90,7 @@ def kl_to_reference(
     import torch as th
 
     from sb3_textrl.common.kl import episode_kl, token_kl
-    from sb3_textrl.common.segments import completion_batch
+    from sb3_textrl.common.segments import SPLIT_HIDDEN, completion_batch
 
     if not has_reference(policy):
         raise RuntimeError("this policy has no reference model (kl_coef=0 without LoRA), so it has no KL to a reference")
@@ -109,6 +110,8 @@ def kl_to_reference(
         # The generated tokens are the last `length` valid tokens of a row: TextRolloutBuffer's segment layout.
         obs, actions_t = completion_batch(ids, mask, lengths, policy.device)
         with th.no_grad():
+            if getattr(policy, "layer_split", None) is not None:
+                obs[SPLIT_HIDDEN] = policy.split_hidden(obs["input_ids"], obs["attention_mask"])  # (S, W, H)
             _, log_prob, _ = policy.evaluate_actions(obs, actions_t)  # (N,) under the sampling distribution
             ref_log_prob = policy.reference_log_probs(obs, actions_t)  # (N,)
         kl[first : first + len(chunk)] = episode_kl(token_kl(log_prob.cpu().numpy(), ref_log_prob.cpu().numpy()), lengths)

@@ -1,11 +1,14 @@
-"""The completions of an evaluation: :class:`Sample` and :func:`generate_samples` (the fast path, or the env loop)."""
+"""The completions of an evaluation: :class:`Sample`, :func:`generate_samples` (the fast path, or the env loop) and
+:func:`generate_sample_sets` (greedy and sampled completions of the same prompts, each prompt prefilled once)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch as th
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
 from stable_baselines3.common.base_class import BaseAlgorithm
@@ -81,6 +84,79 @@ def generate_samples(
                 reason = str(error)
         log_once(f"generate_samples: decoding through the env loop (model.predict + env.step, slower): {reason}")
     return _generate_samples_env_loop(model, env, prompt_indices, deterministic, progress_bar)
+
+
+@dataclass
+class SampleSets:
+    """
+    Greedy and sampled completions of the same prompts (:func:`generate_sample_sets`).
+
+    :param greedy: one greedy completion per prompt, in the order asked
+    :param sampled: ``sampled[j]`` holds the j-th sampled completion of every prompt, in the same order
+    """
+
+    greedy: list[Sample]
+    sampled: list[list[Sample]]
+
+    def sampled_rewards(self) -> list[float]:
+        """Each prompt's mean reward over its sampled completions (the policy's own expected reward, estimated)."""
+        if not self.sampled:
+            return []
+        return [float(np.mean([draw[i].reward for draw in self.sampled])) for i in range(len(self.greedy))]
+
+
+def generate_sample_sets(
+    model: BaseAlgorithm,
+    env: VecEnv,
+    prompt_indices: Sequence[int],
+    n_sampled: int,
+    seed: int | None = None,
+    progress_bar: bool = False,
+) -> SampleSets:
+    """
+    One greedy and ``n_sampled`` sampled completions of each prompt, decoded together: on the fast path each batch of
+    ``env.num_envs`` prompts is prefilled once for all ``1 + n_sampled`` completions (the prefill of a long prompt
+    costs more than a short completion). Where the fast path does not apply, :func:`generate_samples` runs twice.
+
+    :param model: a trained SB3 model with a TransformerLMPolicy
+    :param env: a VecEnv of the task
+    :param prompt_indices: which of the task's prompts to complete
+    :param n_sampled: sampled completions per prompt (0: greedy only)
+    :param seed: seed of the sampling draws, with torch's random state restored afterwards, so two calls on the same
+        prompts draw alike (common random numbers for a before/after comparison); None: torch's global generator
+    :param progress_bar: show a progress bar over completions
+    :return: the greedy completions and the sampled ones
+    """
+    from sb3_textrl.common.generation import FastPathUnsupported, fast_path_unsupported, generate_env_samples
+
+    if n_sampled < 0:
+        raise ValueError(f"n_sampled must be >= 0, got {n_sampled}")
+    order = [int(i) for i in prompt_indices]
+    width = 1 + n_sampled  # completions per prompt
+    forked = contextlib.nullcontext() if seed is None else _seeded_rng(model, seed)
+    with forked:
+        samples: list[Sample] | None = None
+        if fast_path_unsupported(model, env) is None:
+            flags = [slot == 0 for _ in order for slot in range(width)]  # per prompt: greedy, then the draws
+            try:
+                samples = generate_env_samples(
+                    model, env, [i for i in order for _ in range(width)], flags, env.num_envs * width, progress_bar
+                )
+            except FastPathUnsupported:
+                samples = None
+        if samples is not None:
+            return SampleSets(samples[::width], [samples[j::width] for j in range(1, width)])
+        greedy = generate_samples(model, env, order, True, progress_bar)
+        draws = generate_samples(model, env, order * n_sampled, False, progress_bar) if n_sampled else []
+        return SampleSets(greedy, [draws[j * len(order) : (j + 1) * len(order)] for j in range(n_sampled)])
+
+
+@contextlib.contextmanager
+def _seeded_rng(model: BaseAlgorithm, seed: int) -> Iterator[None]:
+    """torch's random state forked (restored on exit) and seeded with ``seed``."""
+    with th.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        th.manual_seed(seed)
+        yield
 
 
 def _generate_samples_env_loop(

@@ -156,7 +156,7 @@ class LMForwards:
         rows = th.ones(len(input_ids), dtype=th.bool, device=input_ids.device) if kept is None else ~kept[1]
         model = self._hf_model()
         mask = attention_mask[rows]
-        with split.capture(model) as captured:
+        with split.lower_only(model) as captured:  # the top blocks are not needed for their input
             self._trunk(model, input_ids[rows], mask, positions_from_mask(mask))
         recomputed = captured[-1] * mask.unsqueeze(-1)
         if kept is None:
