@@ -6,16 +6,14 @@ algorithm's SB3 logger (any formats), and compose with ``CheckpointCallback`` an
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import torch as th
 from stable_baselines3.common.callbacks import BaseCallback, EventCallback
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -24,6 +22,7 @@ from sb3_textrl.common import metric_keys as keys
 from sb3_textrl.common.kl import mean_episode_kl
 from sb3_textrl.envs.batched import make_text_vec_env
 from sb3_textrl.evaluation import Sample, SampleSets, generate_sample_sets, generate_samples, has_reference, kl_to_reference
+from sb3_textrl.evaluation.samples import preserved_random_state
 from sb3_textrl.policies import TransformerLMPolicy
 from sb3_textrl.rewards.rouge import RougeReward
 
@@ -148,16 +147,6 @@ class TextSampleCallback(BaseCallback):
         if folder is not None and self.filename is not None:
             with open(os.path.join(folder, self.filename), "a", encoding="utf-8") as file:
                 file.write(f"## {title}\n\n{table}\n\n")
-
-
-@contextlib.contextmanager
-def _preserved_rng(device: th.device) -> Iterator[None]:
-    """Restore the global torch and numpy RNGs afterwards, so an evaluation does not change the training run."""
-    devices = [device.index if device.index is not None else th.cuda.current_device()] if device.type == "cuda" else []
-    numpy_state = np.random.get_state()
-    with th.random.fork_rng(devices=devices):
-        yield
-    np.random.set_state(numpy_state)
 
 
 def _eval_vec_env(eval_env: VecEnv | str, n_envs: int, env_kwargs: dict[str, Any] | None) -> VecEnv:
@@ -364,7 +353,7 @@ class TextEvalCallback(EventCallback):
         policy = self.model.policy
         was_training = policy.training
         sets = None
-        with _preserved_rng(self.model.device):
+        with preserved_random_state():
             if self.n_sampled:
                 sets = generate_sample_sets(
                     self.model, self.eval_env, self.prompt_indices, self.n_sampled, seed=self.sampling_seed
@@ -372,9 +361,7 @@ class TextEvalCallback(EventCallback):
                 samples = sets.greedy
             else:
                 samples = generate_samples(self.model, self.eval_env, self.prompt_indices, self.deterministic)
-        metrics = self._metrics(samples)
-        if sets is not None:
-            metrics[keys.SAMPLED_TASK_REWARD] = float(np.mean(sets.sampled_rewards()))
+        metrics = self._metrics(samples, sets)
         if self.kl_to_ref and isinstance(policy, TransformerLMPolicy) and has_reference(policy):
             kl = mean_episode_kl(kl_to_reference(policy, samples))  # the statistic of rollout/kl_to_ref
             if kl is not None:
@@ -410,18 +397,20 @@ class TextEvalCallback(EventCallback):
             self._continue_training &= self.callback_after_eval.on_step()
         return metrics
 
-    def _metrics(self, samples: list[Sample]) -> dict[str, float]:
+    def _metrics(self, samples: list[Sample], sets: SampleSets | None) -> dict[str, float]:
         metrics = {
             keys.TASK_REWARD: float(np.mean([s.reward for s in samples])),
             keys.COMPLETION_LEN: keys.mean_completion_length([s.completion_tokens for s in samples]),
         }
+        if sets is not None:
+            metrics[keys.SAMPLED_TASK_REWARD] = float(np.mean(sets.sampled_rewards()))
         references = [s.reference for s in samples]
         if all(ref is not None for ref in references):
             completions = [s.completion for s in samples]
             prompts = [s.prompt for s in samples]
             for name in EVAL_ROUGE_METRICS:
                 metrics[name] = float(np.mean(RougeReward(name).score(prompts, completions, references)))
-        if self.metric not in metrics and self.metric != keys.SAMPLED_TASK_REWARD:  # evaluate() adds that one
+        if self.metric not in metrics:
             raise ValueError(
                 f"TextEvalCallback(metric={self.metric!r}) needs a reference for every eval prompt; this eval env's "
                 "prompts have none. Use metric='task_reward' or give the eval task references."

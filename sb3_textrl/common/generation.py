@@ -108,16 +108,26 @@ class _LMStepper:
         self.positions = self.positions + 1
 
 
-def _greedy_rows(deterministic: bool | Sequence[bool], n_rows: int, device: th.device) -> tuple[bool, th.Tensor | None]:
-    """``deterministic`` -> (the flag of every row, None) when the rows agree, else (False, (B,) bool per row)."""
+def row_flags(deterministic: bool | Sequence[bool], n_rows: int) -> list[bool]:
+    """``deterministic`` as one flag per row: a bool for every row, or a sequence checked to have ``n_rows`` flags."""
     if isinstance(deterministic, bool | np.bool_):
-        return bool(deterministic), None
+        return [bool(deterministic)] * n_rows
     flags = [bool(flag) for flag in deterministic]
     if len(flags) != n_rows:
         raise ValueError(f"deterministic has {len(flags)} flags for {n_rows} prompts: give one per prompt, or one bool")
-    if len(set(flags)) < 2:
-        return all(flags), None
-    return False, th.as_tensor(flags, device=device)
+    return flags
+
+
+def _distinct(prompts: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+    """The distinct prompts in order of first appearance, and each prompt's index among them."""
+    index: dict[bytes, int] = {}
+    distinct: list[np.ndarray] = []
+    for prompt in prompts:
+        key = np.asarray(prompt, dtype=np.int64).tobytes()
+        if key not in index:
+            index[key] = len(distinct)
+            distinct.append(prompt)
+    return distinct, [index[np.asarray(p, dtype=np.int64).tobytes()] for p in prompts]
 
 
 def _left_pad(prompts: Sequence[np.ndarray], device: th.device) -> tuple[th.Tensor, th.Tensor]:
@@ -176,13 +186,10 @@ def decode(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = policy.device
     n_rows = len(prompts)
-    all_greedy, greedy_rows = _greedy_rows(deterministic, n_rows, device)  # greedy_rows: (B,) bool, or None
-    # One prefill per distinct prompt: `copies` maps each row to its prompt's row of the prefill.
-    distinct: dict[bytes, int] = {}
-    copies = [distinct.setdefault(np.asarray(p, dtype=np.int64).tobytes(), row) for row, p in enumerate(prompts)]
-    firsts = sorted(set(copies))
-    ids, mask = _left_pad([prompts[row] for row in firsts], device)
-    prefill_row = th.as_tensor([firsts.index(row) for row in copies], device=device)  # (B,)
+    flags = row_flags(deterministic, n_rows)
+    greedy_rows = th.as_tensor(flags, device=device) if len(set(flags)) > 1 else None  # (B,) bool; None: all alike
+    distinct_prompts, prefill_row = _distinct(prompts)  # one prefill per distinct prompt
+    ids, mask = _left_pad(distinct_prompts, device)
     stop = th.as_tensor(sorted(int(t) for t in stop_token_ids), dtype=th.long, device=device)
     generated = th.zeros(n_rows, max_new_tokens, dtype=th.long, device=device)  # (B, T)
     lengths = th.zeros(n_rows, dtype=th.long, device=device)  # (B,)
@@ -194,10 +201,11 @@ def decode(
     if policy.nlpo_top_p is not None:
         with _masking_model(policy) as model:
             masker = _LMStepper(policy, model, ids, mask)
-    if len(firsts) < n_rows:  # the rows of a repeated prompt start from copies of its prefill
-        lm.keep(prefill_row)
+    if len(distinct_prompts) < n_rows:  # the rows of a repeated prompt start from copies of its prefill
+        rows = th.as_tensor(prefill_row, device=device)  # (B,)
+        lm.keep(rows)
         if masker is not None:
-            masker.keep(prefill_row)
+            masker.keep(rows)
     for step in range(max_new_tokens):
         logits = lm.logits()  # (N, V)
         allowed = None
@@ -212,7 +220,7 @@ def decode(
             allowed = top_p_allowed(mask_logits, policy.nlpo_top_p, allowed)  # type: ignore[arg-type]
         distribution = policy._distribution(logits, allowed)
         if greedy_rows is None:
-            actions = distribution.get_actions(deterministic=all_greedy).long()  # (N,)
+            actions = distribution.get_actions(deterministic=flags[0]).long()  # (N,)
         else:  # a draw for every live row (so a row's draws do not depend on which rows ended), the mode where greedy
             actions = th.where(greedy_rows[live], distribution.mode(), distribution.sample()).long()  # (N,)
         generated[live, step] = actions
@@ -378,9 +386,7 @@ def generate_env_samples(
     text_env = text_env_of(env)
     batch_size = batch_size or env.num_envs
     order = [int(i) for i in prompt_indices]
-    flags = [deterministic] * len(order) if isinstance(deterministic, bool | np.bool_) else list(deterministic)
-    if len(flags) != len(order):
-        raise ValueError(f"deterministic has {len(flags)} flags for {len(order)} prompt indices: one per index, or one bool")
+    flags = row_flags(deterministic, len(order))
     masked = isinstance(policy, MaskableActorCriticPolicy) and text_env.action_mask is not None
     n_prompt, n_new = text_env.max_prompt_tokens, text_env.max_new_tokens
     tokens: list[np.ndarray] = []

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -35,7 +34,7 @@ from sb3_textrl.evaluation.inputs import (
 )
 from sb3_textrl.evaluation.reference import has_reference, kl_to_reference, reference_identity, sampling_truncated
 from sb3_textrl.evaluation.results import EvalResult, EvalSample, summarize
-from sb3_textrl.evaluation.samples import Sample, generate_samples
+from sb3_textrl.evaluation.samples import Sample, generate_samples, preserved_random_state
 
 if TYPE_CHECKING:
     from sb3_textrl.envs.text_env import TextPrompt
@@ -183,7 +182,7 @@ def _load_generator(
     from sb3_textrl.policies import TransformerLMPolicy
     from sb3_textrl.sampling import load_generator
 
-    with _preserved_random_state():  # SB3 seeds Python's, NumPy's and torch's global generators with the model
+    with preserved_random_state():  # SB3 seeds Python's, NumPy's and torch's global generators with the model
         generator = (
             model if isinstance(model, BaseAlgorithm) else load_model(load_generator, model, env, device, seed, env_kwargs)
         )
@@ -215,7 +214,7 @@ def _model_systems(
         system = f"model:{setting.describe()}"
         start = time.perf_counter()
         # Sampled decoding is seeded without disturbing the caller's random streams.
-        with decoding_context(policy, setting), _preserved_random_state():
+        with decoding_context(policy, setting), preserved_random_state():
             th.manual_seed(seed)
             samples = generate_samples(generator, env, indices, deterministic=setting.greedy, progress_bar=progress_bar)
             systems.timings[f"{system}/generate_s"] = time.perf_counter() - start
@@ -314,23 +313,6 @@ def _config(
         "kl_skipped": systems.skipped,
         "timings_s": systems.timings | {"total_s": time.perf_counter() - started},
     }
-
-
-@contextmanager
-def _preserved_random_state() -> Iterator[None]:
-    """Restore the global random generators (Python, NumPy, torch on the CPU and every GPU) afterwards."""
-    import random
-
-    import torch as th
-
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = list(range(th.cuda.device_count())) if th.cuda.is_initialized() else []
-    with th.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
 
 
 def _kl_notes(

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch as th
@@ -46,9 +48,10 @@ def generate_samples(
     model: BaseAlgorithm,
     env: VecEnv,
     prompt_indices: Sequence[int],
-    deterministic: bool = True,
+    deterministic: bool | Sequence[bool] = True,
     progress_bar: bool = False,
     fast: bool = True,
+    batch_size: int | None = None,
 ) -> list[Sample]:
     """
     Complete each prompt once, ``env.num_envs`` prompts at a time, and score the completions with the task reward.
@@ -67,11 +70,17 @@ def generate_samples(
     :param model: a trained SB3 model with a TransformerLMPolicy
     :param env: a VecEnv of the task (the env loop resets its envs to the requested prompts; the fast path only reads it)
     :param prompt_indices: which of the task's prompts to complete
-    :param deterministic: greedy decoding (True) or sampling from the policy
+    :param deterministic: greedy decoding (True) or sampling from the policy; or one flag per entry of
+        ``prompt_indices`` (the env loop then runs the greedy and the sampled ones apart)
     :param progress_bar: show a progress bar over prompts
     :param fast: decode with the fast path where it applies (False: always the env loop)
+    :param batch_size: prompts the fast path decodes at once (None: ``env.num_envs``); a batch prefills each distinct
+        prompt once
     :return: one :class:`Sample` per prompt, in the order given
     """
+    from sb3_textrl.common.generation import row_flags
+
+    flags = row_flags(deterministic, len(prompt_indices))
     if fast:
         from sb3_textrl.common.generation import FastPathUnsupported, fast_path_unsupported, generate_env_samples
         from sb3_textrl.envs.text_env import log_once
@@ -79,11 +88,17 @@ def generate_samples(
         reason = fast_path_unsupported(model, env)
         if reason is None:
             try:
-                return generate_env_samples(model, env, prompt_indices, deterministic, progress_bar=progress_bar)
+                return generate_env_samples(model, env, prompt_indices, flags, batch_size, progress_bar)
             except FastPathUnsupported as error:
                 reason = str(error)
         log_once(f"generate_samples: decoding through the env loop (model.predict + env.step, slower): {reason}")
-    return _generate_samples_env_loop(model, env, prompt_indices, deterministic, progress_bar)
+    samples: list[Sample | None] = [None] * len(flags)
+    for flag in sorted(set(flags), reverse=True):  # greedy first, then the draws
+        positions = [position for position, f in enumerate(flags) if f == flag]
+        done = _generate_samples_env_loop(model, env, [prompt_indices[i] for i in positions], flag, progress_bar)
+        for position, sample in zip(positions, done, strict=True):
+            samples[position] = sample
+    return cast(list[Sample], samples)
 
 
 @dataclass
@@ -116,7 +131,8 @@ def generate_sample_sets(
     """
     One greedy and ``n_sampled`` sampled completions of each prompt, decoded together: on the fast path each batch of
     ``env.num_envs`` prompts is prefilled once for all ``1 + n_sampled`` completions (the prefill of a long prompt
-    costs more than a short completion). Where the fast path does not apply, :func:`generate_samples` runs twice.
+    costs more than a short completion). Where the fast path does not apply, the env loop runs the greedy and the
+    sampled completions apart (:func:`generate_samples`).
 
     :param model: a trained SB3 model with a TransformerLMPolicy
     :param env: a VecEnv of the task
@@ -127,36 +143,29 @@ def generate_sample_sets(
     :param progress_bar: show a progress bar over completions
     :return: the greedy completions and the sampled ones
     """
-    from sb3_textrl.common.generation import FastPathUnsupported, fast_path_unsupported, generate_env_samples
-
     if n_sampled < 0:
         raise ValueError(f"n_sampled must be >= 0, got {n_sampled}")
-    order = [int(i) for i in prompt_indices]
-    width = 1 + n_sampled  # completions per prompt
-    forked = contextlib.nullcontext() if seed is None else _seeded_rng(model, seed)
-    with forked:
-        samples: list[Sample] | None = None
-        if fast_path_unsupported(model, env) is None:
-            flags = [slot == 0 for _ in order for slot in range(width)]  # per prompt: greedy, then the draws
-            try:
-                samples = generate_env_samples(
-                    model, env, [i for i in order for _ in range(width)], flags, env.num_envs * width, progress_bar
-                )
-            except FastPathUnsupported:
-                samples = None
-        if samples is not None:
-            return SampleSets(samples[::width], [samples[j::width] for j in range(1, width)])
-        greedy = generate_samples(model, env, order, True, progress_bar)
-        draws = generate_samples(model, env, order * n_sampled, False, progress_bar) if n_sampled else []
-        return SampleSets(greedy, [draws[j * len(order) : (j + 1) * len(order)] for j in range(n_sampled)])
+    width = 1 + n_sampled  # completions per prompt, next to each other: greedy, then the draws
+    rows = [int(i) for i in prompt_indices for _ in range(width)]
+    flags = [slot == 0 for _ in prompt_indices for slot in range(width)]
+    with contextlib.nullcontext() if seed is None else preserved_random_state():
+        if seed is not None:
+            th.manual_seed(seed)
+        samples = generate_samples(model, env, rows, flags, progress_bar, batch_size=env.num_envs * width)
+    return SampleSets(samples[::width], [samples[j::width] for j in range(1, width)])
 
 
 @contextlib.contextmanager
-def _seeded_rng(model: BaseAlgorithm, seed: int) -> Iterator[None]:
-    """torch's random state forked (restored on exit) and seeded with ``seed``."""
-    with th.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        th.manual_seed(seed)
-        yield
+def preserved_random_state() -> Iterator[None]:
+    """Restore the global random generators (Python, NumPy, torch on the CPU and every GPU) afterwards."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(th.cuda.device_count())) if th.cuda.is_initialized() else []
+    with th.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def _generate_samples_env_loop(
